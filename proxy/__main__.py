@@ -1,0 +1,30 @@
+"""``python -m proxy``: parse the command line, load settings, run the workers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from proxy import server
+from proxy.settings import CommandLine, SettingsError, environment, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy", description="QNP gateway proxy")
+    parser.add_argument("--catalog", help="provider catalog TOML (default: $QNP_CATALOG)")
+    parser.add_argument("--host", help="listen address (default: $QNP_PROXY_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default: $QNP_PROXY_PORT or 8080)")
+    parser.add_argument("--workers", type=int, help="worker processes sharing the port")
+    args = parser.parse_args(argv)
+    cli = CommandLine(args.catalog, args.host, args.port, args.workers)
+    env = environment()
+    try:
+        settings = load(env, cli)
+    except SettingsError as e:
+        print(f"proxy: configuration error: {e}", file=sys.stderr)
+        return 2
+    return server.supervise(settings, env, cli)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Builds the proxy's aiohttp application and owns every resource with a lifetime.
+
+Redis pool, upstream HTTP session, emitter task and key-change watcher are opened and
+closed in ``cleanup_ctx`` generators and kept in typed ``AppKey``s; there is no module
+state. Response bodies that never vary (model list, health) are encoded here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from proxy import errors
+from proxy.auth import Authenticator
+from proxy.emitter import EventEmitter
+from proxy.handlers import ChatHandler
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.upstream import UpstreamClient
+
+log = logging.getLogger("qnp.proxy")
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+REDIS = web.AppKey("redis", aioredis.Redis)
+EMITTER = web.AppKey("emitter", EventEmitter)
+AUTH = web.AppKey("auth", Authenticator)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+WATCHING = web.AppKey("watching", asyncio.Event)
+_HANDLER = web.AppKey("handler", ChatHandler)
+
+_OK = b'{"status":"ok"}'
+_NOT_READY = b'{"status":"unavailable","reason":"redis"}'
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        health_check_interval=15,
+        max_connections=64,
+    )
+    app[REDIS] = client
+    yield
+    await client.aclose()
+
+
+async def _emitter_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics = app[SETTINGS], app[METRICS]
+    emitter = EventEmitter(
+        app[REDIS],
+        settings.redis_names.events,
+        max_buffer=settings.event_queue_max,
+        batch_size=settings.event_batch,
+        flush_interval=settings.event_flush_interval,
+        on_sent=metrics.events_emitted.inc,
+        on_dropped=metrics.events_dropped.inc,
+    )
+    metrics.events_buffered.set_function(lambda: len(emitter))
+    app[EMITTER] = emitter
+    task = asyncio.create_task(emitter.run(), name="event-emitter")
+    yield
+    # Runs after the server has stopped taking requests and open ones have finished.
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await emitter.close(deadline=5.0)
+
+
+async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    auth = Authenticator(
+        app[REDIS], settings.redis_names,
+        ttl=settings.key_cache_ttl, max_entries=settings.key_cache_size,
+    )
+    app[AUTH] = auth
+    watching = asyncio.Event()
+    app[WATCHING] = watching
+    task = asyncio.create_task(auth.watch_changes(watching), name="key-changes")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        auto_decompress=False,  # bytes pass through as the upstream sent them
+        skip_auto_headers=("User-Agent",),
+    )
+    app[UPSTREAM] = UpstreamClient(session, first_byte_timeout=settings.first_byte_timeout)
+    yield
+    await session.close()
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.extend([_redis_ctx, _emitter_ctx, _auth_ctx, _upstream_ctx])
+    models_body = orjson.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": m.provider.name}
+                for name, m in settings.catalog.models.items()
+            ],
+        }
+    )
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await request.app[_HANDLER].chat_completions(request)
+
+    async def models(_request: web.Request) -> web.Response:
+        return web.Response(body=models_body, content_type=errors.JSON)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(body=_OK, content_type=errors.JSON)
+
+    async def readyz(request: web.Request) -> web.Response:
+        try:
+            await request.app[REDIS].ping()
+        except (RedisError, OSError):
+            return web.Response(status=503, body=_NOT_READY, content_type=errors.JSON)
+        return web.Response(body=_OK, content_type=errors.JSON)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=request.app[METRICS].render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def wrong_method(_request: web.Request) -> web.Response:
+        return errors.error_response(errors.MethodNotAllowed(), {})
+
+    async def unknown(_request: web.Request) -> web.Response:
+        return errors.error_response(errors.RouteNotFound(), {})
+
+    async def handler_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[_HANDLER] = ChatHandler(settings, app[AUTH], app[UPSTREAM], app[EMITTER],
+                                    app[METRICS])
+        yield
+
+    app.cleanup_ctx.append(handler_ctx)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_route("*", "/v1/chat/completions", wrong_method)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{tail:.*}", unknown)
+    return app
+

@@ -1,0 +1,154 @@
+"""Proxy settings: the one place that reads the environment.
+
+``load()`` builds a frozen ``Settings`` from environment variables (and command-line
+overrides), validating everything at start-up with errors that name the variable.
+Every other module receives the object; none reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy.catalog import Catalog, CatalogError
+from proxy.catalog import load as load_catalog
+from shared.redis_names import DEFAULT_PREFIX, RedisNames
+
+# Cloudflare's published edge ranges (https://www.cloudflare.com/ips/). A
+# CF-Connecting-IP header is believed only from a peer inside these (or the
+# QNP_TRUSTED_PROXIES override); anyone else could forge it.
+CLOUDFLARE_RANGES = (
+    "173.245.48.0/20", "103.21.244.0/22", "103.22.200.0/22", "103.31.4.0/22",
+    "141.101.64.0/18", "108.162.192.0/18", "190.93.240.0/20", "188.114.96.0/20",
+    "197.234.240.0/22", "198.41.128.0/17", "162.158.0.0/15", "104.16.0.0/13",
+    "104.24.0.0/14", "172.64.0.0/13", "131.0.72.0/22",
+    "2400:cb00::/32", "2606:4700::/32", "2803:f800::/32", "2405:b500::/32",
+    "2405:8100::/32", "2a06:98c0::/29", "2c0f:f248::/32",
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str
+    catalog: Catalog
+    catalog_path: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    redis_names: RedisNames = field(default_factory=RedisNames)
+    node_id: str = "proxy"
+    max_body_bytes: int = 8 * 1024 * 1024
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 120.0
+    read_timeout: float = 300.0
+    key_cache_ttl: float = 60.0
+    key_cache_size: int = 100_000
+    shutdown_grace: float = 30.0
+    event_queue_max: int = 100_000
+    event_batch: int = 512
+    event_flush_interval: float = 0.02
+    trusted_proxies: tuple[Network, ...] = ()
+    log_level: str = "INFO"
+
+
+def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum or value == float("inf"):
+        raise SettingsError(f"{name}={raw!r} must be a finite number >= {minimum}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _networks(env: Mapping[str, str]) -> tuple[Network, ...]:
+    raw = env.get("QNP_TRUSTED_PROXIES")
+    ranges = CLOUDFLARE_RANGES if raw is None else [r for r in raw.split(",") if r.strip()]
+    try:
+        return tuple(ipaddress.ip_network(r.strip()) for r in ranges)
+    except ValueError as e:
+        raise SettingsError(f"QNP_TRUSTED_PROXIES: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandLine:
+    """Overrides given on the command line; they win over the environment."""
+
+    catalog_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+    workers: int | None = None
+
+
+def environment() -> dict[str, str]:
+    """A snapshot of the process environment (handed to worker processes)."""
+    return dict(os.environ)
+
+
+def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -> Settings:
+    """Settings from the environment and the command line."""
+    env = os.environ if env is None else env
+    cli = cli or CommandLine()
+    catalog_path, host, port, workers = cli.catalog_path, cli.host, cli.port, cli.workers
+    redis_url = env.get("REDIS_URL")
+    if not redis_url:
+        raise SettingsError("REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    path_str = catalog_path or env.get("QNP_CATALOG")
+    if not path_str:
+        raise SettingsError("no catalog: pass --catalog PATH or set QNP_CATALOG")
+    path = Path(path_str)
+    try:
+        catalog = load_catalog(path, env)
+    except CatalogError as e:
+        raise SettingsError(f"QNP_CATALOG: {e}") from None
+    level = env.get("QNP_LOG_LEVEL", "INFO").upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise SettingsError(f"QNP_LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
+    return Settings(
+        redis_url=redis_url,
+        catalog=catalog,
+        catalog_path=path,
+        host=host or env.get("QNP_PROXY_HOST", "127.0.0.1"),
+        port=port if port is not None else _int(env, "QNP_PROXY_PORT", 8080),
+        workers=workers if workers is not None else _int(env, "QNP_WORKERS", 1, minimum=1),
+        redis_names=RedisNames(env.get("QNP_REDIS_PREFIX") or DEFAULT_PREFIX),
+        node_id=env.get("QNP_NODE_ID") or socket.gethostname(),
+        max_body_bytes=_int(env, "QNP_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024),
+        connect_timeout=_num(env, "QNP_CONNECT_TIMEOUT", 5.0, minimum=0.001),
+        first_byte_timeout=_num(env, "QNP_FIRST_BYTE_TIMEOUT", 120.0, minimum=0.001),
+        read_timeout=_num(env, "QNP_READ_TIMEOUT", 300.0, minimum=0.001),
+        key_cache_ttl=_num(env, "QNP_KEY_CACHE_TTL", 60.0, minimum=0.1),
+        key_cache_size=_int(env, "QNP_KEY_CACHE_SIZE", 100_000, minimum=16),
+        shutdown_grace=_num(env, "QNP_SHUTDOWN_GRACE", 30.0),
+        event_queue_max=_int(env, "QNP_EVENT_QUEUE_MAX", 100_000, minimum=1),
+        event_batch=_int(env, "QNP_EVENT_BATCH", 512, minimum=1),
+        event_flush_interval=_num(env, "QNP_EVENT_FLUSH_MS", 20.0, minimum=1.0) / 1000,
+        trusted_proxies=_networks(env),
+        log_level=level,
+    )
