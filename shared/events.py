@@ -10,7 +10,7 @@ encoding of ``Event.to_dict()``.
 
 from __future__ import annotations
 
-import os
+import secrets
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -47,7 +47,7 @@ def uuid7() -> uuid.UUID:
     Time-ordered, so request ids sort by arrival and index well in Postgres.
     """
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = secrets.randbits(80)
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant

@@ -1,0 +1,207 @@
+"""``make run``: the whole gateway on one machine, in one terminal.
+
+Starts (or uses, when DATABASE_URL / REDIS_URL are set) PostgreSQL and Redis, applies
+migrations, creates a demo account with one API key, and runs the demo upstream (our
+OpenAI-format mock), the control plane and the proxy as child processes. Prints the
+lines to paste into a shell, then runs until Ctrl-C or SIGTERM and stops everything in
+order: proxy first (so its events are flushed), then the control plane (so they are
+ingested), then the upstream, then the servers it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+from devstack.servers import dev_servers
+
+CATALOG = """\
+# The demo catalog `make run` writes: two models served by the built-in demo upstream.
+[providers.demo]
+kind = "openai"
+base_url = "http://127.0.0.1:{upstream_port}/v1"
+api_key_env = "QNP_DEMO_UPSTREAM_KEY"
+
+[models."demo-mini"]
+provider = "demo"
+upstream_model = "demo-mini-2024"
+prompt_price = 0.15        # USD per million tokens
+completion_price = 0.60
+
+[models."demo-large"]
+provider = "demo"
+upstream_model = "demo-large-2024"
+prompt_price = 2.50
+completion_price = 10.00
+"""
+
+
+def _port(preferred: int) -> int:
+    """``preferred`` if it is free on 127.0.0.1, else any free port."""
+    for candidate in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s")
+
+
+def _cli_json(args: list[str], env: Mapping[str, str]) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "control_plane", *args, "--json"],
+        env=dict(env),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    doc = json.loads(out.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+class _Children:
+    """Child processes, stopped in reverse start order, each by its own pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, what: str, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        # A session of their own: Ctrl-C reaches only us, and we stop them in order.
+        proc = subprocess.Popen([sys.executable, *args], env=dict(env), start_new_session=True)
+        self.procs.append((what, proc))
+        return proc
+
+    def dead(self) -> str | None:
+        return next((what for what, p in self.procs if p.poll() is not None), None)
+
+    def stop(self) -> None:
+        for what, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=35)
+                except subprocess.TimeoutExpired:
+                    print(f"{what} did not stop in time; killing it", file=sys.stderr)
+                    proc.kill()
+                    proc.wait()
+
+
+def main() -> int:
+    stop_requested = False
+
+    def request_stop(_sig: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    children = _Children()
+    with (
+        dev_servers() as (database_url, redis_url),
+        tempfile.TemporaryDirectory(prefix="qnp-run-") as tmp,
+    ):
+        upstream_port, proxy_port, admin_port = _port(8090), _port(8080), _port(8081)
+        catalog = Path(tmp) / "catalog.toml"
+        catalog.write_text(CATALOG.format(upstream_port=upstream_port))
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "QNP_CATALOG": str(catalog),
+            "QNP_DEMO_UPSTREAM_KEY": secrets.token_urlsafe(24),
+            "QNP_ADMIN_TOKEN": os.environ.get("QNP_ADMIN_TOKEN") or secrets.token_urlsafe(24),
+            "QNP_ADMIN_PORT": str(admin_port),
+            "QNP_PROXY_PORT": str(proxy_port),
+        }
+        try:
+            subprocess.run([sys.executable, "-m", "control_plane", "migrate"], env=env, check=True)
+            account = _cli_json(["create-account", "demo"], env)
+            key = _cli_json(["issue-key", str(account["id"]), "--name", "demo"], env)
+            up = children.start(
+                "demo upstream",
+                [
+                    "-m",
+                    "devstack.upstream_openai",
+                    "--port",
+                    str(upstream_port),
+                    "--api-key",
+                    env["QNP_DEMO_UPSTREAM_KEY"],
+                ],
+                env,
+            )
+            _wait_http(f"http://127.0.0.1:{upstream_port}/v1/models", up, "demo upstream")
+            cp = children.start("control plane", ["-m", "control_plane", "serve"], env)
+            _wait_http(f"http://127.0.0.1:{admin_port}/healthz", cp, "control plane")
+            px = children.start("proxy", ["-m", "proxy"], env)
+            _wait_http(f"http://127.0.0.1:{proxy_port}/readyz", px, "proxy")
+            _banner(env, proxy_port, admin_port, str(key["key"]), str(account["id"]))
+            while not stop_requested:
+                dead = children.dead()
+                if dead is not None:
+                    print(f"{dead} exited unexpectedly; stopping", file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+            print("\nstopping…", file=sys.stderr)
+            return 0
+        except (subprocess.CalledProcessError, RuntimeError) as e:
+            print(f"make run: {e}", file=sys.stderr)
+            return 1
+        finally:
+            children.stop()
+
+
+def _banner(
+    env: Mapping[str, str], proxy_port: int, admin_port: int, key: str, account_id: str
+) -> None:
+    base = f"http://127.0.0.1:{proxy_port}/v1"
+    print(
+        f"""
+QNP gateway is running. Paste these into another shell:
+
+export OPENAI_BASE_URL={base}
+export OPENAI_API_KEY={key}
+export DATABASE_URL={env["DATABASE_URL"]}
+export REDIS_URL={env["REDIS_URL"]}
+export QNP_ADMIN_TOKEN={env["QNP_ADMIN_TOKEN"]}
+
+Try it:
+curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "demo-mini", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+Usage of the demo account ({account_id}):
+curl -s http://127.0.0.1:{admin_port}/admin/accounts/{account_id}/usage -H "Authorization: Bearer $QNP_ADMIN_TOKEN"
+
+Models: demo-mini, demo-large (served by the built-in demo upstream). Ctrl-C stops everything.
+""",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

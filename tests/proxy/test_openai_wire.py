@@ -1,0 +1,84 @@
+"""The SSE scanner passes bytes through untouched and reads usage on the way."""
+
+import orjson
+import pytest
+
+from proxy.errors import BadRequest, InvalidJSON
+from proxy.openai_wire import StreamScanner, Usage, parse_request, upstream_body
+
+CHUNKS = [
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant"}}],"usage":null}\n\n',
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}\n\n',
+    b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\n\n',
+]
+USAGE = (
+    b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":3,'
+    b'"total_tokens":14,"prompt_tokens_details":{"cached_tokens":4},'
+    b'"completion_tokens_details":{"reasoning_tokens":2}}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+STREAM = b"".join(CHUNKS) + USAGE + DONE
+EXPECTED = Usage(prompt_tokens=11, completion_tokens=3, cached_tokens=4, reasoning_tokens=2)
+
+
+def _feed_in_pieces(scanner: StreamScanner, data: bytes, size: int) -> bytes:
+    out = b"".join(scanner.feed(data[i:i + size]) for i in range(0, len(data), size))
+    return out + scanner.finish()
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, len(STREAM)])
+def test_client_that_asked_for_usage_gets_every_byte(size: int) -> None:
+    scanner = StreamScanner(forward_usage=True)
+    assert _feed_in_pieces(scanner, STREAM, size) == STREAM
+    assert scanner.usage == EXPECTED
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, len(STREAM)])
+def test_usage_chunk_is_cut_when_the_client_did_not_ask(size: int) -> None:
+    scanner = StreamScanner(forward_usage=False)
+    assert _feed_in_pieces(scanner, STREAM, size) == b"".join(CHUNKS) + DONE
+    assert scanner.usage == EXPECTED
+
+
+def test_usage_riding_on_a_content_chunk_is_kept_and_read() -> None:
+    chunk = (b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'
+             b'"usage":{"prompt_tokens":1,"completion_tokens":1}}\r\n\r\n')
+    scanner = StreamScanner(forward_usage=False)
+    assert scanner.feed(chunk) == chunk
+    assert scanner.usage == Usage(1, 1)
+
+
+def test_stream_without_usage_leaves_usage_unknown() -> None:
+    scanner = StreamScanner(forward_usage=False)
+    assert scanner.feed(b"".join(CHUNKS) + DONE) == b"".join(CHUNKS) + DONE
+    assert scanner.usage is None and scanner.events == 4
+
+
+def test_request_is_rewritten_for_the_upstream() -> None:
+    req = parse_request(b'{"model":"m","stream":true,"messages":[{"role":"user","content":"q"}]}')
+    assert req.stream and not req.client_wants_usage
+    sent = orjson.loads(upstream_body(req, "m-2024"))
+    assert sent["model"] == "m-2024"
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"messages":[{"role":"user","content":"q"}]}', "model"),
+        (b'{"model":"m"}', "messages"),
+        (b'{"model":"m","messages":[]}', "messages"),
+        (b'{"model":"m","messages":[{}],"stream":"yes"}', "stream"),
+        (b'[1,2]', None),
+    ],
+)
+def test_invalid_requests_name_the_parameter(body: bytes, param: str | None) -> None:
+    with pytest.raises(BadRequest) as exc:
+        parse_request(body)
+    assert exc.value.param == param and exc.value.status == 400
+
+
+def test_unparseable_json_is_a_400() -> None:
+    with pytest.raises(InvalidJSON) as exc:
+        parse_request(b"{not json")
+    assert exc.value.status == 400
