@@ -23,20 +23,23 @@ from proxy.settings import CommandLine, Settings
 log = logging.getLogger("qnp.proxy")
 
 
-async def serve(settings: Settings) -> None:
-    app = build_app(settings)
+async def start(settings: Settings) -> web.AppRunner:
+    """Build the app and start listening; the caller ends it with ``runner.cleanup()``."""
     runner = web.AppRunner(
-        app,
+        build_app(settings),
         handle_signals=False,
         shutdown_timeout=settings.shutdown_grace,
         handler_cancellation=True,  # a client that leaves cancels its upstream request
         access_log=None,  # one event per request is the record; no per-request log line
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_port=True, backlog=4096
-    )
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=4096)
     await site.start()
+    return runner
+
+
+async def serve(settings: Settings) -> None:
+    runner = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

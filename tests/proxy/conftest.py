@@ -1,0 +1,148 @@
+"""Fixtures for proxy tests: a real proxy on 127.0.0.1 in front of the mock upstream.
+
+Keys are published to Redis in the control plane's record format (shared.apikeys),
+exactly as the control plane does; the end-to-end tests use the control plane itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import openai
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from devstack.upstream_openai import MockOpenAIUpstream
+from proxy import server
+from proxy.app import WATCHING
+from proxy.settings import Settings, load
+from shared import apikeys
+from shared.apikeys import KeyRecord
+from shared.events import STREAM_FIELD, Event, decode
+from shared.redis_names import RedisNames
+
+CATALOG = """
+[providers.mock]
+base_url = "{base_url}"
+api_key_env = "MOCK_UPSTREAM_KEY"
+
+[providers.dead]
+base_url = "http://127.0.0.1:{dead_port}/v1"
+
+[models."demo-mini"]
+provider = "mock"
+upstream_model = "demo-mini-2024"
+prompt_price = 0.15
+completion_price = 0.60
+
+[models."unreachable"]
+provider = "dead"
+prompt_price = 1
+completion_price = 1
+"""
+
+
+@dataclass
+class Gateway:
+    base_url: str
+    settings: Settings
+    runner: web.AppRunner
+    redis: aioredis.Redis
+    names: RedisNames
+
+    def client(self, key: str, **kw: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kw)
+
+    async def events(self, expected: int) -> list[Event]:
+        """The events on the stream, once ``expected`` of them have been flushed."""
+        for _ in range(500):
+            if await self.redis.xlen(self.names.events) >= expected:
+                break
+            await asyncio.sleep(0.01)
+        entries = await self.redis.xrange(self.names.events)
+        return [decode(fields[STREAM_FIELD]) for _id, fields in entries]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_catalog(tmp_path: Path, upstream_base_url: str) -> Path:
+    path = tmp_path / "catalog.toml"
+    path.write_text(CATALOG.format(base_url=upstream_base_url, dead_port=closed_port()))
+    return path
+
+
+def proxy_env(redis_url: str, names: RedisNames, catalog: Path, **extra: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "QNP_REDIS_PREFIX": names.prefix,
+        "QNP_CATALOG": str(catalog),
+        "MOCK_UPSTREAM_KEY": "sk-upstream-test",
+        "QNP_PROXY_PORT": "0",
+        "QNP_NODE_ID": "test-node",
+        "QNP_EVENT_FLUSH_MS": "5",
+        **extra,
+    }
+
+
+async def publish_key(
+    redis: aioredis.Redis, names: RedisNames, account_id: str = "acct-test",
+    status: str = "active",
+) -> tuple[str, KeyRecord]:
+    """Issue a key the way the control plane does: bcrypt hash in Redis, secret returned."""
+    key, parts = apikeys.generate()
+    record = KeyRecord(
+        key_id=parts.key_id, account_id=account_id, status=status,
+        secret_hash=bcrypt.hashpw(parts.secret.encode(), bcrypt.gensalt(4)).decode(),
+        limits={},
+    )
+    await redis.set(names.key_record(parts.key_id), record.encode())
+    return key, record
+
+
+GatewayFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_gateway(
+    tmp_path: Path, redis_url: str, redis_names: RedisNames, redis: aioredis.Redis,
+    mock_upstream: MockOpenAIUpstream,
+) -> AsyncIterator[GatewayFactory]:
+    """Start a proxy in this process with extra settings; stopped at teardown."""
+    runners: list[web.AppRunner] = []
+
+    async def start(**extra: str) -> Gateway:
+        catalog = write_catalog(tmp_path, mock_upstream.base_url)
+        settings = load(proxy_env(redis_url, redis_names, catalog, **extra))
+        runner = await server.start(settings)
+        runners.append(runner)
+        await runner.app[WATCHING].wait()  # subscribed to key changes before the test acts
+        port = runner.addresses[0][1]
+        return Gateway(f"http://127.0.0.1:{port}/v1", settings, runner, redis, redis_names)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory) -> Gateway:
+    gw: Gateway = await start_gateway()
+    return gw
+
+
+@pytest.fixture
+async def api_key(redis: aioredis.Redis, redis_names: RedisNames) -> str:
+    key, _ = await publish_key(redis, redis_names)
+    return key
