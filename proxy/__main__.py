@@ -15,15 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="listen address (default: $QNP_PROXY_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default: $QNP_PROXY_PORT or 8080)")
     parser.add_argument("--workers", type=int, help="worker processes sharing the port")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     cli = CommandLine(args.catalog, args.host, args.port, args.workers)
-    env = environment()
     try:
-        settings = load(env, cli)
+        settings = load(environment(), cli)
     except SettingsError as e:
         print(f"proxy: configuration error: {e}", file=sys.stderr)
         return 2
-    return server.supervise(settings, env, cli)
+    return server.supervise(settings, argv)
 
 
 if __name__ == "__main__":

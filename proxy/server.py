@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import signal
+import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Sequence
 
 from aiohttp import web
 
-from proxy import settings as settings_mod
 from proxy.app import build_app
-from proxy.settings import CommandLine, Settings
+from proxy.settings import Settings
 
 log = logging.getLogger("qnp.proxy")
 
@@ -67,34 +67,35 @@ def run_worker(settings: Settings) -> None:
         uvloop.run(serve(settings))
 
 
-def _worker_main(env: dict[str, str], cli: CommandLine) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor relays Ctrl-C as SIGTERM
-    run_worker(settings_mod.load(env, cli))
+def supervise(settings: Settings, argv: Sequence[str]) -> int:
+    """Run ``settings.workers`` worker processes and relay SIGTERM/SIGINT to them.
 
-
-def supervise(settings: Settings, env: Mapping[str, str], cli: CommandLine) -> int:
-    """Start ``settings.workers`` processes and relay SIGTERM/SIGINT to them."""
+    Each worker is ``python -m proxy <same arguments> --workers 1``; if one dies, the
+    others are stopped too and the exit status says so, for the process manager to act.
+    """
     if settings.workers == 1:
         run_worker(settings)
         return 0
     if settings.port == 0:
         log.error("--workers > 1 needs a fixed --port")
         return 2
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker_main, args=(dict(env), cli), name=f"proxy-worker-{i}")
-        for i in range(settings.workers)
-    ]
-    for p in procs:
-        p.start()
+    cmd = [sys.executable, "-m", "proxy", *argv, "--workers", "1"]
+    # Our own interpreter and our own command line: nothing untrusted is executed.
+    procs = [subprocess.Popen(cmd) for _ in range(settings.workers)]  # noqa: S603
+    stopping = False
 
     def relay(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for p in procs:
-            if p.is_alive():
+            if p.poll() is None:
                 p.terminate()  # SIGTERM: each worker drains gracefully
 
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGINT, relay)
-    for p in procs:
-        p.join()
-    return max((p.exitcode or 0) for p in procs)
+    while not stopping and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    if not stopping:
+        log.error("a worker exited; stopping the others")
+        relay(signal.SIGTERM, None)
+    return max(abs(p.wait()) for p in procs)

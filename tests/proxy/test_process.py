@@ -1,0 +1,88 @@
+"""``python -m proxy`` as a real process: workers sharing a port, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import openai
+import redis.asyncio as aioredis
+
+from devstack.upstream_openai import MockOpenAIUpstream
+from shared.events import STREAM_FIELD, decode
+from shared.redis_names import RedisNames
+from tests.proxy.conftest import proxy_env, publish_key, write_catalog
+from tests.support import ModuleProcess, free_port, wait_for_http, wait_until_gone
+
+MESSAGES = [{"role": "user", "content": "Count slowly."}]
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+async def _events(redis: aioredis.Redis, names: RedisNames) -> list[object]:
+    return [decode(f[STREAM_FIELD]) for _i, f in await redis.xrange(names.events)]
+
+
+async def test_sigterm_lets_open_streams_finish_and_flushes_their_events(
+    tmp_path: Path, redis_url: str, redis_names: RedisNames, redis: aioredis.Redis,
+    mock_upstream: MockOpenAIUpstream,
+) -> None:
+    port = free_port()
+    env = proxy_env(redis_url, redis_names, write_catalog(tmp_path, mock_upstream.base_url),
+                    QNP_PROXY_PORT=str(port), QNP_SHUTDOWN_GRACE="20",
+                    QNP_EVENT_FLUSH_MS="1000")  # events still buffered when SIGTERM lands
+    key, _ = await publish_key(redis, redis_names)
+    mock_upstream.behaviour.chunks = 30
+    mock_upstream.behaviour.chunk_delay = 0.03
+    with ModuleProcess("proxy", log_path=tmp_path / "proxy.log", env=env) as proc:
+        await wait_for_http(f"http://127.0.0.1:{port}/readyz", expect_status=200)
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key,
+                                      max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model="demo-mini", messages=MESSAGES, stream=True  # type: ignore[arg-type]
+            )
+            pieces = []
+            async for chunk in stream:
+                if not pieces:
+                    proc.proc.send_signal(signal.SIGTERM)
+                pieces.extend(c.delta.content or "" for c in chunk.choices)
+        code = await asyncio.to_thread(proc.proc.wait, 30)
+    assert code == 0, proc.log_text()
+    assert len([p for p in pieces if p]) == 30, "the open stream was cut by shutdown"
+    [event] = await _events(redis, redis_names)
+    assert event.outcome == "ok" and event.usage_source == "upstream"  # type: ignore[attr-defined]
+
+
+async def test_two_workers_share_the_port_and_stop_together(
+    tmp_path: Path, redis_url: str, redis_names: RedisNames, redis: aioredis.Redis,
+    mock_upstream: MockOpenAIUpstream,
+) -> None:
+    port = free_port()
+    env = proxy_env(redis_url, redis_names, write_catalog(tmp_path, mock_upstream.base_url),
+                    QNP_PROXY_PORT=str(port))
+    key, _ = await publish_key(redis, redis_names)
+    with ModuleProcess("proxy", ["--workers", "2"], log_path=tmp_path / "proxy.log",
+                       env=env) as proc:
+        await wait_for_http(f"http://127.0.0.1:{port}/readyz", expect_status=200)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+
+        async def one() -> str | None:
+            # A fresh client per request: a fresh connection the kernel may give either worker.
+            async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1",
+                                          api_key=key, max_retries=0) as client:
+                r = await client.chat.completions.create(model="demo-mini", messages=MESSAGES)  # type: ignore[arg-type]
+                return r.choices[0].message.content
+
+        answers = await asyncio.gather(*(one() for _ in range(40)))
+        assert all(answers)
+        proc.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.proc.wait, 30)
+    assert code == 0, proc.log_text()
+    assert all(wait_until_gone(pid) for pid in workers)
+    assert len(await _events(redis, redis_names)) == 40
+    assert "Traceback" not in proc.log_text()
