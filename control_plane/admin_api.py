@@ -1,0 +1,207 @@
+"""The admin HTTP API (aiohttp): accounts, keys, usage, health and metrics.
+
+Every ``/admin/`` route needs ``Authorization: Bearer <QNP_ADMIN_TOKEN>``.
+``error_response`` is the one place errors become responses: JSON
+``{"error": {"message", "type"}}``, never a traceback. Resources with a lifetime (pool,
+Redis client, the ingest task) live in ``AppKey``s opened by ``cleanup_ctx``.
+Never imports ``proxy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+
+from control_plane import accounts, keys, usage
+from control_plane.connections import open_pool, open_redis
+from control_plane.errors import ControlPlaneError, InvalidInput, Unauthorized, classify
+from control_plane.ingest import Consumer
+from control_plane.metrics import Metrics
+from control_plane.partitions import create_days, days_around
+from control_plane.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+POOL = web.AppKey("pool", asyncpg.Pool)
+REDIS = web.AppKey("redis", aioredis.Redis)
+
+MAX_BODY_BYTES = 64 * 1024
+# Time allowed past one BLOCKed read for the ingest task to finish its batch on stop.
+INGEST_STOP_GRACE_S = 10.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(exc: BaseException) -> web.Response:
+    """Map any exception raised while handling a request to a JSON error response."""
+    if isinstance(exc, web.HTTPException):  # routing: unknown path, wrong method
+        kind = "not_found" if exc.status == 404 else "invalid_request"
+        return json_response({"error": {"message": exc.reason, "type": kind}}, exc.status)
+    error = classify(exc)
+    if error is None:
+        log.error("admin request failed", exc_info=exc)
+        error = ControlPlaneError("internal error")
+    elif error.status >= 500:
+        log.error("admin request failed: %s (%s)", error.message, type(exc).__name__)
+    else:
+        log.debug("admin request refused: %s", error.message)
+    return json_response({"error": {"message": error.message, "type": error.type}}, error.status)
+
+
+def _authorize(request: web.Request) -> None:
+    token = request.app[SETTINGS].require_admin_token()
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthorized("a valid admin bearer token is required")
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        if request.path == "/admin" or request.path.startswith("/admin/"):
+            _authorize(request)
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e)
+    except Exception as e:  # top of the request: every failure leaves as JSON
+        return error_response(e)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return body
+
+
+async def create_account(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    account = await accounts.create_account(request.app[POOL], body.get("name"))
+    return json_response(account.to_json(), 201)
+
+
+async def issue_key(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    app = request.app
+    issued = await keys.issue_key(
+        app[POOL], app[REDIS], app[SETTINGS].names, request.match_info["account_id"],
+        body.get("name"), bcrypt_rounds=app[SETTINGS].bcrypt_rounds,
+    )
+    return json_response(issued.to_json(), 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    found = await keys.list_keys(request.app[POOL], request.match_info["account_id"])
+    return json_response({"keys": [k.to_json() for k in found]})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    app = request.app
+    info = await keys.revoke_key(
+        app[POOL], app[REDIS], app[SETTINGS].names, request.match_info["key_id"]
+    )
+    return json_response(info.to_json())
+
+
+async def account_usage(request: web.Request) -> web.Response:
+    q = request.query
+    report = await usage.account_usage(
+        request.app[POOL], request.match_info["account_id"],
+        limit=usage.parse_limit(q.get("limit")),
+        since=usage.parse_time(q.get("since"), "since"),
+        until=usage.parse_time(q.get("until"), "until"),
+    )
+    return json_response(report.to_json())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    app = request.app
+    checks = {"postgres": True, "redis": True}
+    try:
+        await app[POOL].fetchval("SELECT 1")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        checks["postgres"] = False
+    try:
+        await app[REDIS].ping()
+    except (RedisError, OSError):
+        checks["redis"] = False
+    ok = all(checks.values())
+    return json_response({"status": "ok" if ok else "unavailable", **checks}, 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def _stores(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[POOL] = await open_pool(settings)
+    app[REDIS] = open_redis(settings)
+    try:
+        async with app[POOL].acquire() as conn:
+            await create_days(conn, days_around(datetime.now(UTC).date()))
+        await keys.republish_all(app[POOL], app[REDIS], settings.names)
+        yield
+    finally:
+        await app[REDIS].aclose()
+        await app[POOL].close()
+
+
+async def _ingest(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    consumer = Consumer(settings, app[POOL], app[REDIS], app[METRICS])
+    task = asyncio.create_task(consumer.run(), name="ingest")
+    yield
+    consumer.stop()
+    try:
+        await asyncio.wait_for(task, settings.ingest_block_ms / 1000 + INGEST_STOP_GRACE_S)
+    except TimeoutError:
+        log.warning("ingest did not stop in time; cancelled mid-batch (entries stay pending)")
+
+
+def make_app(settings: Settings, *, ingest: bool = True) -> web.Application:
+    """The admin app; with ``ingest`` it also runs the ingest consumer for its lifetime."""
+    settings.require_admin_token()
+    app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_stores)
+    if ingest:
+        app.cleanup_ctx.append(_ingest)
+    app.router.add_post("/admin/accounts", create_account)
+    app.router.add_post("/admin/accounts/{account_id}/keys", issue_key)
+    app.router.add_get("/admin/accounts/{account_id}/keys", list_keys)
+    app.router.add_post("/admin/keys/{key_id}/revoke", revoke_key)
+    app.router.add_get("/admin/accounts/{account_id}/usage", account_usage)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,168 @@
+"""``python -m control_plane <command>``: migrate, serve, and account/key/usage chores.
+
+Calls the same functions as the admin API. With ``--json`` a command prints exactly one
+JSON document on stdout (errors go to stderr), for scripts such as ``make run``.
+Never imports ``proxy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from control_plane import accounts, keys, logs, service, usage
+from control_plane.connections import open_pool, open_redis
+from control_plane.errors import classify
+from control_plane.migrate import migrate
+from control_plane.settings import Settings, SettingsError
+
+Output = tuple[Any, str]  # (JSON document, human text)
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, Output]]
+
+
+@asynccontextmanager
+async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await open_pool(settings, min_size=1, max_size=2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@asynccontextmanager
+async def _redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = open_redis(settings)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _migrate(settings: Settings, args: argparse.Namespace) -> Output:
+    result = await migrate(settings.database_url)
+    lines = [f"applied {v}" for v in result.applied] or ["schema up to date"]
+    lines += [f"created partition {p}" for p in result.partitions_created]
+    doc = {"applied": result.applied, "partitions_created": result.partitions_created}
+    return doc, "\n".join(lines)
+
+
+async def _create_account(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        account = await accounts.create_account(pool, args.name)
+    return account.to_json(), f"account {account.id} created ({account.name})"
+
+
+async def _issue_key(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool, _redis(settings) as redis:
+        issued = await keys.issue_key(
+            pool, redis, settings.names, args.account_id, args.name,
+            bcrypt_rounds=settings.bcrypt_rounds,
+        )
+    text = (
+        f"key {issued.info.key_id} issued for account {issued.info.account_id}\n"
+        f"{issued.key}\n"
+        "This is the only time the key is shown; store it now."
+    )
+    return issued.to_json(), text
+
+
+async def _list_keys(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        found = await keys.list_keys(pool, args.account_id)
+    lines = [
+        f"{k.key_id}  {k.status:<8}  {k.created_at:%Y-%m-%d %H:%M:%S}  {k.name}" for k in found
+    ]
+    return {"keys": [k.to_json() for k in found]}, "\n".join(lines) or "no keys"
+
+
+async def _revoke_key(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool, _redis(settings) as redis:
+        info = await keys.revoke_key(pool, redis, settings.names, args.key_id)
+    return info.to_json(), f"key {info.key_id} revoked"
+
+
+async def _usage(settings: Settings, args: argparse.Namespace) -> Output:
+    limit = usage.parse_limit(args.limit)
+    async with _pool(settings) as pool:
+        report = await usage.account_usage(pool, args.account_id, limit=limit)
+    lines = [
+        f"{r['received_at']}  {r['model'] or '-'}  {r['status']} {r['outcome']}  "
+        f"tokens={r['total_tokens']}  cost_micros={r['cost_micros']}  "
+        f"latency_ms={r['latency_ms']:.1f}"
+        for r in report.records
+    ]
+    t = report.totals
+    lines.append(
+        f"total: requests={t['requests']} tokens={t['total_tokens']} "
+        f"cost_micros={t['cost_micros']} ({t['since']} .. {t['until']})"
+    )
+    return report.to_json(), "\n".join(lines)
+
+
+_COMMANDS: dict[str, Command] = {
+    "migrate": _migrate,
+    "create-account": _create_account,
+    "issue-key": _issue_key,
+    "list-keys": _list_keys,
+    "revoke-key": _revoke_key,
+    "usage": _usage,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser = argparse.ArgumentParser(prog="python -m control_plane")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", parents=[common], help="apply pending schema migrations")
+    sub.add_parser("serve", help="run the admin API and the ingest consumer")
+    p = sub.add_parser("create-account", parents=[common], help="create an account")
+    p.add_argument("name")
+    p = sub.add_parser("issue-key", parents=[common], help="issue an API key (shown once)")
+    p.add_argument("account_id")
+    p.add_argument("--name", default=None)
+    p = sub.add_parser("list-keys", parents=[common], help="list an account's keys")
+    p.add_argument("account_id")
+    p = sub.add_parser("revoke-key", parents=[common], help="revoke an API key")
+    p.add_argument("key_id")
+    p = sub.add_parser("usage", parents=[common], help="an account's recent usage and totals")
+    p.add_argument("account_id")
+    p.add_argument("--limit", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "serve":
+            settings.require_admin_token()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level_number)
+    if args.command == "serve":
+        service.run(settings)
+        return 0
+    try:
+        doc, text = asyncio.run(_COMMANDS[args.command](settings, args))
+    except Exception as e:  # top of the command: known failures become a one-line message
+        error = classify(e)
+        if error is None:
+            raise
+        if args.json:
+            body = {"error": {"message": error.message, "type": error.type}}
+            print(orjson.dumps(body).decode(), file=sys.stderr)
+        else:
+            print(f"error: {error.message}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(doc).decode() if args.json else text)
+    return 0

@@ -1,0 +1,182 @@
+"""API keys: issuing, listing, revoking, and publishing their records to Redis.
+
+Postgres holds only the bcrypt hash of a key's secret; the full key string is returned
+once by ``issue_key`` and never stored or logged. Every change is written to Redis
+(``SET`` the record, ``PUBLISH`` the key id) inside the Postgres transaction, so a Redis
+failure rolls the change back rather than leaving the proxy with a stale record.
+Imports ``shared.apikeys`` and ``accounts``; never ``proxy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import bcrypt
+import redis.asyncio as aioredis
+
+from control_plane.accounts import clean_name, get_account
+from control_plane.errors import Conflict, NotFound
+from shared.apikeys import KEY_ID_SHAPE, KeyRecord, generate
+from shared.redis_names import RedisNames
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY_NAME = "default"
+_REPUBLISH_CHUNK = 500
+_COLUMNS = "key_id, account_id, name, status, created_at, revoked_at"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What may be shown about a key: never its secret or hash."""
+
+    key_id: str
+    account_id: uuid.UUID
+    name: str
+    status: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "account_id": str(self.account_id),
+            "name": self.name,
+            "status": self.status,
+            "created_at": self.created_at.isoformat(),
+            "revoked_at": None if self.revoked_at is None else self.revoked_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    key: str
+    info: KeyInfo
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, **self.info.to_json()}
+
+    def __repr__(self) -> str:  # keep the secret out of any accidental log line
+        return f"IssuedKey(key_id={self.info.key_id!r})"
+
+
+def _hash_secret(secret: str, rounds: int) -> str:
+    hashed: bytes = bcrypt.hashpw(secret.encode("ascii"), bcrypt.gensalt(rounds))
+    return hashed.decode("ascii")
+
+
+def _record_status(key_status: str, account_status: str) -> str:
+    if key_status != "active":
+        return key_status
+    return "active" if account_status == "active" else "suspended"
+
+
+async def _publish(redis: aioredis.Redis, names: RedisNames, record: KeyRecord) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(names.key_record(record.key_id), record.encode())
+        pipe.publish(names.key_changes, record.key_id)
+        await pipe.execute()
+
+
+async def issue_key(
+    pool: asyncpg.Pool,
+    redis: aioredis.Redis,
+    names: RedisNames,
+    account_id: str,
+    name: object = None,
+    *,
+    bcrypt_rounds: int,
+) -> IssuedKey:
+    """A new key for an active account; the returned ``key`` is its only copy."""
+    key_name = DEFAULT_KEY_NAME if name is None else clean_name(name, "key")
+    await get_account(pool, account_id)  # refuse unknown accounts before paying for bcrypt
+    full, parsed = generate()
+    secret_hash = await asyncio.to_thread(_hash_secret, parsed.secret, bcrypt_rounds)
+    async with pool.acquire() as conn, conn.transaction():
+        account = await get_account(conn, account_id)
+        if account.status != "active":
+            raise Conflict(f"account is {account.status}")
+        row = await conn.fetchrow(
+            f"INSERT INTO api_keys (key_id, account_id, name, secret_hash) "  # noqa: S608
+            f"VALUES ($1, $2, $3, $4) RETURNING {_COLUMNS}",
+            parsed.key_id, account.id, key_name, secret_hash,
+        )
+        assert row is not None
+        info = KeyInfo(**dict(row))
+        await _publish(
+            redis, names,
+            KeyRecord(info.key_id, str(account.id), "active", secret_hash, {}),
+        )
+    log.info("key issued key_id=%s account_id=%s", info.key_id, account.id)
+    return IssuedKey(full, info)
+
+
+async def list_keys(pool: asyncpg.Pool, account_id: str) -> list[KeyInfo]:
+    async with pool.acquire() as conn:
+        account = await get_account(conn, account_id)
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM api_keys WHERE account_id = $1 "  # noqa: S608
+            "ORDER BY created_at, key_id",
+            account.id,
+        )
+    return [KeyInfo(**dict(row)) for row in rows]
+
+
+async def revoke_key(
+    pool: asyncpg.Pool, redis: aioredis.Redis, names: RedisNames, key_id: str
+) -> KeyInfo:
+    """Revoke a key (again, harmlessly, if already revoked) and tell every proxy."""
+    if not KEY_ID_SHAPE.match(key_id):
+        raise NotFound("key not found")
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE api_keys SET status = 'revoked', revoked_at = coalesce(revoked_at, now()) "  # noqa: S608
+            f"WHERE key_id = $1 RETURNING {_COLUMNS}, secret_hash",
+            key_id,
+        )
+        if row is None:
+            raise NotFound("key not found")
+        values = dict(row)
+        secret_hash = values.pop("secret_hash")
+        info = KeyInfo(**values)
+        await _publish(
+            redis, names,
+            KeyRecord(info.key_id, str(info.account_id), "revoked", secret_hash, {}),
+        )
+    log.info("key revoked key_id=%s account_id=%s", info.key_id, info.account_id)
+    return info
+
+
+async def republish_all(pool: asyncpg.Pool, redis: aioredis.Redis, names: RedisNames) -> int:
+    """Write every key's record to Redis again, e.g. after Redis lost its data.
+
+    Records are only SET, not announced: each change was announced when it was made,
+    and announcing every key at once would empty every proxy's cache together.
+    """
+    count = 0
+    async with pool.acquire() as conn, conn.transaction():
+        cursor = conn.cursor(
+            "SELECT k.key_id, k.account_id, k.status, k.secret_hash, a.status AS account_status "
+            "FROM api_keys k JOIN accounts a ON a.id = k.account_id ORDER BY k.key_id",
+            prefetch=_REPUBLISH_CHUNK,
+        )
+        async with redis.pipeline(transaction=False) as pipe:
+            async for row in cursor:
+                record = KeyRecord(
+                    row["key_id"], str(row["account_id"]),
+                    _record_status(row["status"], row["account_status"]), row["secret_hash"],
+                    {},
+                )
+                pipe.set(names.key_record(record.key_id), record.encode())
+                count += 1
+                if count % _REPUBLISH_CHUNK == 0:
+                    await pipe.execute()
+            await pipe.execute()
+    log.info("key records republished count=%d", count)
+    return count

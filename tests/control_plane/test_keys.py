@@ -1,0 +1,96 @@
+"""Accounts and API keys: what the proxy and the key's owner would notice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import bcrypt
+import pytest
+import redis.asyncio as aioredis
+
+from control_plane import accounts, keys
+from control_plane.errors import InvalidInput, NotFound
+from control_plane.settings import Settings
+from shared.apikeys import KeyRecord, parse
+
+
+async def test_issued_key_parses_and_its_record_verifies(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, account_id: str
+) -> None:
+    issued = await keys.issue_key(
+        pool, rclient, settings.names, account_id, "ci", bcrypt_rounds=4
+    )
+
+    parsed = parse(issued.key)
+    assert parsed.key_id == issued.info.key_id
+    raw = await rclient.get(settings.names.key_record(parsed.key_id))
+    assert raw is not None and parsed.secret.encode() not in raw
+    record = KeyRecord.decode(raw)
+    assert (record.account_id, record.status, record.limits) == (account_id, "active", {})
+    assert bcrypt.checkpw(parsed.secret.encode(), record.secret_hash.encode())
+    assert parsed.secret not in repr(issued)
+    stored = await pool.fetchval(
+        "SELECT row_to_json(k)::text FROM api_keys k WHERE key_id = $1", parsed.key_id
+    )
+    assert parsed.secret not in stored and issued.key not in stored
+
+
+async def test_revoke_announces_and_flips_the_record(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, account_id: str
+) -> None:
+    names = settings.names
+    issued = await keys.issue_key(pool, rclient, names, account_id, bcrypt_rounds=4)
+    key_id = issued.info.key_id
+    async with rclient.pubsub() as pubsub:
+        await pubsub.subscribe(names.key_changes)
+        await pubsub.get_message(timeout=1)  # the subscribe confirmation
+
+        info = await keys.revoke_key(pool, rclient, names, key_id)
+
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    assert message is not None and message["data"] == key_id.encode()
+    assert info.status == "revoked" and info.revoked_at is not None
+    record = KeyRecord.decode(await rclient.get(names.key_record(key_id)))
+    assert record.status == "revoked" and not record.active
+    listed = await keys.list_keys(pool, account_id)
+    assert [(k.key_id, k.status) for k in listed] == [(key_id, "revoked")]
+    again = await keys.revoke_key(pool, rclient, names, key_id)
+    assert again.revoked_at == info.revoked_at
+
+
+async def test_unknown_things_are_not_found(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis
+) -> None:
+    names = settings.names
+    with pytest.raises(NotFound):
+        await keys.issue_key(
+            pool, rclient, names, "00000000-0000-0000-0000-000000000000", bcrypt_rounds=4
+        )
+    with pytest.raises(NotFound):
+        await keys.list_keys(pool, "not-a-uuid")
+    with pytest.raises(NotFound):
+        await keys.revoke_key(pool, rclient, names, "abcdefghijkl")
+    with pytest.raises(InvalidInput):
+        await accounts.create_account(pool, "   ")
+    assert [k async for k in rclient.scan_iter(match=f"{names.prefix}:keyrec:*")] == []
+
+
+async def test_republish_restores_records_redis_lost(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, account_id: str
+) -> None:
+    names = settings.names
+    kept = await keys.issue_key(pool, rclient, names, account_id, bcrypt_rounds=4)
+    gone = await keys.issue_key(pool, rclient, names, account_id, bcrypt_rounds=4)
+    await keys.revoke_key(pool, rclient, names, gone.info.key_id)
+    await rclient.delete(names.key_record(kept.info.key_id), names.key_record(gone.info.key_id))
+
+    await keys.republish_all(pool, rclient, names)
+
+    kept_rec = KeyRecord.decode(await rclient.get(names.key_record(kept.info.key_id)))
+    gone_rec = KeyRecord.decode(await rclient.get(names.key_record(gone.info.key_id)))
+    assert (kept_rec.status, gone_rec.status) == ("active", "revoked")
+    secret = parse(kept.key).secret
+    assert await asyncio.to_thread(
+        bcrypt.checkpw, secret.encode(), kept_rec.secret_hash.encode()
+    )
