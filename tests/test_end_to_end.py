@@ -1,0 +1,219 @@
+"""The whole spine as a user meets it, every service a real process.
+
+openai SDK → proxy → mock upstream, with the metadata event travelling through the
+Redis stream into Postgres by the control plane's ingest; keys issued and revoked
+through the admin API. Canary strings planted in the prompt and in the upstream's reply
+must then appear nowhere we keep anything: no Redis key or stream entry, no Postgres
+table, no log line of either service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.upstream_openai import MockOpenAIUpstream
+from shared.redis_names import RedisNames
+from tests.proxy.conftest import proxy_env, write_catalog
+from tests.support import ModuleProcess, free_port, wait_for_http
+
+ADMIN_TOKEN = "admin-" + secrets.token_hex(8)
+
+
+@dataclass
+class Stack:
+    proxy_url: str
+    admin_url: str
+    logs: list[Path]
+    names: RedisNames
+
+    async def admin(self, method: str, path: str, json: object = None) -> dict[str, object]:
+        async with aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        ) as s, s.request(method, self.admin_url + path, json=json) as resp:
+            assert resp.status < 300, await resp.text()
+            doc = await resp.json()
+            assert isinstance(doc, dict)
+            return doc
+
+
+@pytest.fixture
+async def stack(
+    tmp_path: Path, database_url: str, redis_url: str, redis_names: RedisNames,
+    mock_upstream: MockOpenAIUpstream,
+) -> AsyncIterator[Stack]:
+    proxy_port, admin_port = free_port(), free_port()
+    env = {
+        **proxy_env(redis_url, redis_names, write_catalog(tmp_path, mock_upstream.base_url),
+                    QNP_PROXY_PORT=str(proxy_port)),
+        "DATABASE_URL": database_url,
+        "QNP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "QNP_ADMIN_PORT": str(admin_port),
+        "QNP_BCRYPT_ROUNDS": "4",
+        "QNP_LOG_LEVEL": "DEBUG",  # the most any service would ever log
+        "PATH": "/usr/bin:/bin",
+    }
+    subprocess.run([sys.executable, "-m", "control_plane", "migrate"], env=env, check=True,
+                   capture_output=True)
+    cp_log, px_log = tmp_path / "control_plane.log", tmp_path / "proxy.log"
+    with ModuleProcess("control_plane", ["serve"], log_path=cp_log, env=env) as cp, \
+            ModuleProcess("proxy", log_path=px_log, env=env) as px:
+        await wait_for_http(f"http://127.0.0.1:{admin_port}/healthz", expect_status=200)
+        await wait_for_http(f"http://127.0.0.1:{proxy_port}/readyz", expect_status=200)
+        yield Stack(f"http://127.0.0.1:{proxy_port}/v1", f"http://127.0.0.1:{admin_port}",
+                    [cp_log, px_log], redis_names)
+        # Stop both (SIGTERM) before the logs are read: shutdown logging counts too.
+        assert px.stop() == 0 and cp.stop() == 0
+
+
+async def _rows(database_url: str, account_id: str, expected: int) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0  # the spine's promise: a row within 2 s
+        while True:
+            rows = await conn.fetch(
+                "SELECT * FROM usage_logs WHERE account_id = $1 ORDER BY received_at",
+                account_id,
+            )
+            if len(rows) >= expected or loop.time() > deadline:
+                return list(rows)
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+async def test_sdk_requests_land_in_postgres_priced_and_content_free(
+    stack: Stack, database_url: str, redis: aioredis.Redis, mock_upstream: MockOpenAIUpstream,
+) -> None:
+    prompt_canary = "CANARY-PROMPT-" + secrets.token_hex(12)
+    reply_canary = "CANARY-REPLY-" + secrets.token_hex(12)
+    mock_upstream.behaviour.reply = f"Here it is: {reply_canary} and more words."
+    account = await stack.admin("POST", "/admin/accounts", {"name": "e2e"})
+    issued = await stack.admin("POST", f"/admin/accounts/{account['id']}/keys", {"name": "k"})
+    key = str(issued["key"])
+    messages = [{"role": "user", "content": f"Repeat {prompt_canary} please."}]
+
+    async with openai.AsyncOpenAI(base_url=stack.proxy_url, api_key=key,
+                                  max_retries=0) as client:
+        plain = await client.chat.completions.with_raw_response.create(
+            model="demo-mini", messages=messages  # type: ignore[arg-type]
+        )
+        stream = await client.chat.completions.create(
+            model="demo-mini", messages=messages, stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+        # An error path too: the canary rides in a request the upstream refuses.
+        mock_upstream.behaviour.error_status = 400
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="demo-mini", messages=messages)  # type: ignore[arg-type]
+    completion = plain.parse()
+    assert reply_canary in (completion.choices[0].message.content or "")
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reply_canary in streamed_text
+    stream_usage = chunks[-1].usage
+    assert completion.usage is not None and stream_usage is not None
+
+    rows = await _rows(database_url, str(account["id"]), 3)
+    assert len(rows) == 3, "each request must be in Postgres within 2 s"
+    by_id = {str(r["id"]): r for r in rows}
+    first = by_id[plain.headers["x-request-id"]]
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (
+        completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    expected_cost = -(-(completion.usage.prompt_tokens * 150_000
+                        + completion.usage.completion_tokens * 600_000) // 1_000_000)
+    assert first["cost_micros"] == expected_cost and first["cost_micros"] > 0
+    assert first["latency_ms"] > 0 and first["key_id"] == issued["key_id"]
+    streamed = next(r for r in rows if r["stream"])
+    assert streamed["completion_tokens"] == stream_usage.completion_tokens
+    assert sorted(r["status"] for r in rows) == [200, 200, 400]
+
+    usage = await stack.admin("GET", f"/admin/accounts/{account['id']}/usage")
+    assert len(usage["records"]) == 3  # type: ignore[arg-type]
+
+    # Revocation through the admin API reaches the running proxy within a second.
+    await stack.admin("POST", f"/admin/keys/{issued['key_id']}/revoke")
+    loop = asyncio.get_running_loop()
+    revoked_at = loop.time()
+    async with openai.AsyncOpenAI(base_url=stack.proxy_url, api_key=key,
+                                  max_retries=0) as client:
+        mock_upstream.behaviour.error_status = None
+        while True:
+            try:
+                await client.chat.completions.create(model="demo-mini", messages=messages)  # type: ignore[arg-type]
+            except openai.AuthenticationError:
+                break
+            assert loop.time() - revoked_at < 1.0, "revoked key still served after 1 s"
+            await asyncio.sleep(0.02)
+    await _rows(database_url, str(account["id"]), 4)
+
+    for canary in (prompt_canary, reply_canary):
+        await _assert_nowhere(canary, redis, database_url, stack)
+
+
+async def _assert_nowhere(canary: str, redis: aioredis.Redis, database_url: str,
+                          stack: Stack) -> None:
+    needle = canary.encode()
+    # Redis: every key of every type in the database the services used.
+    async for name in redis.scan_iter(count=1000):
+        kind = (await redis.type(name)).decode()
+        if kind == "string":
+            dump = [await redis.get(name)]
+        elif kind == "hash":
+            dump = [*(await redis.hgetall(name)).items()]
+        elif kind == "list":
+            dump = await redis.lrange(name, 0, -1)
+        elif kind == "set":
+            dump = list(await redis.smembers(name))
+        elif kind == "zset":
+            dump = await redis.zrange(name, 0, -1)
+        elif kind == "stream":
+            dump = await redis.xrange(name)
+        else:
+            dump = [await redis.dump(name)]
+        assert needle not in repr(dump).encode(), f"canary found in Redis key {name!r}"
+    # Postgres: every row of every table, partitions included, as text.
+    conn = await asyncpg.connect(database_url)
+    try:
+        tables = await conn.fetch(
+            "SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables "
+            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        )
+        assert tables
+        for (table,) in tables:
+            for (text,) in await conn.fetch(f"SELECT t::text FROM {table} t"):
+                assert canary not in text, f"canary found in Postgres table {table}"
+    finally:
+        await conn.close()
+    # Logs of both services (read after they stopped).
+    for log in stack.logs:
+        assert canary not in log.read_text(errors="replace"), f"canary found in {log.name}"
+
+
+async def test_the_canary_scan_finds_what_is_planted(
+    tmp_path: Path, database_url: str, redis: aioredis.Redis, redis_names: RedisNames,
+) -> None:
+    """The scan above is only worth something if it would catch a leak."""
+    canary = "CANARY-PLANTED-" + secrets.token_hex(8)
+    log = tmp_path / "service.log"
+    log.write_text("nothing here\n")
+    stack = Stack("", "", [log], redis_names)
+    await redis.xadd(redis_names.events, {b"e": f'{{"leak": "{canary}"}}'.encode()})
+    with pytest.raises(AssertionError, match="Redis key"):
+        await _assert_nowhere(canary, redis, database_url, stack)
+    await redis.delete(redis_names.events)
+    log.write_text(f"oops {canary}\n")
+    with pytest.raises(AssertionError, match="service.log"):
+        await _assert_nowhere(canary, redis, database_url, stack)
