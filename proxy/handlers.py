@@ -180,7 +180,7 @@ class ChatHandler:
             if tail:
                 await out.write(tail)
         except ConnectionResetError:
-            facts.outcome = "client_cancelled"
+            facts.status, facts.outcome = _CLIENT_GONE, "client_cancelled"
             return out
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             # Headers are gone: the error travels inside the stream, in OpenAI's shape.
@@ -192,7 +192,7 @@ class ChatHandler:
             try:
                 await out.write(b"data: " + err.body() + b"\n\n")
             except ConnectionResetError:
-                facts.outcome = "client_cancelled"
+                facts.status, facts.outcome = _CLIENT_GONE, "client_cancelled"
                 return out
         await out.write_eof()
         return out
