@@ -1,0 +1,94 @@
+"""Fixtures every test uses: real PostgreSQL and Redis, and the mock OpenAI upstream.
+
+The servers come from ``devstack.servers.dev_servers``: DATABASE_URL / REDIS_URL when
+set, else throwaway servers started once per session. Tests never write to an external
+server's own data: they get a database created for the session and a Redis key prefix
+of their own, both removed afterwards.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from devstack.servers import dev_servers
+from devstack.upstream_openai import MockOpenAIUpstream, UpstreamBehaviour
+from shared.redis_names import RedisNames
+
+UPSTREAM_API_KEY = "sk-upstream-test"
+
+
+@pytest.fixture(scope="session")
+def dev_server_urls() -> Iterator[tuple[str, str]]:
+    """``(database_url, redis_url)`` of the servers for this session."""
+    with dev_servers() as urls:
+        yield urls
+
+
+@pytest.fixture(scope="session")
+async def database_url(dev_server_urls: tuple[str, str]) -> AsyncIterator[str]:
+    """DSN of a fresh, empty database that exists for this test session only."""
+    server_url = dev_server_urls[0]
+    name = f"qnp_test_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    admin = await asyncpg.connect(server_url)
+    try:
+        # Pools a test forgot to close must not keep the database alive.
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(dev_server_urls: tuple[str, str]) -> str:
+    return dev_server_urls[1]
+
+
+@pytest.fixture
+async def redis_names(redis_url: str) -> AsyncIterator[RedisNames]:
+    """Names under a prefix of this test's own; every key under it is deleted afterwards."""
+    names = RedisNames(prefix=f"qnptest{secrets.token_hex(6)}")
+    yield names
+    client = Redis.from_url(redis_url)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{names.prefix}*", count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await client.unlink(*batch)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def mock_upstream() -> AsyncIterator[MockOpenAIUpstream]:
+    """A running mock OpenAI upstream that requires the key ``sk-upstream-test``."""
+    async with MockOpenAIUpstream(behaviour=UpstreamBehaviour(api_key=UPSTREAM_API_KEY)) as up:
+        yield up
