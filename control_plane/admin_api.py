@@ -25,7 +25,13 @@ from redis.exceptions import RedisError
 
 from control_plane import accounts, keys, usage
 from control_plane.connections import open_pool, open_redis
-from control_plane.errors import ControlPlaneError, InvalidInput, Unauthorized, classify
+from control_plane.errors import (
+    ControlPlaneError,
+    InvalidInput,
+    Unauthorized,
+    Unavailable,
+    classify,
+)
 from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
 from control_plane.partitions import create_days, days_around
@@ -168,6 +174,8 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = open_redis(settings)
     try:
         async with app[POOL].acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('usage_logs')") is None:
+                raise Unavailable("the schema is missing: run `python -m control_plane migrate`")
             await create_days(conn, days_around(datetime.now(UTC).date()))
         await keys.republish_all(app[POOL], app[REDIS], settings.names)
         yield

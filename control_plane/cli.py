@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser = argparse.ArgumentParser(prog="python -m control_plane")
+    parser.set_defaults(json=False)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", parents=[common], help="apply pending schema migrations")
     sub.add_parser("serve", help="run the admin API and the ingest consumer")
@@ -149,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level_number)
-    if args.command == "serve":
-        service.run(settings)
-        return 0
     try:
+        if args.command == "serve":
+            service.run(settings)
+            return 0
         doc, text = asyncio.run(_COMMANDS[args.command](settings, args))
     except Exception as e:  # top of the command: known failures become a one-line message
         error = classify(e)

@@ -56,10 +56,13 @@ def classify(exc: BaseException) -> ControlPlaneError | None:
     """
     if isinstance(exc, ControlPlaneError):
         return exc
+    if isinstance(exc, RedisError):
+        return Unavailable("Redis is unavailable; try again")
+    # redis-py wraps its socket errors, so a bare OSError here comes from asyncpg.
     if isinstance(
         exc,
-        RedisError | OSError | TimeoutError | asyncpg.PostgresConnectionError
+        OSError | TimeoutError | asyncpg.PostgresConnectionError
         | asyncpg.CannotConnectNowError | asyncpg.InterfaceError,
     ):
-        return Unavailable("a backing store is unavailable; try again")
+        return Unavailable("Postgres is unavailable; try again")
     return None

@@ -23,9 +23,22 @@ from tests.control_plane.factories import make_settings
 
 
 @pytest.fixture(scope="session")
-async def migrated_url(database_url: str) -> str:
-    await migrate(database_url)
-    return database_url
+async def migrated_url(database_url: str) -> AsyncIterator[str]:
+    """A migrated database of the control-plane tests' own, beside the session's.
+
+    The session database stays as the suite handed it to us, so tests elsewhere that
+    expect it untouched are not at the mercy of the order tests run in.
+    """
+    base, name = database_url.rsplit("/", 1)
+    ours = f"{name}_cp"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{ours}"')
+        await migrate(f"{base}/{ours}")
+        yield f"{base}/{ours}"
+        await admin.execute(f'DROP DATABASE IF EXISTS "{ours}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 @pytest.fixture

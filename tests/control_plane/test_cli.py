@@ -84,6 +84,11 @@ async def test_failures_exit_nonzero_with_a_message(settings: Settings) -> None:
     code, _, err = await _cli(_env(settings), "serve")
     assert code == 2 and "QNP_ADMIN_TOKEN" in err
 
+    down = _env(settings, QNP_ADMIN_TOKEN=ADMIN_TOKEN,
+                DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    code, _, err = await _cli(down, "serve")
+    assert code == 1 and "Postgres is unavailable" in err and "Traceback" not in err
+
 
 async def test_serve_ingests_and_stops_cleanly_on_sigterm(
     settings: Settings, rclient: aioredis.Redis, tmp_path: Path
