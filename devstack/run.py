@@ -68,6 +68,8 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: floa
             with urllib.request.urlopen(url, timeout=1) as resp:
                 if resp.status == 200:
                     return
+        except urllib.error.HTTPError:
+            return  # it answers (e.g. 401 without a key): it is up
         except (urllib.error.URLError, OSError):
             time.sleep(0.1)
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s")
@@ -135,7 +137,7 @@ def main() -> int:
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "QNP_CATALOG": str(catalog),
-            "QNP_DEMO_UPSTREAM_KEY": secrets.token_urlsafe(24),
+            "QNP_DEMO_UPSTREAM_KEY": "sk-demo-" + secrets.token_hex(16),
             "QNP_ADMIN_TOKEN": os.environ.get("QNP_ADMIN_TOKEN") or secrets.token_urlsafe(24),
             "QNP_ADMIN_PORT": str(admin_port),
             "QNP_PROXY_PORT": str(proxy_port),

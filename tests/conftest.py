@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from control_plane.migrate import migrate
 from devstack.servers import dev_servers
 from devstack.upstream_openai import MockOpenAIUpstream, UpstreamBehaviour
 from shared.redis_names import RedisNames
@@ -92,3 +93,22 @@ async def mock_upstream() -> AsyncIterator[MockOpenAIUpstream]:
     """A running mock OpenAI upstream that requires the key ``sk-upstream-test``."""
     async with MockOpenAIUpstream(behaviour=UpstreamBehaviour(api_key=UPSTREAM_API_KEY)) as up:
         yield up
+
+
+@pytest.fixture(scope="session")
+async def migrated_url(database_url: str) -> AsyncIterator[str]:
+    """A second database of this session with the control plane's schema applied.
+
+    ``database_url`` stays empty as handed out; tests that need the schema (control
+    plane, end to end) share this one and keep apart by account.
+    """
+    base, name = database_url.rsplit("/", 1)
+    ours = f"{name}_cp"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{ours}"')
+        await migrate(f"{base}/{ours}")
+        yield f"{base}/{ours}"
+        await admin.execute(f'DROP DATABASE IF EXISTS "{ours}" WITH (FORCE)')
+    finally:
+        await admin.close()

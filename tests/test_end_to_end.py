@@ -50,14 +50,14 @@ class Stack:
 
 @pytest.fixture
 async def stack(
-    tmp_path: Path, database_url: str, redis_url: str, redis_names: RedisNames,
+    tmp_path: Path, migrated_url: str, redis_url: str, redis_names: RedisNames,
     mock_upstream: MockOpenAIUpstream,
 ) -> AsyncIterator[Stack]:
     proxy_port, admin_port = free_port(), free_port()
     env = {
         **proxy_env(redis_url, redis_names, write_catalog(tmp_path, mock_upstream.base_url),
                     QNP_PROXY_PORT=str(proxy_port)),
-        "DATABASE_URL": database_url,
+        "DATABASE_URL": migrated_url,
         "QNP_ADMIN_TOKEN": ADMIN_TOKEN,
         "QNP_ADMIN_PORT": str(admin_port),
         "QNP_BCRYPT_ROUNDS": "4",
@@ -77,8 +77,8 @@ async def stack(
         assert px.stop() == 0 and cp.stop() == 0
 
 
-async def _rows(database_url: str, account_id: str, expected: int) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url)
+async def _rows(migrated_url: str, account_id: str, expected: int) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(migrated_url)
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2.0  # the spine's promise: a row within 2 s
@@ -95,7 +95,7 @@ async def _rows(database_url: str, account_id: str, expected: int) -> list[async
 
 
 async def test_sdk_requests_land_in_postgres_priced_and_content_free(
-    stack: Stack, database_url: str, redis: aioredis.Redis, mock_upstream: MockOpenAIUpstream,
+    stack: Stack, migrated_url: str, redis: aioredis.Redis, mock_upstream: MockOpenAIUpstream,
 ) -> None:
     prompt_canary = "CANARY-PROMPT-" + secrets.token_hex(12)
     reply_canary = "CANARY-REPLY-" + secrets.token_hex(12)
@@ -126,7 +126,7 @@ async def test_sdk_requests_land_in_postgres_priced_and_content_free(
     stream_usage = chunks[-1].usage
     assert completion.usage is not None and stream_usage is not None
 
-    rows = await _rows(database_url, str(account["id"]), 3)
+    rows = await _rows(migrated_url, str(account["id"]), 3)
     assert len(rows) == 3, "each request must be in Postgres within 2 s"
     by_id = {str(r["id"]): r for r in rows}
     first = by_id[plain.headers["x-request-id"]]
@@ -157,13 +157,13 @@ async def test_sdk_requests_land_in_postgres_priced_and_content_free(
                 break
             assert loop.time() - revoked_at < 1.0, "revoked key still served after 1 s"
             await asyncio.sleep(0.02)
-    await _rows(database_url, str(account["id"]), 4)
+    await _rows(migrated_url, str(account["id"]), 4)
 
     for canary in (prompt_canary, reply_canary):
-        await _assert_nowhere(canary, redis, database_url, stack)
+        await _assert_nowhere(canary, redis, migrated_url, stack)
 
 
-async def _assert_nowhere(canary: str, redis: aioredis.Redis, database_url: str,
+async def _assert_nowhere(canary: str, redis: aioredis.Redis, migrated_url: str,
                           stack: Stack) -> None:
     needle = canary.encode()
     # Redis: every key of every type in the database the services used.
@@ -185,7 +185,7 @@ async def _assert_nowhere(canary: str, redis: aioredis.Redis, database_url: str,
             dump = [await redis.dump(name)]
         assert needle not in repr(dump).encode(), f"canary found in Redis key {name!r}"
     # Postgres: every row of every table, partitions included, as text.
-    conn = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(migrated_url)
     try:
         tables = await conn.fetch(
             "SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables "
@@ -203,7 +203,7 @@ async def _assert_nowhere(canary: str, redis: aioredis.Redis, database_url: str,
 
 
 async def test_the_canary_scan_finds_what_is_planted(
-    tmp_path: Path, database_url: str, redis: aioredis.Redis, redis_names: RedisNames,
+    tmp_path: Path, migrated_url: str, redis: aioredis.Redis, redis_names: RedisNames,
 ) -> None:
     """The scan above is only worth something if it would catch a leak."""
     canary = "CANARY-PLANTED-" + secrets.token_hex(8)
@@ -212,8 +212,8 @@ async def test_the_canary_scan_finds_what_is_planted(
     stack = Stack("", "", [log], redis_names)
     await redis.xadd(redis_names.events, {b"e": f'{{"leak": "{canary}"}}'.encode()})
     with pytest.raises(AssertionError, match="Redis key"):
-        await _assert_nowhere(canary, redis, database_url, stack)
+        await _assert_nowhere(canary, redis, migrated_url, stack)
     await redis.delete(redis_names.events)
     log.write_text(f"oops {canary}\n")
     with pytest.raises(AssertionError, match="service.log"):
-        await _assert_nowhere(canary, redis, database_url, stack)
+        await _assert_nowhere(canary, redis, migrated_url, stack)

@@ -16,29 +16,9 @@ import redis.asyncio as aioredis
 
 from control_plane.connections import open_pool, open_redis
 from control_plane.metrics import Metrics
-from control_plane.migrate import migrate
 from control_plane.settings import Settings
 from shared.redis_names import RedisNames
 from tests.control_plane.factories import make_settings
-
-
-@pytest.fixture(scope="session")
-async def migrated_url(database_url: str) -> AsyncIterator[str]:
-    """A migrated database of the control-plane tests' own, beside the session's.
-
-    The session database stays as the suite handed it to us, so tests elsewhere that
-    expect it untouched are not at the mercy of the order tests run in.
-    """
-    base, name = database_url.rsplit("/", 1)
-    ours = f"{name}_cp"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{ours}"')
-        await migrate(f"{base}/{ours}")
-        yield f"{base}/{ours}"
-        await admin.execute(f'DROP DATABASE IF EXISTS "{ours}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.fixture
