@@ -26,7 +26,6 @@ from control_plane.partitions import Partitions
 from control_plane.settings import Settings
 from control_plane.usage_logs import RowError, UsageRow, insert_rows, to_row
 from shared.events import STREAM_FIELD, EventDecodeError, decode
-from shared.redis_names import RedisNames
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,6 @@ BACKOFF_MAX_S = 30.0
 
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 _REDIS_ERRORS = (RedisError, OSError)
-
-
-def dead_letter_stream(names: RedisNames) -> str:
-    # Belongs in shared/redis_names.py; kept here until shared grows the name.
-    return f"{names.events}:dead"
 
 
 class IngestRetry(Exception):
@@ -83,7 +77,7 @@ class Consumer:
     ) -> None:
         names = settings.names
         self._stream = names.events
-        self._dead_stream = dead_letter_stream(names)
+        self._dead_stream = names.events_dead
         self._group = names.ingest_group
         self._consumer = settings.consumer_name
         self._count = settings.ingest_batch_size

@@ -33,6 +33,11 @@ class RedisNames:
         return f"{self.prefix}:events"
 
     @property
+    def events_dead(self) -> str:
+        """Stream: entries ingest could not decode or store, with the reason."""
+        return f"{self.prefix}:events:dead"
+
+    @property
     def ingest_group(self) -> str:
         return INGEST_GROUP
 

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from control_plane.connections import open_pool
-from control_plane.ingest import BatchResult, Consumer, IngestRetry, dead_letter_stream
+from control_plane.ingest import BatchResult, Consumer, IngestRetry
 from control_plane.metrics import Metrics
 from control_plane.partitions import partition_name
 from control_plane.settings import Settings
@@ -148,7 +148,7 @@ async def test_malformed_entries_are_dead_lettered_and_the_rest_land(
     assert (result.inserted, result.dead_lettered) == (1, 4)
     assert [str(r["id"]) for r in await _rows(pool, account_id)] == [good.id]
     assert await _pending(rclient, settings) == 0
-    dead = await rclient.xrange(dead_letter_stream(settings.names))
+    dead = await rclient.xrange(settings.names.events_dead)
     reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
     assert reasons == sorted([
         "not JSON", "source_ip is not an IP address",
