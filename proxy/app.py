@@ -71,9 +71,14 @@ async def _emitter_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(emitter.run(), name="event-emitter")
     yield
     # Runs after the server has stopped taking requests and open ones have finished.
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # Let the loop finish the batch in flight rather than cancel it mid-XADD (which
+    # would send those events twice), then flush the rest.
+    emitter.stop()
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await emitter.close(deadline=5.0)
 
 

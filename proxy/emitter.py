@@ -5,6 +5,8 @@ full buffer drops the event, counts it and logs). A single background task encod
 buffered events and sends them as pipelined ``XADD``s, every ``flush_interval`` or
 as soon as a batch fills. When Redis refuses, the batch stays at the head of the
 buffer and is retried with backoff, oldest first. ``close()`` flushes what is left.
+Delivery to the stream is at-least-once (a batch whose reply was lost is sent again);
+ingest stores each event id exactly once.
 
 Must not import the request handlers, auth or the upstream client.
 """
@@ -54,6 +56,7 @@ class EventEmitter:
         self._on_dropped = on_dropped
         self._last_drop_log = 0.0
         self._dropped_since_log = 0
+        self._stopping = False
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -91,9 +94,9 @@ class EventEmitter:
         return n
 
     async def run(self) -> None:
-        """The batching loop; runs until cancelled."""
+        """The batching loop; returns after ``stop()``, never in the middle of a send."""
         backoff = self._interval
-        while True:
+        while not self._stopping:
             if len(self._buffer) < self._batch:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self._interval)
@@ -101,7 +104,7 @@ class EventEmitter:
                     pass
             self._wake.clear()
             try:
-                while await self._send() == self._batch:
+                while await self._send() == self._batch and not self._stopping:
                     pass
                 backoff = self._interval
             except (RedisError, OSError) as e:
@@ -109,11 +112,21 @@ class EventEmitter:
                     "cannot send events (%s); %d buffered, retrying",
                     type(e).__name__, len(self._buffer),
                 )
-                await asyncio.sleep(backoff)
+                if not self._stopping:
+                    await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
 
+    def stop(self) -> None:
+        """Ask ``run`` to return once the batch in flight (if any) is sent."""
+        self._stopping = True
+        self._wake.set()
+
     async def close(self, deadline: float) -> None:
-        """Flush what is buffered, giving up after ``deadline`` seconds."""
+        """Flush what is buffered, giving up after ``deadline`` seconds.
+
+        Call after ``run`` has returned: a batch cancelled mid-``XADD`` could already be
+        in Redis, and sending it again would duplicate it.
+        """
         try:
             async with asyncio.timeout(deadline):
                 while self._buffer:
