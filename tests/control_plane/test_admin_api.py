@@ -126,7 +126,7 @@ async def test_usage_lists_ingested_requests_and_totals(
         await rclient.xadd(settings.names.events, {STREAM_FIELD: event.encode()})
 
     body: dict[str, Any] = {}
-    for _ in range(100):  # the app's own ingest task picks the events up
+    for _ in range(600):  # the app's own ingest task picks the events up (a hang guard)
         r = await client.get(f"/admin/accounts/{account_id}/usage?limit=2", headers=AUTH)
         assert r.status == 200
         body = await r.json()
