@@ -1,8 +1,8 @@
 """Every Redis key, channel, stream and group name the system uses, in one place.
 
 Names hang off a prefix (default ``qnp``) so that one Redis can hold several
-deployments, and tests can clean up exactly what they wrote. Names that a later
-admission script will touch together carry the account's hash tag ``{a:<id>}`` so they
+deployments, and tests can clean up exactly what they wrote. Every name the admission
+scripts touch together carries the account's hash tag ``{a:<id>}``, so one script's keys
 land in one Redis Cluster slot.
 """
 
@@ -44,3 +44,40 @@ class RedisNames:
     def account_tag(self, account_id: str) -> str:
         """Hash tag shared by every per-account key an atomic script touches."""
         return f"{self.prefix}:{{a:{account_id}}}"
+
+    def account_state(self, account_id: str) -> str:
+        """Hash: an account's live state for admission, published by the control plane.
+
+        Fields: ``bal`` (live balance, integer micro-dollars), ``status`` (active or
+        suspended), ``rpm``, ``tpm``, ``conc`` (account limits; absent or 0 = none).
+        """
+        return f"{self.account_tag(account_id)}:state"
+
+    def admission_keys(self, account_id: str, key_id: str) -> list[str]:
+        """The keys one admission or settlement script touches, in the scripts' order.
+
+        state, request logs (account, key), token logs (account, key), token amounts,
+        token totals, in-flight sets (account, key), credit reservations.
+        """
+        t = self.account_tag(account_id)
+        return [
+            f"{t}:state",
+            f"{t}:req:a", f"{t}:req:k:{key_id}",
+            f"{t}:tok:a", f"{t}:tok:k:{key_id}",
+            f"{t}:tokamt", f"{t}:toktot",
+            f"{t}:conc:a", f"{t}:conc:k:{key_id}",
+            f"{t}:resv",
+        ]
+
+    def account_reservations(self, account_id: str) -> str:
+        """Hash: request id → credit reserved and not yet settled (micro-dollars)."""
+        return f"{self.account_tag(account_id)}:resv"
+
+    @property
+    def published(self) -> str:
+        """String: set once the control plane has published every key and account.
+
+        Its absence tells the control plane that Redis lost its data and must be refilled.
+        """
+        return f"{self.prefix}:published"
+
