@@ -56,17 +56,18 @@ class RedisNames:
     def admission_keys(self, account_id: str, key_id: str) -> list[str]:
         """The keys one admission or settlement script touches, in the scripts' order.
 
-        state, request logs (account, key), token logs (account, key), token amounts,
-        token totals, in-flight sets (account, key), credit reservations.
+        state, request logs (account, key), token logs (account, key), token totals,
+        in-flight sets (account, key), credit reservations, recently settled requests.
         """
         t = self.account_tag(account_id)
         return [
             f"{t}:state",
             f"{t}:req:a", f"{t}:req:k:{key_id}",
             f"{t}:tok:a", f"{t}:tok:k:{key_id}",
-            f"{t}:tokamt", f"{t}:toktot",
+            f"{t}:toktot",
             f"{t}:conc:a", f"{t}:conc:k:{key_id}",
             f"{t}:resv",
+            f"{t}:settled",
         ]
 
     def account_reservations(self, account_id: str) -> str:
