@@ -16,9 +16,9 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from proxy import errors
+from proxy.admission import Admission, AdmissionConfig
 from proxy.auth import Authenticator
 from proxy.emitter import EventEmitter
 from proxy.handlers import ChatHandler
@@ -33,6 +33,7 @@ METRICS = web.AppKey("metrics", Metrics)
 REDIS = web.AppKey("redis", aioredis.Redis)
 EMITTER = web.AppKey("emitter", EventEmitter)
 AUTH = web.AppKey("auth", Authenticator)
+ADMISSION = web.AppKey("admission", Admission)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 WATCHING = web.AppKey("watching", asyncio.Event)
 _HANDLER = web.AppKey("handler", ChatHandler)
@@ -98,6 +99,26 @@ async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics = app[SETTINGS], app[METRICS]
+    admission = Admission(
+        app[REDIS], settings.redis_names,
+        AdmissionConfig(
+            window_ms=settings.rate_window_ms,
+            policy=settings.degraded_policy,
+            fleet_processes=settings.fleet_processes,
+        ),
+        on_degraded=lambda degraded: metrics.admission_degraded.set(int(degraded)),
+    )
+    app[ADMISSION] = admission
+    probe = asyncio.create_task(admission.probe(), name="admission-probe")
+    yield
+    probe.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
+    await admission.close(deadline=5.0)
+
+
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     session = aiohttp.ClientSession(
@@ -117,7 +138,7 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_redis_ctx, _emitter_ctx, _auth_ctx, _upstream_ctx])
+    app.cleanup_ctx.extend([_redis_ctx, _emitter_ctx, _auth_ctx, _admission_ctx, _upstream_ctx])
     models_body = orjson.dumps(
         {
             "object": "list",
@@ -138,9 +159,9 @@ def build_app(settings: Settings) -> web.Application:
         return web.Response(body=_OK, content_type=errors.JSON)
 
     async def readyz(request: web.Request) -> web.Response:
-        try:
-            await request.app[REDIS].ping()
-        except (RedisError, OSError):
+        # Exercise the admission script itself, not just PING: a Redis that answers
+        # but cannot run it (no scripting, wrong server) is not ready for traffic.
+        if not await request.app[ADMISSION].ready():
             return web.Response(status=503, body=_NOT_READY, content_type=errors.JSON)
         return web.Response(body=_OK, content_type=errors.JSON)
 
@@ -157,8 +178,8 @@ def build_app(settings: Settings) -> web.Application:
         return errors.error_response(errors.RouteNotFound(), {})
 
     async def handler_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[_HANDLER] = ChatHandler(settings, app[AUTH], app[UPSTREAM], app[EMITTER],
-                                    app[METRICS])
+        app[_HANDLER] = ChatHandler(settings, app[AUTH], app[ADMISSION], app[UPSTREAM],
+                                    app[EMITTER], app[METRICS])
         yield
 
     app.cleanup_ctx.append(handler_ctx)

@@ -26,6 +26,7 @@ class ProxyError(Exception):
         if message is not None:
             self.message = message
         self.param = param
+        self.headers: dict[str, str] = {}  # extra response headers (Retry-After, limits)
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -138,6 +139,45 @@ class RouteNotFound(ProxyError):
     message = "Unknown request URL."
 
 
+class AccountSuspended(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "account_suspended"
+    outcome = "unauthorized"
+    message = "This account is suspended; contact support."
+
+
+class AdmissionUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "admission_unavailable"
+    outcome = "rate_limited"
+    message = "The gateway cannot check limits right now; retry shortly."
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    outcome = "rate_limited"
+
+    def __init__(self, which: str, retry_after_ms: int, headers: dict[str, str]) -> None:
+        seconds = max(1, -(-retry_after_ms // 1000))
+        super().__init__(f"Rate limit reached for {which}; retry after {seconds}s.")
+        self.headers = {**headers, "Retry-After": str(seconds)}
+
+
+class InsufficientCredit(ProxyError):
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_credit"
+    outcome = "insufficient_credit"
+    message = (
+        "Your credit balance does not cover this request's maximum cost. Add credit, "
+        "or lower max_tokens."
+    )
+
+
 class UpstreamRefused(ProxyError):
     """The upstream refused the request for the client's own reasons (4xx, 429).
 
@@ -160,12 +200,14 @@ _STATIC: dict[type[ProxyError], bytes] = {
     cls: cls().body()
     for cls in (InvalidJSON, BodyTooLarge, Unauthorized, KeyRevoked, UpstreamUnavailable,
                 UpstreamFailed, UpstreamTimeout, AuthUnavailable, Internal,
-                MethodNotAllowed, RouteNotFound)
+                MethodNotAllowed, RouteNotFound, AccountSuspended, InsufficientCredit)
 }
 
 
 def error_response(err: ProxyError, headers: dict[str, str]) -> web.Response:
     """The OpenAI-style error JSON for ``err``, with ``headers`` (request id and the like)."""
+    if err.headers:
+        headers.update(err.headers)
     if isinstance(err, UpstreamRefused):
         if err.retry_after is not None:
             headers["Retry-After"] = err.retry_after

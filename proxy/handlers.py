@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import errors
+from proxy.admission import Admission, Ticket
 from proxy.auth import Authenticator, bearer_token
 from proxy.catalog import Catalog, Model
 from proxy.emitter import EventEmitter
@@ -69,6 +70,7 @@ class _Facts:
     body_bytes: int = 0
     usage: Usage | None = None
     scanner: StreamScanner | None = None
+    ticket: Ticket | None = None
 
     def fail(self, err: errors.ProxyError) -> None:
         self.status = err.status
@@ -81,6 +83,7 @@ class ChatHandler:
         self,
         settings: Settings,
         auth: Authenticator,
+        admission: Admission,
         upstream: UpstreamClient,
         emitter: EventEmitter,
         metrics: Metrics,
@@ -90,6 +93,8 @@ class ChatHandler:
         self._node = settings.node_id
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._auth = auth
+        self._admission = admission
+        self._default_max_tokens = settings.default_max_tokens
         self._upstream = upstream
         self._emitter = emitter
         self._metrics = metrics
@@ -110,7 +115,14 @@ class ChatHandler:
             if model is None:
                 raise errors.ModelNotFound(chat.model)
             facts.model = model
-            # Admission (limits, credit) joins here: see the admission issue.
+            # Reserve the most this request can use: estimated prompt + max tokens.
+            prompt = max(1, len(body) // _BYTES_PER_TOKEN)
+            completion = chat.max_tokens or self._default_max_tokens
+            facts.ticket = await self._admission.admit(
+                key, facts.id, prompt + completion,
+                model.price.cost_micros(prompt, completion),
+            )
+            headers.update(facts.ticket.headers)
             resp, deadline = await self._upstream.open(
                 model, upstream_body(chat, model.upstream_model)
             )
@@ -119,7 +131,8 @@ class ChatHandler:
                 if chat.stream:
                     scanner = StreamScanner(forward_usage=chat.client_wants_usage)
                     facts.scanner = scanner
-                    return await self._relay_stream(request, resp, first, scanner, facts)
+                    return await self._relay_stream(request, resp, first, scanner, facts,
+                                                    headers)
                 facts.first_byte_at_us = _now_us()
                 body = first + await resp.content.read()
                 facts.usage = usage_from_response(body)
@@ -164,8 +177,9 @@ class ChatHandler:
         first: bytes,
         scanner: StreamScanner,
         facts: _Facts,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
-        out = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": facts.id})
+        out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
         await out.prepare(request)
         facts.status = 200
         facts.first_byte_at_us = _now_us()
@@ -235,6 +249,10 @@ class ChatHandler:
             usage, source = Usage(), "none"
         cost = model.price.cost_micros(usage.prompt_tokens, usage.completion_tokens) \
             if model is not None else 0
+        if facts.ticket is not None:
+            self._admission.settle(
+                facts.ticket, usage.prompt_tokens + usage.completion_tokens, cost
+            )
         self._emitter.emit(
             Event(
                 id=facts.id,

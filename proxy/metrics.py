@@ -41,6 +41,11 @@ class Metrics:
             "qnp_events_buffered", "Metadata events waiting to be sent.",
             registry=self.registry,
         )
+        self.admission_degraded = Gauge(
+            "qnp_admission_degraded",
+            "1 while Redis is unreachable and admission runs on the fallback policy.",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

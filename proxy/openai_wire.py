@@ -38,6 +38,7 @@ class ChatRequest:
     stream: bool
     client_wants_usage: bool
     payload: dict[str, Any]
+    max_tokens: int | None = None
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -61,7 +62,12 @@ def parse_request(body: bytes) -> ChatRequest:
     if options is not None and not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object.", param="stream_options")
     wants_usage = bool(options and options.get("include_usage") is True)
-    return ChatRequest(model, stream, wants_usage, payload)
+    max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        raise BadRequest("'max_tokens' must be a positive integer.", param="max_tokens")
+    return ChatRequest(model, stream, wants_usage, payload, max_tokens)
 
 
 def upstream_body(req: ChatRequest, upstream_model: str) -> bytes:

@@ -59,6 +59,10 @@ class Settings:
     event_flush_interval: float = 0.02
     trusted_proxies: tuple[Network, ...] = ()
     log_level: str = "INFO"
+    rate_window_ms: int = 60_000
+    default_max_tokens: int = 4096
+    degraded_policy: str = "local"
+    fleet_processes: int = 1
 
 
 def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -151,4 +155,15 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         event_flush_interval=_num(env, "QNP_EVENT_FLUSH_MS", 20.0, minimum=1.0) / 1000,
         trusted_proxies=_networks(env),
         log_level=level,
+        rate_window_ms=_int(env, "QNP_RATE_WINDOW_MS", 60_000, minimum=100),
+        default_max_tokens=_int(env, "QNP_DEFAULT_MAX_TOKENS", 4096, minimum=1),
+        degraded_policy=_choice(env, "QNP_DEGRADED_POLICY", ("local", "allow", "deny")),
+        fleet_processes=_int(env, "QNP_FLEET_PROCESSES", 1, minimum=1),
     )
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or choices[0]
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value

@@ -98,16 +98,21 @@ def proxy_env(redis_url: str, names: RedisNames, catalog: Path, **extra: str) ->
 
 async def publish_key(
     redis: aioredis.Redis, names: RedisNames, account_id: str = "acct-test",
-    status: str = "active",
+    status: str = "active", limits: dict[str, int] | None = None,
+    balance_micros: int = 10**12,
 ) -> tuple[str, KeyRecord]:
     """Issue a key the way the control plane does: bcrypt hash in Redis, secret returned."""
     key, parts = apikeys.generate()
     record = KeyRecord(
         key_id=parts.key_id, account_id=account_id, status=status,
         secret_hash=bcrypt.hashpw(parts.secret.encode(), bcrypt.gensalt(4)).decode(),
-        limits={},
+        limits=limits or {},
     )
     await redis.set(names.key_record(parts.key_id), record.encode())
+    if not await redis.exists(names.account_state(account_id)):
+        # The account's live state, as the control plane publishes it: ample credit.
+        await redis.hset(names.account_state(account_id),
+                         mapping={"bal": balance_micros, "status": "active"})
     return key, record
 
 

@@ -1,0 +1,251 @@
+"""Admission: one atomic Redis step per request for limits and credit, then settlement.
+
+``admit`` runs ``admit.lua`` once: requests, tokens and concurrency per key and per
+account over a sliding window, and a credit reservation (estimated prompt + max
+tokens, priced by the catalog). ``settle`` runs ``settle.lua`` after the response with
+what was really used, off the request's path. Both scripts are idempotent and their
+keys share the account's hash tag, so they run unchanged on Redis Cluster; redis-py's
+``Script`` reloads them after a restart or failover flushed the script cache.
+
+When Redis is unreachable (or has lost the account's state), admission degrades by
+policy (``QNP_DEGRADED_POLICY``): ``local`` (default) admits against this process's
+share of each limit (``local_limits.py``), ``allow`` admits everything, ``deny``
+refuses with 503. Settlements that cannot reach Redis wait in memory and are applied
+once it is back, so the live balance still ends equal to the ledger. A probe notices
+Redis returning within ``probe_interval``.
+
+Must not import the handlers, auth or the emitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy import errors
+from proxy.local_limits import LocalLimiter
+from shared.apikeys import KeyRecord
+from shared.redis_names import RedisNames
+
+log = logging.getLogger("qnp.proxy.admission")
+
+_REDIS_DOWN = (RedisError, OSError, TimeoutError)
+_MAX_PENDING_SETTLEMENTS = 100_000
+
+
+def _script(name: str) -> str:
+    return resources.files("proxy").joinpath(name).read_text("utf-8")
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's x-ratelimit-reset-* style: 20ms, 1s, 6m0s."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    s = -(-ms // 1000)
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request: what was reserved, where, and the headers to return."""
+
+    request_id: str
+    account_id: str
+    key_id: str
+    tokens: int
+    cost: int
+    mode: str  # "redis" | "local" | "open"
+    headers: dict[str, str] = field(default_factory=dict)
+    local_scopes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    window_ms: int = 60_000
+    in_flight_lifetime_ms: int = 15 * 60_000
+    settled_memory_ms: int = 60 * 60_000
+    policy: str = "local"  # local | allow | deny
+    fleet_processes: int = 1
+    probe_interval: float = 0.2
+
+
+class Admission:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        names: RedisNames,
+        config: AdmissionConfig,
+        *,
+        on_degraded: Callable[[bool], None] = lambda _d: None,
+    ) -> None:
+        self._redis = redis
+        self._names = names
+        self._cfg = config
+        self._admit = redis.register_script(_script("admit.lua"))
+        self._settle = redis.register_script(_script("settle.lua"))
+        self._local = LocalLimiter(
+            window_s=config.window_ms / 1000, share=1 / max(1, config.fleet_processes)
+        )
+        self._degraded = False
+        self._on_degraded = on_degraded
+        self._recovered = asyncio.Event()
+        self._pending: deque[tuple[Ticket, int, int]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    async def admit(self, key: KeyRecord, request_id: str, tokens: int, cost: int) -> Ticket:
+        """Reserve for one request, or raise RateLimited / InsufficientCredit / ...."""
+        ticket = Ticket(request_id, key.account_id, key.key_id, tokens, cost, "redis")
+        if not self._degraded:
+            try:
+                reply = await self._admit(
+                    keys=self._names.admission_keys(key.account_id, key.key_id),
+                    args=[
+                        int(time.time() * 1000), request_id, key.key_id, self._cfg.window_ms,
+                        key.limits.get("rpm", 0), key.limits.get("tpm", 0),
+                        key.limits.get("conc", 0), tokens, cost,
+                        self._cfg.in_flight_lifetime_ms,
+                    ],
+                )
+            except _REDIS_DOWN as e:
+                self._degrade(f"admission failed ({type(e).__name__})")
+            else:
+                if reply[0] != 4:
+                    return _decide(ticket, reply)
+                log.warning("no published state for account %s; admitting locally",
+                            key.account_id)
+        return self._admit_degraded(ticket, key)
+
+    def _admit_degraded(self, ticket: Ticket, key: KeyRecord) -> Ticket:
+        if self._cfg.policy == "deny":
+            raise errors.AdmissionUnavailable()
+        if self._cfg.policy == "allow":
+            ticket.mode = "open"
+            return ticket
+        ticket.mode = "local"
+        account = f"a:{key.account_id}"
+        keyscope = f"k:{key.key_id}"
+        refusal = self._local.admit(
+            time.monotonic(),
+            [(account, 0, 0, 0),  # account limits live in Redis; the key's we carry
+             (keyscope, key.limits.get("rpm", 0), key.limits.get("tpm", 0),
+              key.limits.get("conc", 0))],
+            ticket.tokens,
+        )
+        if refusal is not None:
+            raise errors.RateLimited(refusal.which, refusal.retry_after_ms, {})
+        ticket.local_scopes = [account, keyscope]
+        return ticket
+
+    def settle(self, ticket: Ticket, used_tokens: int, cost: int) -> None:
+        """Replace the reservation with what was used; runs off the request's path."""
+        if ticket.local_scopes:
+            self._local.release(ticket.local_scopes)
+        task = asyncio.get_running_loop().create_task(self._settle_now(ticket, used_tokens, cost))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle_now(self, ticket: Ticket, used_tokens: int, cost: int) -> None:
+        if self._degraded:
+            self._keep(ticket, used_tokens, cost)
+            return
+        try:
+            await self._settle(
+                keys=self._names.admission_keys(ticket.account_id, ticket.key_id),
+                args=[int(time.time() * 1000), ticket.request_id, ticket.key_id,
+                      ticket.tokens, used_tokens, cost, self._cfg.settled_memory_ms],
+            )
+        except _REDIS_DOWN as e:
+            self._degrade(f"settlement failed ({type(e).__name__})")
+            self._keep(ticket, used_tokens, cost)
+
+    def _keep(self, ticket: Ticket, used_tokens: int, cost: int) -> None:
+        if len(self._pending) >= _MAX_PENDING_SETTLEMENTS:
+            log.error("settlement queue full: dropping the oldest (its charge is lost)")
+            self._pending.popleft()
+        self._pending.append((ticket, used_tokens, cost))
+
+    def _degrade(self, why: str) -> None:
+        if not self._degraded:
+            log.error("Redis unreachable: %s; admission degraded to policy %r",
+                      why, self._cfg.policy)
+            self._degraded = True
+            self._on_degraded(True)
+
+    async def probe(self) -> None:
+        """Watch Redis while degraded; resume normal admission once it answers."""
+        while True:
+            await asyncio.sleep(self._cfg.probe_interval)
+            if not self._degraded and not self._pending:
+                continue
+            try:
+                await self._redis.ping()
+            except _REDIS_DOWN:
+                continue
+            if self._degraded:
+                self._degraded = False
+                self._on_degraded(False)
+                log.warning("Redis is back: normal admission resumed")
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._pending and not self._degraded:
+            ticket, used, cost = self._pending.popleft()
+            await self._settle_now(ticket, used, cost)
+
+    async def ready(self) -> bool:
+        """True if the admission script runs (the readiness check exercises it)."""
+        try:
+            reply = await self._admit(
+                keys=self._names.admission_keys("readyz", "readyz"),
+                args=[int(time.time() * 1000), "readyz", "readyz", 1, 0, 0, 0, 0, 0, 1],
+            )
+        except _REDIS_DOWN:
+            return False
+        return bool(reply[0] == 4)
+
+    async def close(self, deadline: float) -> None:
+        """Finish settlements in flight and try the queued ones once more."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline):
+                if self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                self._degraded = False
+                await self._drain()
+        if self._pending:
+            log.error("shutting down with %d unsettled requests", len(self._pending))
+
+
+def _decide(ticket: Ticket, reply: list[object]) -> Ticket:
+    code = reply[0]
+    if code == 0:
+        r_lim, r_left, r_reset, t_lim, t_left, t_reset = (int(str(v)) for v in reply[1:7])
+        h = ticket.headers
+        if r_lim > 0:
+            h["x-ratelimit-limit-requests"] = str(r_lim)
+            h["x-ratelimit-remaining-requests"] = str(max(r_left, 0))
+            h["x-ratelimit-reset-requests"] = _duration(r_reset)
+        if t_lim > 0:
+            h["x-ratelimit-limit-tokens"] = str(t_lim)
+            h["x-ratelimit-remaining-tokens"] = str(max(t_left, 0))
+            h["x-ratelimit-reset-tokens"] = _duration(t_reset)
+        return ticket
+    if code == 1:
+        which = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        wait = int(str(reply[2]))
+        raise errors.RateLimited(which, wait, {f"x-ratelimit-reset-{which}": _duration(wait)})
+    if code == 2:
+        raise errors.InsufficientCredit()
+    raise errors.AccountSuspended()

@@ -1,0 +1,142 @@
+-- Admission: check and reserve in one atomic step, for one request of one key.
+--
+-- KEYS (all under the account's hash tag, see shared/redis_names.admission_keys):
+--   1 state   2 req:a  3 req:k  4 tok:a  5 tok:k  6 toktot  7 conc:a  8 conc:k
+--   9 resv   10 settled
+-- ARGV: 1 now_ms  2 request id  3 key id  4 window_ms  5 key rpm  6 key tpm
+--       7 key conc  8 tokens to reserve  9 cost to reserve (micro-dollars)
+--       10 in-flight lifetime ms (a crashed proxy's slots free themselves after it)
+--
+-- Request and token limits are sliding logs over the last window: a request is
+-- admitted only if the window ending now holds fewer than `rpm` requests and at most
+-- `tpm` tokens with it. Token log members are "<id>:<tokens>" so an expired entry
+-- says what to subtract from the running total.
+--
+-- Returns {0, rpm_limit, rpm_left, rpm_reset_ms, tpm_limit, tpm_left, tpm_reset_ms}
+--      or {1, which, retry_ms}   rate limited (which: "requests"|"tokens"|"concurrency")
+--      or {2, balance}           insufficient credit
+--      or {3}                    account suspended
+--      or {4}                    no account state published (caller degrades)
+local now, id, kid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local window = tonumber(ARGV[4])
+local cutoff = now - window
+local tokens, cost = tonumber(ARGV[8]), tonumber(ARGV[9])
+
+local st = redis.call('HMGET', KEYS[1], 'bal', 'status', 'rpm', 'tpm', 'conc')
+if not st[1] then return {4} end
+if st[2] == 'suspended' then return {3} end
+
+-- A retried call for a request already admitted changes nothing.
+if redis.call('ZSCORE', KEYS[2], id) or redis.call('ZSCORE', KEYS[10], id) then
+  return {0, 0, -1, 0, 0, -1, 0}
+end
+
+local function lim(v) v = tonumber(v) or 0; if v > 0 then return v end; return nil end
+local a_rpm, a_tpm, a_conc = lim(st[3]), lim(st[4]), lim(st[5])
+local k_rpm, k_tpm, k_conc = lim(ARGV[5]), lim(ARGV[6]), lim(ARGV[7])
+
+local function expire_tokens(log, field)
+  local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
+  if #old == 0 then return end
+  local sum = 0
+  for _, m in ipairs(old) do sum = sum + tonumber(string.match(m, ':(%d+)$')) end
+  redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
+  redis.call('HINCRBY', KEYS[6], field, -sum)
+end
+
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', cutoff)
+expire_tokens(KEYS[4], 'a')
+expire_tokens(KEYS[5], 'k:' .. kid)
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now)
+
+-- Concurrency.
+for _, c in ipairs({{KEYS[7], a_conc}, {KEYS[8], k_conc}}) do
+  if c[2] and redis.call('ZCARD', c[1]) >= c[2] then
+    return {1, 'concurrency', 1000}
+  end
+end
+
+-- Requests per window: full when the log holds `limit` entries; the oldest one's
+-- expiry is when a place frees up.
+local function req_check(log, limit)
+  if not limit then return nil end
+  local n = redis.call('ZCARD', log)
+  if n < limit then return nil end
+  local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+  return tonumber(oldest[2]) + window - now
+end
+for _, c in ipairs({{KEYS[2], a_rpm}, {KEYS[3], k_rpm}}) do
+  local wait = req_check(c[1], c[2])
+  if wait then return {1, 'requests', wait} end
+end
+
+-- Tokens per window: the wait is until enough of the oldest entries expire.
+local function tok_check(log, field, limit)
+  if not limit then return nil end
+  local used = tonumber(redis.call('HGET', KEYS[6], field) or '0')
+  if used + tokens <= limit then return nil end
+  if tokens > limit then return window end
+  local need = used + tokens - limit
+  local entries = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    need = need - tonumber(string.match(entries[i], ':(%d+)$'))
+    if need <= 0 then return tonumber(entries[i + 1]) + window - now end
+  end
+  return window
+end
+local tok_fields = {{KEYS[4], 'a', a_tpm}, {KEYS[5], 'k:' .. kid, k_tpm}}
+for _, c in ipairs(tok_fields) do
+  local wait = tok_check(c[1], c[2], c[3])
+  if wait then return {1, 'tokens', wait} end
+end
+
+-- Credit: the reservation must be covered by the live balance.
+local bal = tonumber(st[1])
+if cost > 0 and bal < cost then return {2, bal} end
+
+-- Admitted: record everything.
+local member = id .. ':' .. tokens
+redis.call('ZADD', KEYS[2], now, id)
+redis.call('ZADD', KEYS[3], now, id)
+redis.call('ZADD', KEYS[4], now, member)
+redis.call('ZADD', KEYS[5], now, member)
+redis.call('HINCRBY', KEYS[6], 'a', tokens)
+redis.call('HINCRBY', KEYS[6], 'k:' .. kid, tokens)
+local lifetime = tonumber(ARGV[10])
+redis.call('ZADD', KEYS[7], now + lifetime, id)
+redis.call('ZADD', KEYS[8], now + lifetime, id)
+redis.call('PEXPIRE', KEYS[7], lifetime)
+redis.call('PEXPIRE', KEYS[8], lifetime)
+if cost > 0 then
+  redis.call('HINCRBY', KEYS[1], 'bal', -cost)
+  redis.call('HSET', KEYS[9], id, cost)
+end
+for _, k in ipairs({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}) do
+  redis.call('PEXPIRE', k, window * 2)
+end
+
+-- What is left, for the x-ratelimit-* headers: the tighter of key and account.
+local function tighter(a, k, log_a, log_k, used_a, used_k)
+  local best_lim, best_left, best_log = -1, -1, nil
+  for _, c in ipairs({{a, log_a, used_a}, {k, log_k, used_k}}) do
+    if c[1] then
+      local left = c[1] - c[3]
+      if best_left < 0 or left < best_left then best_lim, best_left, best_log = c[1], left, c[2] end
+    end
+  end
+  local reset = 0
+  if best_log then
+    local oldest = redis.call('ZRANGE', best_log, 0, 0, 'WITHSCORES')
+    if oldest[2] then reset = tonumber(oldest[2]) + window - now end
+  end
+  return best_lim, best_left, reset
+end
+local ra = redis.call('ZCARD', KEYS[2])
+local rk = redis.call('ZCARD', KEYS[3])
+local r_lim, r_left, r_reset = tighter(a_rpm, k_rpm, KEYS[2], KEYS[3], ra, rk)
+local ta = tonumber(redis.call('HGET', KEYS[6], 'a') or '0')
+local tk = tonumber(redis.call('HGET', KEYS[6], 'k:' .. kid) or '0')
+local t_lim, t_left, t_reset = tighter(a_tpm, k_tpm, KEYS[4], KEYS[5], ta, tk)
+return {0, r_lim, r_left, r_reset, t_lim, t_left, t_reset}
