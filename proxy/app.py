@@ -24,6 +24,7 @@ from proxy.emitter import EventEmitter
 from proxy.handlers import ChatHandler
 from proxy.metrics import Metrics
 from proxy.settings import Settings
+from proxy.spool import Spool
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("qnp.proxy")
@@ -58,29 +59,47 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _emitter_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, metrics = app[SETTINGS], app[METRICS]
+    spool = _open_spool(settings)
     emitter = EventEmitter(
         app[REDIS],
         settings.redis_names.events,
         max_buffer=settings.event_queue_max,
         batch_size=settings.event_batch,
         flush_interval=settings.event_flush_interval,
+        spool=spool,
+        stream_max_len=settings.event_stream_max_len,
         on_sent=metrics.events_emitted.inc,
         on_dropped=metrics.events_dropped.inc,
+        on_spooled=metrics.events_spooled.inc,
+        on_replayed=metrics.events_replayed.inc,
     )
     metrics.events_buffered.set_function(lambda: len(emitter))
+    metrics.events_in_spool.set_function(lambda: emitter.spooled)
     app[EMITTER] = emitter
-    task = asyncio.create_task(emitter.run(), name="event-emitter")
+    tasks = {asyncio.create_task(emitter.run(), name="event-emitter"),
+             asyncio.create_task(emitter.replay(), name="event-replay")}
     yield
     # Runs after the server has stopped taking requests and open ones have finished.
-    # Let the loop finish the batch in flight rather than cancel it mid-XADD (which
-    # would send those events twice), then flush the rest.
+    # Let the loops finish the batch in flight rather than cancel it mid-XADD (which
+    # would send those events twice), then flush (or spool) the rest.
     emitter.stop()
-    done, _ = await asyncio.wait({task}, timeout=5.0)
-    if not done:
+    _, pending = await asyncio.wait(tasks, timeout=5.0)
+    for task in pending:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await emitter.close(deadline=5.0)
+
+
+def _open_spool(settings: Settings) -> Spool | None:
+    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
+    try:
+        spool.open()
+    except OSError as e:
+        log.error("no event spool at %s (%s): events wait in memory while Redis is down",
+                  settings.spool_dir, e)
+        return None
+    return spool
 
 
 async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -37,6 +37,18 @@ class Metrics:
             "qnp_events_dropped", "Metadata events lost: buffer full or unsent at shutdown.",
             registry=self.registry,
         )
+        self.events_spooled = Counter(
+            "qnp_events_spooled", "Metadata events written to the local spool (Redis down).",
+            registry=self.registry,
+        )
+        self.events_replayed = Counter(
+            "qnp_events_replayed", "Spooled metadata events sent to Redis after recovery.",
+            registry=self.registry,
+        )
+        self.events_in_spool = Gauge(
+            "qnp_events_in_spool", "Metadata events waiting in the local spool.",
+            registry=self.registry,
+        )
         self.events_buffered = Gauge(
             "qnp_events_buffered", "Metadata events waiting to be sent.",
             registry=self.registry,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,9 @@ class Settings:
     event_flush_interval: float = 0.02
     trusted_proxies: tuple[Network, ...] = ()
     log_level: str = "INFO"
+    spool_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir(), "qnp-spool"))
+    spool_max_bytes: int = 256 * 1024 * 1024
+    event_stream_max_len: int = 2_000_000
     rate_window_ms: int = 60_000
     default_max_tokens: int = 4096
     degraded_policy: str = "local"
@@ -98,6 +103,18 @@ def _networks(env: Mapping[str, str]) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(r.strip()) for r in ranges)
     except ValueError as e:
         raise SettingsError(f"QNP_TRUSTED_PROXIES: {e}") from None
+
+
+def _spool_dir(env: Mapping[str, str]) -> Path:
+    """QNP_SPOOL_DIR, else a folder per deployment and node in the system temp dir
+    (a spool replays into the stream of the prefix it was written for)."""
+    raw = env.get("QNP_SPOOL_DIR")
+    if raw:
+        return Path(raw)
+    prefix = env.get("QNP_REDIS_PREFIX") or DEFAULT_PREFIX
+    node = env.get("QNP_NODE_ID") or socket.gethostname()
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"qnp-spool-{prefix}-{node}")
+    return Path(tempfile.gettempdir(), name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +172,9 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         event_flush_interval=_num(env, "QNP_EVENT_FLUSH_MS", 20.0, minimum=1.0) / 1000,
         trusted_proxies=_networks(env),
         log_level=level,
+        spool_dir=_spool_dir(env),
+        spool_max_bytes=_int(env, "QNP_SPOOL_MAX_MB", 256, minimum=1) * 1024 * 1024,
+        event_stream_max_len=_int(env, "QNP_EVENT_STREAM_MAXLEN", 2_000_000),
         rate_window_ms=_int(env, "QNP_RATE_WINDOW_MS", 60_000, minimum=100),
         default_max_tokens=_int(env, "QNP_DEFAULT_MAX_TOKENS", 4096, minimum=1),
         degraded_policy=_choice(env, "QNP_DEGRADED_POLICY", ("local", "allow", "deny")),
