@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy import errors
@@ -81,7 +82,7 @@ class AdmissionConfig:
 class Admission:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | RedisCluster,
         names: RedisNames,
         config: AdmissionConfig,
         *,
@@ -113,7 +114,7 @@ class Admission:
                 reply = await self._admit(
                     keys=self._names.admission_keys(key.account_id, key.key_id),
                     args=[
-                        int(time.time() * 1000), request_id, key.key_id, self._cfg.window_ms,
+                        0, request_id, key.key_id, self._cfg.window_ms,
                         key.limits.get("rpm", 0), key.limits.get("tpm", 0),
                         key.limits.get("conc", 0), tokens, cost,
                         self._cfg.in_flight_lifetime_ms,
@@ -164,7 +165,7 @@ class Admission:
         try:
             await self._settle(
                 keys=self._names.admission_keys(ticket.account_id, ticket.key_id),
-                args=[int(time.time() * 1000), ticket.request_id, ticket.key_id,
+                args=[0, ticket.request_id, ticket.key_id,
                       ticket.tokens, used_tokens, cost, self._cfg.settled_memory_ms],
             )
         except _REDIS_DOWN as e:
@@ -210,7 +211,7 @@ class Admission:
         try:
             reply = await self._admit(
                 keys=self._names.admission_keys("readyz", "readyz"),
-                args=[int(time.time() * 1000), "readyz", "readyz", 1, 0, 0, 0, 0, 0, 1],
+                args=[0, "readyz", "readyz", 1, 0, 0, 0, 0, 0, 1],
             )
         except _REDIS_DOWN:
             return False

@@ -3,9 +3,12 @@
 -- KEYS (all under the account's hash tag, see shared/redis_names.admission_keys):
 --   1 state   2 req:a  3 req:k  4 tok:a  5 tok:k  6 toktot  7 conc:a  8 conc:k
 --   9 resv   10 settled
--- ARGV: 1 now_ms  2 request id  3 key id  4 window_ms  5 key rpm  6 key tpm
+-- ARGV: 1 (unused)  2 request id  3 key id  4 window_ms  5 key rpm  6 key tpm
 --       7 key conc  8 tokens to reserve  9 cost to reserve (micro-dollars)
 --       10 in-flight lifetime ms (a crashed proxy's slots free themselves after it)
+--
+-- Time is Redis's own clock, so every proxy in the fleet shares one, whatever the
+-- skew between their hosts.
 --
 -- Request and token limits are sliding logs over the last window: a request is
 -- admitted only if the window ending now holds fewer than `rpm` requests and at most
@@ -17,7 +20,9 @@
 --      or {2, balance}           insufficient credit
 --      or {3}                    account suspended
 --      or {4}                    no account state published (caller degrades)
-local now, id, kid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id, kid = ARGV[2], ARGV[3]
 local window = tonumber(ARGV[4])
 local cutoff = now - window
 local tokens, cost = tonumber(ARGV[8]), tonumber(ARGV[9])

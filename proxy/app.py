@@ -43,15 +43,23 @@ _OK = b'{"status":"ok"}'
 _NOT_READY = b'{"status":"unavailable","reason":"redis"}'
 
 
-async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
+def connect_redis(url: str, max_connections: int = 64) -> aioredis.Redis:
+    """The proxy's Redis client: a bounded pool that makes callers wait for a free
+    connection (a full pool is load, not an outage) and short timeouts (a dead Redis
+    must fail fast so admission can degrade instead of stalling requests)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=2.0,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
         health_check_interval=15,
-        max_connections=64,
     )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    client = connect_redis(app[SETTINGS].redis_url)
     app[REDIS] = client
     yield
     await client.aclose()

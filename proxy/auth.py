@@ -24,7 +24,7 @@ import bcrypt
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.errors import AuthUnavailable, KeyRevoked, Unauthorized
+from proxy.errors import AccountSuspended, AuthUnavailable, KeyRevoked, Unauthorized
 from shared import apikeys
 from shared.apikeys import KeyRecord, KeyRecordError
 from shared.redis_names import RedisNames
@@ -166,6 +166,8 @@ class Authenticator:
 def _active(record: KeyRecord | None) -> KeyRecord:
     if record is None:
         raise Unauthorized()
+    if record.status == "suspended":
+        raise AccountSuspended()
     if not record.active:
         raise KeyRevoked()
     return record

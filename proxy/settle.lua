@@ -1,7 +1,7 @@
 -- Settlement: after the response, replace a request's reservation with what it used.
 --
 -- KEYS: as for admit.lua.
--- ARGV: 1 now_ms  2 request id  3 key id  4 reserved tokens  5 used tokens
+-- ARGV: 1 (unused)  2 request id  3 key id  4 reserved tokens  5 used tokens
 --       6 used cost (micro-dollars)  7 settled-set lifetime ms
 --
 -- Idempotent: a request settles once (the settled set remembers it), so a retried call
@@ -9,7 +9,9 @@
 -- while Redis was unreachable, or reserved before Redis lost its data) is charged its
 -- cost directly, so the live balance still ends equal to the ledger.
 -- Returns the balance after settlement, or false when no account state exists.
-local now, id, kid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id, kid = ARGV[2], ARGV[3]
 local reserved, used = tonumber(ARGV[4]), tonumber(ARGV[5])
 local cost = tonumber(ARGV[6])
 
