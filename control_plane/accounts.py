@@ -1,6 +1,8 @@
 """Accounts: creating them and looking them up.
 
-Shared by the admin API and the CLI. Raises the control plane's errors
+Shared by the admin API and the CLI. A new account's admission state (zero balance,
+active, no limits) is written to Redis inside the creating transaction, so the proxy
+never sees an account without one. Raises the control plane's errors
 (``InvalidInput``, ``NotFound``). Never imports ``proxy``.
 """
 
@@ -12,8 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from control_plane.errors import InvalidInput, NotFound
+from control_plane.publisher import AccountState, decode_limits, publish_state
+from shared.redis_names import RedisNames
 
 MAX_NAME_LEN = 200
 
@@ -24,6 +29,12 @@ class Account:
     name: str
     status: str
     created_at: datetime
+    limits: dict[str, int]
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Account:
+        return cls(row["id"], row["name"], row["status"], row["created_at"],
+                   decode_limits(row["limits"]))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -31,6 +42,7 @@ class Account:
             "name": self.name,
             "status": self.status,
             "created_at": self.created_at.isoformat(),
+            "limits": self.limits,
         }
 
 
@@ -54,21 +66,30 @@ def parse_account_id(value: str) -> uuid.UUID:
         raise NotFound("account not found") from None
 
 
-async def create_account(pool: asyncpg.Pool, name: object) -> Account:
-    row = await pool.fetchrow(
-        "INSERT INTO accounts (id, name) VALUES ($1, $2) RETURNING id, name, status, created_at",
-        uuid.uuid4(),
-        clean_name(name, "account"),
-    )
-    assert row is not None
-    return Account(**dict(row))
+ACCOUNT_COLUMNS = "id, name, status, created_at, limits::text AS limits"
+
+
+async def create_account(
+    pool: asyncpg.Pool, redis: aioredis.Redis, names: RedisNames, name: object
+) -> Account:
+    """A new active account with a zero balance, published to Redis before it commits."""
+    clean = clean_name(name, "account")
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"INSERT INTO accounts (id, name) VALUES ($1, $2) RETURNING {ACCOUNT_COLUMNS}",  # noqa: S608
+            uuid.uuid4(), clean,
+        )
+        assert row is not None
+        account = Account.from_row(row)
+        await publish_state(redis, names, AccountState(account.id, "active", {}, 0, 0))
+    return account
 
 
 async def get_account(conn: asyncpg.Pool | asyncpg.Connection, account_id: str) -> Account:
     row = await conn.fetchrow(
-        "SELECT id, name, status, created_at FROM accounts WHERE id = $1",
+        f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1",  # noqa: S608
         parse_account_id(account_id),
     )
     if row is None:
         raise NotFound("account not found")
-    return Account(**dict(row))
+    return Account.from_row(row)

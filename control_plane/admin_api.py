@@ -1,9 +1,10 @@
-"""The admin HTTP API (aiohttp): accounts, keys, usage, health and metrics.
+"""The admin HTTP API (aiohttp): accounts, keys, credit, limits, usage, health, metrics.
 
 Every ``/admin/`` route needs ``Authorization: Bearer <QNP_ADMIN_TOKEN>``.
 ``error_response`` is the one place errors become responses: JSON
 ``{"error": {"message", "type"}}``, never a traceback. Resources with a lifetime (pool,
-Redis client, the ingest task) live in ``AppKey``s opened by ``cleanup_ctx``.
+Redis client, the ingest and reconciler tasks) live in ``AppKey``s opened by
+``cleanup_ctx``.
 Never imports ``proxy``.
 """
 
@@ -23,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
-from control_plane import accounts, keys, usage
+from control_plane import accounts, keys, ledger, limits, usage
 from control_plane.connections import open_pool, open_redis
 from control_plane.errors import (
     ControlPlaneError,
@@ -35,6 +36,7 @@ from control_plane.errors import (
 from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
 from control_plane.partitions import create_days, days_around
+from control_plane.reconciler import DEFAULT_INTERVAL_S, Reconciler
 from control_plane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
+RECONCILER = web.AppKey("reconciler", Reconciler)
+RECONCILE_INTERVAL = web.AppKey("reconcile_interval", float)
 
 MAX_BODY_BYTES = 64 * 1024
 # Time allowed past one BLOCKed read for the ingest task to finish its batch on stop.
@@ -109,8 +113,59 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 async def create_account(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    account = await accounts.create_account(request.app[POOL], body.get("name"))
+    app = request.app
+    account = await accounts.create_account(
+        app[POOL], app[REDIS], app[SETTINGS].names, body.get("name")
+    )
     return json_response(account.to_json(), 201)
+
+
+async def credit(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    app = request.app
+    done = await ledger.credit(
+        app[POOL], app[REDIS], app[SETTINGS].names, request.match_info["account_id"],
+        body.get("kind", "topup"), body.get("amount_micros"), body.get("reference"),
+    )
+    return json_response(done.to_json(), 201 if done.created else 200)
+
+
+async def balance(request: web.Request) -> web.Response:
+    app = request.app
+    found = await ledger.get_balance(
+        app[POOL], app[REDIS], app[SETTINGS].names, request.match_info["account_id"]
+    )
+    return json_response(found.to_json())
+
+
+async def account_limits(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    app = request.app
+    account = await limits.set_account_limits(
+        app[POOL], app[REDIS], app[SETTINGS].names, request.match_info["account_id"], body
+    )
+    return json_response(account.to_json())
+
+
+async def key_limits(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    app = request.app
+    info = await limits.set_key_limits(
+        app[POOL], app[REDIS], app[SETTINGS].names, request.match_info["key_id"], body
+    )
+    return json_response(info.to_json())
+
+
+def _set_status(status: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        app = request.app
+        account = await limits.set_account_status(
+            app[POOL], app[REDIS], app[SETTINGS].names, request.match_info["account_id"],
+            status,
+        )
+        return json_response(account.to_json())
+
+    return handler
 
 
 async def issue_key(request: web.Request) -> web.Response:
@@ -177,7 +232,6 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
             if await conn.fetchval("SELECT to_regclass('usage_logs')") is None:
                 raise Unavailable("the schema is missing: run `python -m control_plane migrate`")
             await create_days(conn, days_around(datetime.now(UTC).date()))
-        await keys.republish_all(app[POOL], app[REDIS], settings.names)
         yield
     finally:
         await app[REDIS].aclose()
@@ -196,19 +250,47 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         log.warning("ingest did not stop in time; cancelled mid-batch (entries stay pending)")
 
 
-def make_app(settings: Settings, *, ingest: bool = True) -> web.Application:
-    """The admin app; with ``ingest`` it also runs the ingest consumer for its lifetime."""
+async def _reconcile(app: web.Application) -> AsyncIterator[None]:
+    """Refill Redis at start-up, then keep watching for it to lose its data."""
+    reconciler = app[RECONCILER] = Reconciler(
+        app[POOL], app[REDIS], app[SETTINGS].names, app[METRICS],
+        interval_s=app[RECONCILE_INTERVAL],
+    )
+    await reconciler.refill("start-up")
+    task = asyncio.create_task(reconciler.run(), name="reconciler")
+    yield
+    reconciler.stop()
+    await task
+
+
+def make_app(
+    settings: Settings, *, ingest: bool = True,
+    reconcile_interval_s: float = DEFAULT_INTERVAL_S,
+) -> web.Application:
+    """The admin app; with ``ingest`` it also runs the ingest consumer for its lifetime.
+
+    It always runs the reconciler, which refills Redis on start-up and whenever Redis
+    is found empty.
+    """
     settings.require_admin_token()
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[RECONCILE_INTERVAL] = reconcile_interval_s
     app.cleanup_ctx.append(_stores)
+    app.cleanup_ctx.append(_reconcile)
     if ingest:
         app.cleanup_ctx.append(_ingest)
     app.router.add_post("/admin/accounts", create_account)
     app.router.add_post("/admin/accounts/{account_id}/keys", issue_key)
     app.router.add_get("/admin/accounts/{account_id}/keys", list_keys)
     app.router.add_post("/admin/keys/{key_id}/revoke", revoke_key)
+    app.router.add_put("/admin/keys/{key_id}/limits", key_limits)
+    app.router.add_post("/admin/accounts/{account_id}/credit", credit)
+    app.router.add_get("/admin/accounts/{account_id}/balance", balance)
+    app.router.add_put("/admin/accounts/{account_id}/limits", account_limits)
+    app.router.add_post("/admin/accounts/{account_id}/suspend", _set_status("suspended"))
+    app.router.add_post("/admin/accounts/{account_id}/resume", _set_status("active"))
     app.router.add_get("/admin/accounts/{account_id}/usage", account_usage)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

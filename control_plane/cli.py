@@ -1,4 +1,4 @@
-"""``python -m control_plane <command>``: migrate, serve, and account/key/usage chores.
+"""``python -m control_plane <command>``: migrate, serve, and account/key/credit chores.
 
 Calls the same functions as the admin API. With ``--json`` a command prints exactly one
 JSON document on stdout (errors go to stderr), for scripts such as ``make run``.
@@ -18,11 +18,12 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from control_plane import accounts, keys, logs, service, usage
+from control_plane import accounts, keys, ledger, limits, logs, service, usage
 from control_plane.connections import open_pool, open_redis
-from control_plane.errors import classify
+from control_plane.errors import InvalidInput, classify
 from control_plane.migrate import migrate
 from control_plane.settings import Settings, SettingsError
+from shared.pricing import MICROS_PER_DOLLAR, PriceError, dollars_to_micros
 
 Output = tuple[Any, str]  # (JSON document, human text)
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, Output]]
@@ -55,9 +56,79 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> Output:
 
 
 async def _create_account(settings: Settings, args: argparse.Namespace) -> Output:
-    async with _pool(settings) as pool:
-        account = await accounts.create_account(pool, args.name)
+    async with _pool(settings) as pool, _redis(settings) as redis:
+        account = await accounts.create_account(pool, redis, settings.names, args.name)
     return account.to_json(), f"account {account.id} created ({account.name})"
+
+
+def _usd(micros: int | None) -> str:
+    if micros is None:
+        return "unknown"
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICROS_PER_DOLLAR)
+    return f"{sign}${whole}.{frac:06d}"
+
+
+def _parse_usd(raw: str) -> int:
+    """Dollars to micro-dollars exactly; a leading minus for negative adjustments."""
+    negative = raw.startswith("-")
+    try:
+        micros = dollars_to_micros(raw[1:] if negative else raw)
+    except PriceError:
+        raise InvalidInput(f"amount {raw!r} is not a dollar amount with at most "
+                           "6 decimal places") from None
+    return -micros if negative else micros
+
+
+def _balance_text(b: ledger.Balance) -> str:
+    return (f"ledger {_usd(b.ledger_micros)}  live {_usd(b.live_micros)}  "
+            f"reserved {_usd(b.reserved_micros)}")
+
+
+async def _credit(settings: Settings, args: argparse.Namespace) -> Output:
+    amount = _parse_usd(args.amount_usd)
+    async with _pool(settings) as pool, _redis(settings) as redis:
+        done = await ledger.credit(pool, redis, settings.names, args.account_id,
+                                   args.kind, amount, args.reference)
+    verb = "credited" if done.created else "already credited (same reference)"
+    text = (f"{done.entry.kind} of {_usd(done.entry.amount_micros)} {verb}: "
+            f"ledger entry {done.entry.id}\n{_balance_text(done.balance)}")
+    return done.to_json(), text
+
+
+async def _balance(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool, _redis(settings) as redis:
+        found = await ledger.get_balance(pool, redis, settings.names, args.account_id)
+    return found.to_json(), _balance_text(found)
+
+
+async def _set_limits(settings: Settings, args: argparse.Namespace) -> Output:
+    body = {n: getattr(args, n) for n in ("rpm", "tpm", "conc") if getattr(args, n) is not None}
+    async with _pool(settings) as pool, _redis(settings) as redis:
+        if args.account is not None:
+            account = await limits.set_account_limits(pool, redis, settings.names,
+                                                      args.account, body)
+            doc, what = account.to_json(), f"account {account.id}"
+        else:
+            info = await limits.set_key_limits(pool, redis, settings.names, args.key, body)
+            doc, what = info.to_json(), f"key {info.key_id}"
+    shown = ", ".join(f"{k}={v}" for k, v in doc["limits"].items()) or "unlimited"
+    return doc, f"{what} limits: {shown}"
+
+
+async def _suspend(settings: Settings, args: argparse.Namespace) -> Output:
+    return await _status(settings, args.account_id, "suspended")
+
+
+async def _resume(settings: Settings, args: argparse.Namespace) -> Output:
+    return await _status(settings, args.account_id, "active")
+
+
+async def _status(settings: Settings, account_id: str, status: str) -> Output:
+    async with _pool(settings) as pool, _redis(settings) as redis:
+        account = await limits.set_account_status(pool, redis, settings.names, account_id,
+                                                  status)
+    return account.to_json(), f"account {account.id} is {account.status}"
 
 
 async def _issue_key(settings: Settings, args: argparse.Namespace) -> Output:
@@ -114,6 +185,11 @@ _COMMANDS: dict[str, Command] = {
     "list-keys": _list_keys,
     "revoke-key": _revoke_key,
     "usage": _usage,
+    "credit": _credit,
+    "balance": _balance,
+    "set-limits": _set_limits,
+    "suspend": _suspend,
+    "resume": _resume,
 }
 
 
@@ -137,6 +213,25 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usage", parents=[common], help="an account's recent usage and totals")
     p.add_argument("account_id")
     p.add_argument("--limit", default=None)
+    p = sub.add_parser("credit", parents=[common], help="add credit to an account's balance")
+    p.add_argument("account_id")
+    p.add_argument("amount_usd", help="dollars, e.g. 10 or 0.25 (negative for adjustments)")
+    p.add_argument("--kind", choices=ledger.CREDIT_KINDS, default="topup")
+    p.add_argument("--reference", default=None,
+                   help="idempotency reference: the same one again credits nothing")
+    p = sub.add_parser("balance", parents=[common],
+                       help="an account's ledger, live and reserved balance")
+    p.add_argument("account_id")
+    p = sub.add_parser("set-limits", parents=[common],
+                       help="set an account's or a key's limits (omitted or 0 = unlimited)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--account", metavar="ACCOUNT_ID")
+    target.add_argument("--key", metavar="KEY_ID")
+    for name in ("rpm", "tpm", "conc"):
+        p.add_argument(f"--{name}", type=int, default=None, metavar="N")
+    for name, what in (("suspend", "suspend an account"), ("resume", "resume an account")):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("account_id")
     return parser
 
 

@@ -1,7 +1,8 @@
 """API keys: issuing, listing, revoking, and publishing their records to Redis.
 
 Postgres holds only the bcrypt hash of a key's secret; the full key string is returned
-once by ``issue_key`` and never stored or logged. Every change is written to Redis
+once by ``issue_key`` and never stored or logged. A record carries the key's limits
+and reads "suspended" while its account is. Every change is written to Redis
 (``SET`` the record, ``PUBLISH`` the key id) inside the Postgres transaction, so a Redis
 failure rolls the change back rather than leaving the proxy with a stale record.
 Imports ``shared.apikeys`` and ``accounts``; never ``proxy``.
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 
 from control_plane.accounts import clean_name, get_account
 from control_plane.errors import Conflict, NotFound
+from control_plane.publisher import decode_limits
 from shared.apikeys import KEY_ID_SHAPE, KeyRecord, generate
 from shared.redis_names import RedisNames
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KEY_NAME = "default"
 _REPUBLISH_CHUNK = 500
-_COLUMNS = "key_id, account_id, name, status, created_at, revoked_at"
+_COLUMNS = "key_id, account_id, name, status, created_at, revoked_at, limits::text AS limits"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,13 @@ class KeyInfo:
     status: str
     created_at: datetime
     revoked_at: datetime | None
+    limits: dict[str, int]
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> KeyInfo:
+        values = dict(row)
+        values["limits"] = decode_limits(values["limits"])
+        return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +60,7 @@ class KeyInfo:
             "status": self.status,
             "created_at": self.created_at.isoformat(),
             "revoked_at": None if self.revoked_at is None else self.revoked_at.isoformat(),
+            "limits": self.limits,
         }
 
 
@@ -108,7 +118,7 @@ async def issue_key(
             parsed.key_id, account.id, key_name, secret_hash,
         )
         assert row is not None
-        info = KeyInfo(**dict(row))
+        info = KeyInfo.from_row(row)
         await _publish(
             redis, names,
             KeyRecord(info.key_id, str(account.id), "active", secret_hash, {}),
@@ -125,7 +135,7 @@ async def list_keys(pool: asyncpg.Pool, account_id: str) -> list[KeyInfo]:
             "ORDER BY created_at, key_id",
             account.id,
         )
-    return [KeyInfo(**dict(row)) for row in rows]
+    return [KeyInfo.from_row(row) for row in rows]
 
 
 async def revoke_key(
@@ -137,20 +147,54 @@ async def revoke_key(
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "UPDATE api_keys SET status = 'revoked', revoked_at = coalesce(revoked_at, now()) "  # noqa: S608
-            f"WHERE key_id = $1 RETURNING {_COLUMNS}, secret_hash",
+            f"WHERE key_id = $1 RETURNING {_COLUMNS}",
             key_id,
         )
         if row is None:
             raise NotFound("key not found")
-        values = dict(row)
-        secret_hash = values.pop("secret_hash")
-        info = KeyInfo(**values)
-        await _publish(
-            redis, names,
-            KeyRecord(info.key_id, str(info.account_id), "revoked", secret_hash, {}),
-        )
+        info = KeyInfo.from_row(row)
+        await publish_keys(conn, redis, names, key_id=key_id)
     log.info("key revoked key_id=%s account_id=%s", info.key_id, info.account_id)
     return info
+
+
+_RECORD_SQL = (
+    "SELECT k.key_id, k.account_id, k.status, k.secret_hash, k.limits::text AS limits, "
+    "a.status AS account_status FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+)
+
+
+def _record(row: asyncpg.Record) -> KeyRecord:
+    """The record the proxy sees: a key of a suspended account reads as suspended."""
+    return KeyRecord(
+        row["key_id"], str(row["account_id"]),
+        _record_status(row["status"], row["account_status"]), row["secret_hash"],
+        decode_limits(row["limits"]),
+    )
+
+
+async def publish_keys(
+    conn: asyncpg.Connection, redis: aioredis.Redis, names: RedisNames, *,
+    key_id: str | None = None, account_id: uuid.UUID | None = None,
+) -> list[str]:
+    """Re-SET the records of one key or of all an account's keys and announce each.
+
+    Reads through ``conn``, so a caller inside a transaction publishes what it is about
+    to commit.
+    """
+    if key_id is not None:
+        rows = await conn.fetch(_RECORD_SQL + " WHERE k.key_id = $1", key_id)
+    else:
+        rows = await conn.fetch(_RECORD_SQL + " WHERE k.account_id = $1 ORDER BY k.key_id",
+                                account_id)
+    records = [_record(row) for row in rows]
+    if records:
+        async with redis.pipeline(transaction=True) as pipe:
+            for record in records:
+                pipe.set(names.key_record(record.key_id), record.encode())
+                pipe.publish(names.key_changes, record.key_id)
+            await pipe.execute()
+    return [r.key_id for r in records]
 
 
 async def republish_all(pool: asyncpg.Pool, redis: aioredis.Redis, names: RedisNames) -> int:
@@ -161,18 +205,10 @@ async def republish_all(pool: asyncpg.Pool, redis: aioredis.Redis, names: RedisN
     """
     count = 0
     async with pool.acquire() as conn, conn.transaction():
-        cursor = conn.cursor(
-            "SELECT k.key_id, k.account_id, k.status, k.secret_hash, a.status AS account_status "
-            "FROM api_keys k JOIN accounts a ON a.id = k.account_id ORDER BY k.key_id",
-            prefetch=_REPUBLISH_CHUNK,
-        )
+        cursor = conn.cursor(_RECORD_SQL + " ORDER BY k.key_id", prefetch=_REPUBLISH_CHUNK)
         async with redis.pipeline(transaction=False) as pipe:
             async for row in cursor:
-                record = KeyRecord(
-                    row["key_id"], str(row["account_id"]),
-                    _record_status(row["status"], row["account_status"]), row["secret_hash"],
-                    {},
-                )
+                record = _record(row)
                 pipe.set(names.key_record(record.key_id), record.encode())
                 count += 1
                 if count % _REPUBLISH_CHUNK == 0:

@@ -72,7 +72,7 @@ async def test_unknown_things_are_not_found(
     with pytest.raises(NotFound):
         await keys.revoke_key(pool, rclient, names, "abcdefghijkl")
     with pytest.raises(InvalidInput):
-        await accounts.create_account(pool, "   ")
+        await accounts.create_account(pool, rclient, names, "   ")
     assert [k async for k in rclient.scan_iter(match=f"{names.prefix}:keyrec:*")] == []
 
 
