@@ -36,7 +36,7 @@ from control_plane.errors import (
 from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
 from control_plane.partitions import create_days, days_around
-from control_plane.reconciler import DEFAULT_INTERVAL_S, Reconciler
+from control_plane.reconciler import DEFAULT_INTERVAL_S, STARTUP, Reconciler
 from control_plane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ async def _reconcile(app: web.Application) -> AsyncIterator[None]:
         app[POOL], app[REDIS], app[SETTINGS].names, app[METRICS],
         interval_s=app[RECONCILE_INTERVAL],
     )
-    await reconciler.refill("start-up")
+    await reconciler.refill(STARTUP)
     task = asyncio.create_task(reconciler.run(), name="reconciler")
     yield
     reconciler.stop()

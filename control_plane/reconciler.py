@@ -27,6 +27,7 @@ from shared.redis_names import RedisNames
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 0.5
+STARTUP = "start-up"
 _STORE_ERRORS = (RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
                  TimeoutError)
 
@@ -53,7 +54,8 @@ class Reconciler:
         await ledger.drain_pending(self.pool, self.redis, self.names)
         await self.redis.set(self.names.published, datetime.now(UTC).isoformat())
         self.refills.inc()
-        log.warning(
+        log.log(
+            logging.INFO if reason == STARTUP else logging.WARNING,
             "redis refilled reason=%s keys=%d accounts=%d balances_rebuilt=%d",
             reason, n_keys, n_accounts, rebuilt,
         )
