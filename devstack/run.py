@@ -1,7 +1,7 @@
 """``make run``: the whole gateway on one machine, in one terminal.
 
 Starts (or uses, when DATABASE_URL / REDIS_URL are set) PostgreSQL and Redis, applies
-migrations, creates a demo account with one API key, and runs the demo upstream (our
+migrations, creates a demo account with one API key and $10 of credit, and runs the demo upstream (our
 OpenAI-format mock), the control plane and the proxy as child processes. Prints the
 lines to paste into a shell, then runs until Ctrl-C or SIGTERM and stops everything in
 order: proxy first (so its events are flushed), then the control plane (so they are
@@ -146,6 +146,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "control_plane", "migrate"], env=env, check=True)
             account = _cli_json(["create-account", "demo"], env)
             key = _cli_json(["issue-key", str(account["id"]), "--name", "demo"], env)
+            _cli_json(["credit", str(account["id"]), "10"], env)  # $10 of demo credit
             up = children.start(
                 "demo upstream",
                 [
@@ -196,8 +197,9 @@ export QNP_ADMIN_TOKEN={env["QNP_ADMIN_TOKEN"]}
 Try it:
 curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "demo-mini", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
-Usage of the demo account ({account_id}):
+Usage and balance of the demo account ({account_id}, credited $10):
 curl -s http://127.0.0.1:{admin_port}/admin/accounts/{account_id}/usage -H "Authorization: Bearer $QNP_ADMIN_TOKEN"
+.venv/bin/python -m control_plane balance {account_id}
 
 Models: demo-mini, demo-large (served by the built-in demo upstream). Ctrl-C stops everything.
 """,
