@@ -19,17 +19,13 @@ from typing import Any
 import orjson
 
 from proxy.errors import BadRequest, InvalidJSON
+from proxy.providers.base import Usage
+
+__all__ = ["ChatRequest", "StreamScanner", "Usage", "parse_request", "upstream_body",
+           "usage_from", "usage_from_response"]
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,12 @@ class Event:
     source_ip: str | None = None
     error_code: str | None = None
     v: int = SCHEMA_VERSION
+    # Added within schema version 1 (a decoder fills in the default when absent, and an
+    # older reader ignores them): upstream attempts made (retries and fallbacks
+    # included), and cache-write tokens, part of prompt_tokens, billed at their own
+    # price by providers that have one.
+    attempts: int = 1
+    cache_write_tokens: int = 0
 
     @property
     def latency_us(self) -> int:
@@ -125,6 +131,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "source_ip": (str, _NONE),
     "error_code": (str, _NONE),
     "v": (int,),
+    "attempts": (int,),
+    "cache_write_tokens": (int,),
 }
 assert _FIELD_TYPES.keys() == {f.name for f in fields(Event)}
 _REQUIRED = frozenset(
