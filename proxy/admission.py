@@ -9,10 +9,11 @@ keys share the account's hash tag, so they run unchanged on Redis Cluster; redis
 
 When Redis is unreachable (or has lost the account's state), admission degrades by
 policy (``QNP_DEGRADED_POLICY``): ``local`` (default) admits against this process's
-share of each limit (``local_limits.py``), ``allow`` admits everything, ``deny``
-refuses with 503. Settlements that cannot reach Redis wait in memory and are applied
-once it is back, so the live balance still ends equal to the ledger. A probe notices
-Redis returning within ``probe_interval``.
+share of ``QNP_DEGRADED_FRACTION`` (default half) of each limit (``local_limits.py``),
+so a window that spans an outage admits at most 1.5 × the limit fleet-wide; ``allow``
+admits everything; ``deny`` refuses with 503. Settlements that cannot reach Redis
+wait in memory and are applied once it is back, so the live balance still ends equal
+to the ledger. A probe notices Redis returning within ``probe_interval``.
 
 Must not import the handlers, auth or the emitter.
 """
@@ -76,6 +77,9 @@ class AdmissionConfig:
     settled_memory_ms: int = 60 * 60_000
     policy: str = "local"  # local | allow | deny
     fleet_processes: int = 1
+    # The fraction of each limit the whole fleet may admit from local limiters during
+    # an outage: a window spanning one admits at most (1 + this) × the limit.
+    degraded_fraction: float = 0.5
     probe_interval: float = 0.2
 
 
@@ -94,7 +98,8 @@ class Admission:
         self._admit = redis.register_script(_script("admit.lua"))
         self._settle = redis.register_script(_script("settle.lua"))
         self._local = LocalLimiter(
-            window_s=config.window_ms / 1000, share=1 / max(1, config.fleet_processes)
+            window_s=config.window_ms / 1000,
+            share=config.degraded_fraction / max(1, config.fleet_processes),
         )
         self._degraded = False
         self._on_degraded = on_degraded

@@ -134,6 +134,7 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
             window_ms=settings.rate_window_ms,
             policy=settings.degraded_policy,
             fleet_processes=settings.fleet_processes,
+            degraded_fraction=settings.degraded_fraction,
         ),
         on_degraded=lambda degraded: metrics.admission_degraded.set(int(degraded)),
     )

@@ -6,8 +6,10 @@
   bcrypt runs in a thread, at most once per (key, secret) per process per cache
   lifetime; concurrent misses for the same key share one verification.
 - Revocations and other changes arrive on a pub/sub channel and evict the entry at once;
-  the bounded cache lifetime covers a lost message, and the whole cache is dropped when
+  the bounded cache lifetime covers a lost message, and every entry is marked stale when
   the subscription has to reconnect (messages may have been missed meanwhile).
+- While Redis is unreachable, a key this process has verified keeps working (stale),
+  unless a change message evicted it; an unknown key gets 503 until Redis is back.
 
 Must not import the request handlers, the emitter or the upstream client.
 """
@@ -91,7 +93,14 @@ class Authenticator:
             task = asyncio.ensure_future(self._load(parsed, digest))
             self._inflight[flight_key] = task
             task.add_done_callback(lambda t: self._landed(flight_key, t))
-        return _active(await asyncio.shield(task))
+        try:
+            return _active(await asyncio.shield(task))
+        except AuthUnavailable:
+            # Redis is unreachable: a key this process verified before, and that no
+            # change message has evicted, keeps working until Redis answers again.
+            if entry is not None and digest in entry.verified:
+                return _active(entry.record)
+            raise
 
     def _landed(self, flight_key: tuple[str, bytes], task: asyncio.Future[KeyRecord]) -> None:
         del self._inflight[flight_key]
@@ -110,11 +119,17 @@ class Authenticator:
             except KeyRecordError:
                 log.error("malformed key record in Redis for key_id=%s", parsed.key_id)
         entry = self._cache.get(parsed.key_id)
-        if entry is None or entry.record != record or entry.expires_at <= time.monotonic():
+        if entry is None or entry.record != record:
             entry = _Entry(record, time.monotonic() + self._ttl)
             self._store(parsed.key_id, entry)
+        else:
+            # Same record as before (same hash, same status): secrets it verified still
+            # verify, so a refresh costs no bcrypt — no storm after a reconnect.
+            entry.expires_at = time.monotonic() + self._ttl
         if record is None:
             raise Unauthorized()
+        if digest in entry.verified:
+            return record
         ok = await asyncio.to_thread(
             bcrypt.checkpw, parsed.secret.encode(), record.secret_hash.encode()
         )
@@ -137,7 +152,11 @@ class Authenticator:
         self._cache.pop(key_id, None)
 
     def forget_all(self) -> None:
-        self._cache.clear()
+        """Mark every entry stale: re-read from Redis next time, but still usable as a
+        fallback while Redis is unreachable (unlike ``forget``, which a change message
+        triggers and which must never be served stale)."""
+        for entry in self._cache.values():
+            entry.expires_at = 0.0
 
     async def watch_changes(self, ready: asyncio.Event | None = None) -> None:
         """Evict keys named on the change channel; runs until cancelled."""

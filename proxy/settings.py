@@ -68,6 +68,7 @@ class Settings:
     default_max_tokens: int = 4096
     degraded_policy: str = "local"
     fleet_processes: int = 1
+    degraded_fraction: float = 0.5
 
 
 def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -179,6 +180,7 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         default_max_tokens=_int(env, "QNP_DEFAULT_MAX_TOKENS", 4096, minimum=1),
         degraded_policy=_choice(env, "QNP_DEGRADED_POLICY", ("local", "allow", "deny")),
         fleet_processes=_int(env, "QNP_FLEET_PROCESSES", 1, minimum=1),
+        degraded_fraction=_num(env, "QNP_DEGRADED_FRACTION", 0.5, minimum=0.0),
     )
 
 
