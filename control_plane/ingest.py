@@ -1,11 +1,15 @@
 """The ingest consumer: metadata events from the Redis stream into ``usage_logs``.
 
 Reads batches through the consumer group, writes each batch to Postgres in one
-transaction that skips events already stored, and only then ``XACK``s; so an event is
-stored exactly once however often it is delivered. Entries that cannot be decoded or
-stored go to a dead-letter stream (and are acked) without holding up the rest. When
-Postgres or Redis fails, the entries stay pending and are re-read after a back-off.
-Logs entry ids and reasons, never entry contents. Never imports ``proxy``.
+transaction that skips events already stored and debits the credit ledger for the new
+billed ones, and only then ``XACK``s; so an event is stored (and billed) exactly once
+however often it is delivered. An entry that cannot be decoded or stored stays pending
+and is retried; once it has been delivered ``MAX_DELIVERIES`` times it goes to the
+dead-letter stream with the reason and is acked. A batch with one bad row is written
+row by row under savepoints, so the rest never wait for it. When Postgres or Redis is
+unavailable nothing is acked or dead-lettered: the entries stay pending and are re-read
+after a back-off. Logs entry ids and reasons, never entry contents. Never imports
+``proxy``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -24,20 +28,24 @@ from redis.exceptions import RedisError, ResponseError
 from control_plane.metrics import Metrics
 from control_plane.partitions import Partitions
 from control_plane.settings import Settings
-from control_plane.usage_logs import RowError, UsageRow, insert_rows, to_row
+from control_plane.usage_logs import Inserted, RowError, UsageRow, insert_rows, to_row
 from shared.events import STREAM_FIELD, EventDecodeError, decode
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_MAXLEN = 100_000
-# Pending entries of a consumer that has been silent this long (a crashed replica, or
-# this host before a restart under another pid) are claimed by a live one.
-CLAIM_IDLE_MS = 60_000
+MAX_DELIVERIES = 5
 CLAIM_EVERY_S = 30.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# Errors that belong to a row rather than to Postgres being unavailable: bad data, a
+# constraint, a trigger raising. Anything else (connections, shutdown, deadlocks, lack
+# of resources) defers the whole batch and counts against no entry.
+_ROW_ERRORS = (
+    asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.exceptions.RaiseError,
+)
 _REDIS_ERRORS = (RedisError, OSError)
 
 
@@ -55,13 +63,19 @@ class BatchResult:
     inserted: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    debits: int = 0
+    retrying: int = 0
+
+
+Failure = tuple[bytes, bytes | None, str]  # entry id, raw event (if any), reason
 
 
 @dataclass(slots=True)
 class _Sorted:
     rows: list[UsageRow] = field(default_factory=list)
     row_ids: list[bytes] = field(default_factory=list)
-    dead: list[tuple[bytes, bytes | None, str]] = field(default_factory=list)
+    raws: list[bytes] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
     gone: list[bytes] = field(default_factory=list)
 
 
@@ -82,6 +96,9 @@ class Consumer:
         self._consumer = settings.consumer_name
         self._count = settings.ingest_batch_size
         self._block_ms = settings.ingest_block_ms
+        self._claim_idle_ms = settings.ingest_claim_idle_ms
+        self._claim_every_s = min(CLAIM_EVERY_S, settings.ingest_claim_idle_ms / 2000)
+        self._retention = timedelta(days=settings.retention_days)
         self._pool = pool
         self._redis = redis
         self._metrics = metrics
@@ -125,33 +142,51 @@ class Consumer:
             return BatchResult()
         self._metrics.batch_size.observe(len(entries))
         batch = self._sort(entries)
-        result = BatchResult(read=len(entries), dead_lettered=len(batch.dead))
         try:
-            await self._dead_letter(batch)
-        except _REDIS_ERRORS as e:
-            raise self._retry("redis", e) from e
-        try:
-            result.inserted = await self._store(batch.rows)
+            stored, failed_rows = await self._store(batch.rows)
         except asyncpg.CheckViolationError as e:
-            # No partition for a row: one we remembered was dropped by retention.
-            self._partitions.forget()
+            if e.constraint_name is None:  # no partition: retention dropped one we knew
+                self._partitions.forget()
             raise self._retry("postgres", e) from e
         except _DB_ERRORS as e:
             raise self._retry("postgres", e) from e
-        result.duplicates = len(batch.rows) - result.inserted
-        self._metrics.events_ingested.inc(result.inserted)
-        self._metrics.duplicates.inc(result.duplicates)
-        if batch.row_ids:
-            try:
-                await self._redis.xack(self._stream, self._group, *batch.row_ids)
-            except _REDIS_ERRORS as e:
-                # Stored but not acked: re-delivery is harmless, the insert skips them.
-                raise self._retry("redis", e) from e
+        committed = time.time()
+        failed_at = {i for i, _ in failed_rows}
+        batch.failed += [(batch.row_ids[i], batch.raws[i], why) for i, why in failed_rows]
+        result = BatchResult(read=len(entries), inserted=stored.rows, debits=stored.debits,
+                             duplicates=len(batch.rows) - len(failed_at) - stored.rows)
+        self._observe(batch, failed_at, result, committed)
+        acks = [entry_id for i, entry_id in enumerate(batch.row_ids) if i not in failed_at]
+        try:
+            if acks:
+                await self._redis.xack(self._stream, self._group, *acks)
+            # Stored and acked before anything is dead-lettered: a Redis failure from
+            # here on re-delivers only entries that are harmless to see again.
+            dead = await self._give_up(batch.failed)
+            await self._dead_letter(dead, batch.gone)
+        except _REDIS_ERRORS as e:
+            raise self._retry("redis", e) from e
+        result.dead_lettered = len(dead)
+        result.retrying = len(batch.failed) - len(dead)
+        if result.retrying:
+            self._backlog = True  # re-read them from our pending list
         log.debug(
-            "ingest batch read=%d inserted=%d duplicates=%d dead_lettered=%d",
+            "ingest batch read=%d inserted=%d duplicates=%d dead_lettered=%d retrying=%d",
             result.read, result.inserted, result.duplicates, result.dead_lettered,
+            result.retrying,
         )
         return result
+
+    def _observe(
+        self, batch: _Sorted, failed_at: set[int], result: BatchResult, committed: float
+    ) -> None:
+        m = self._metrics
+        m.events_ingested.inc(result.inserted)
+        m.duplicates.inc(result.duplicates)
+        m.debits.inc(result.debits)
+        done = [row.done_at for i, row in enumerate(batch.rows) if i not in failed_at]
+        if done:
+            m.lag_seconds.observe(max(0.0, committed - min(done)))
 
     def _retry(self, store: str, cause: BaseException) -> IngestRetry:
         self._backlog = True
@@ -165,7 +200,7 @@ class Consumer:
             await self._ensure_group()
             self._group_ready = True
         if not self._backlog and time.monotonic() >= self._next_claim:
-            self._next_claim = time.monotonic() + CLAIM_EVERY_S
+            self._next_claim = time.monotonic() + self._claim_every_s
             self._backlog = await self._claim_stale()
         if self._backlog:
             # Id "0" returns this consumer's pending entries and never blocks.
@@ -190,7 +225,7 @@ class Consumer:
             # Not JUSTID: redis-py then drops the cursor. The claimed entries are read
             # again by the pending read that follows.
             reply = await self._redis.xautoclaim(
-                self._stream, self._group, self._consumer, CLAIM_IDLE_MS,
+                self._stream, self._group, self._consumer, self._claim_idle_ms,
                 start_id=start, count=self._count,
             )
             start, entries = reply[0], reply[1]
@@ -217,49 +252,85 @@ class Consumer:
     def _sort(self, entries: list[tuple[bytes, dict[Any, Any] | None]]) -> _Sorted:
         batch = _Sorted()
         now = datetime.now(UTC)
+        oldest_kept = (now - self._retention).date() + timedelta(days=1)
         for entry_id, fields in entries:
             if not fields:
                 batch.gone.append(entry_id)  # trimmed from the stream while pending
                 continue
             raw = fields.get(STREAM_FIELD, fields.get(STREAM_FIELD.decode()))
             if raw is None:
-                batch.dead.append((entry_id, None, "missing field e"))
+                batch.failed.append((entry_id, None, "missing field e"))
                 continue
             try:
                 row = to_row(decode(raw), now)
             except (EventDecodeError, RowError) as e:
-                batch.dead.append((entry_id, raw, str(e)))
+                batch.failed.append((entry_id, raw, str(e)))
+                continue
+            if row.day < oldest_kept:
+                # Its partition is (or is about to be) dropped by retention.
+                batch.failed.append((entry_id, raw, "older than the retention period"))
                 continue
             batch.rows.append(row)
             batch.row_ids.append(entry_id)
+            batch.raws.append(raw)
         return batch
 
-    async def _dead_letter(self, batch: _Sorted) -> None:
-        if not batch.dead and not batch.gone:
+    async def _give_up(self, failed: list[Failure]) -> list[Failure]:
+        """The failed entries delivered ``MAX_DELIVERIES`` times: to be dead-lettered."""
+        if not failed:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry_id, _, _ in failed:
+                pipe.xpending_range(self._stream, self._group, min=entry_id, max=entry_id,
+                                    count=1)
+            replies = await pipe.execute()
+        dead: list[Failure] = []
+        for failure, reply in zip(failed, replies, strict=True):
+            deliveries = int(reply[0]["times_delivered"]) if reply else MAX_DELIVERIES
+            if deliveries >= MAX_DELIVERIES:
+                dead.append(failure)
+            else:
+                log.info("ingest entry=%s failed (%s), delivery %d of %d", _id(failure[0]),
+                         failure[2], deliveries, MAX_DELIVERIES)
+        return dead
+
+    async def _dead_letter(self, dead: list[Failure], gone: list[bytes]) -> None:
+        if not dead and not gone:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
-            for entry_id, raw, reason in batch.dead:
+            for entry_id, raw, reason in dead:
                 fields: dict[Any, Any] = {"reason": reason, "entry_id": entry_id}
                 if raw is not None:
                     fields[STREAM_FIELD] = raw
                 pipe.xadd(
                     self._dead_stream, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True
                 )
-            ids = [entry_id for entry_id, _, _ in batch.dead] + batch.gone
-            pipe.xack(self._stream, self._group, *ids)
+            pipe.xack(self._stream, self._group, *[d[0] for d in dead], *gone)
             await pipe.execute()
-        for entry_id, _, reason in batch.dead:
+        for entry_id, _, reason in dead:
             log.warning("ingest dead-lettered entry=%s reason=%s", _id(entry_id), reason)
-        self._metrics.dead_lettered.inc(len(batch.dead))
+        self._metrics.dead_lettered.inc(len(dead))
+        if gone:
+            log.error("ingest lost %d entries: trimmed from the stream before being stored",
+                      len(gone))
+            self._metrics.trimmed_unacked.inc(len(gone))
 
-    async def _store(self, rows: list[UsageRow]) -> int:
+    async def _store(self, rows: list[UsageRow]) -> tuple[Inserted, list[tuple[int, str]]]:
+        """Write the rows in one transaction; also the rows that failed on their own."""
         if not rows:
-            return 0
+            return Inserted(), []
         async with self._pool.acquire() as conn:
             await self._partitions.ensure(conn, {row.day for row in rows})
             with self._metrics.insert_seconds.time():
-                async with conn.transaction():
-                    return await insert_rows(conn, [row.values for row in rows])
+                try:
+                    async with conn.transaction():
+                        return await insert_rows(conn, [row.values for row in rows]), []
+                except _ROW_ERRORS as e:
+                    if isinstance(e, asyncpg.CheckViolationError) and e.constraint_name is None:
+                        raise  # a missing partition, not a bad row
+                    log.warning("ingest batch refused (%s); storing row by row",
+                                type(e).__name__)
+                return await _store_each(conn, rows)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -270,3 +341,25 @@ class Consumer:
 
 def _id(entry_id: bytes | str) -> str:
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+async def _store_each(
+    conn: asyncpg.Connection, rows: list[UsageRow]
+) -> tuple[Inserted, list[tuple[int, str]]]:
+    """One transaction, one savepoint per row: good rows commit, bad ones are named."""
+    inserted, debits = 0, 0
+    failed: list[tuple[int, str]] = []
+    async with conn.transaction():
+        for i, row in enumerate(rows):
+            try:
+                async with conn.transaction():
+                    one = await insert_rows(conn, [row.values])
+            except _ROW_ERRORS as e:
+                if isinstance(e, asyncpg.CheckViolationError) and e.constraint_name is None:
+                    raise
+                # The SQLSTATE class name, never the message: it could quote row data.
+                failed.append((i, f"postgres refused the row ({type(e).__name__})"))
+                continue
+            inserted += one.rows
+            debits += one.debits
+    return Inserted(inserted, debits), failed

@@ -7,7 +7,7 @@ Imports only prometheus-client; never ``proxy``.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -36,6 +36,36 @@ class Metrics:
         )
         self.insert_seconds = Histogram(
             "qnp_ingest_insert_seconds", "Time to write one batch to Postgres and commit.",
+            registry=r,
+        )
+
+        self.debits = Counter(
+            "qnp_ingest_debits", "Credit-ledger debits written with their usage rows.",
+            registry=r,
+        )
+        self.lag_seconds = Histogram(
+            "qnp_ingest_lag_seconds",
+            "Per batch, the most seconds between a request's end and its row's commit.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=r,
+        )
+        self.stream_length = Gauge(
+            "qnp_stream_length", "Entries in the event stream.", registry=r
+        )
+        self.pending = Gauge(
+            "qnp_stream_pending", "Entries delivered to the ingest group but not acked.",
+            registry=r,
+        )
+        self.trimmed = Counter(
+            "qnp_stream_trimmed", "Acknowledged entries trimmed from the stream.", registry=r
+        )
+        self.trimmed_unacked = Counter(
+            "qnp_stream_trimmed_unacked",
+            "Entries trimmed (by the MAXLEN cap) before ingest had stored them: lost.",
+            registry=r,
+        )
+        self.partitions_dropped = Counter(
+            "qnp_retention_partitions_dropped", "usage_logs day partitions dropped.",
             registry=r,
         )
 

@@ -36,6 +36,10 @@ class Settings:
     consumer_name: str = "control-plane"
     ingest_batch_size: int = 500
     ingest_block_ms: int = 1000
+    # Pending entries of a consumer silent this long are claimed by a live one.
+    ingest_claim_idle_ms: int = 60_000
+    retention_days: int = 30
+    maintenance_interval_s: int = 60
     log_level: str = "INFO"
 
     @property
@@ -69,6 +73,13 @@ class Settings:
             ),
             ingest_batch_size=_parse(e, "QNP_INGEST_BATCH_SIZE", 500, _int_in(1, 10_000)),
             ingest_block_ms=_parse(e, "QNP_INGEST_BLOCK_MS", 1000, _int_in(1, 60_000)),
+            ingest_claim_idle_ms=_parse(
+                e, "QNP_INGEST_CLAIM_IDLE_MS", 60_000, _int_in(100, 86_400_000)
+            ),
+            retention_days=_parse(e, "QNP_RETENTION_DAYS", 30, _int_in(1, 3650)),
+            maintenance_interval_s=_parse(
+                e, "QNP_MAINTENANCE_INTERVAL_S", 60, _int_in(1, 86_400)
+            ),
             log_level=_parse(e, "QNP_LOG_LEVEL", "INFO", _log_level),
         )
 

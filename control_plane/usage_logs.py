@@ -2,7 +2,8 @@
 
 ``to_row`` refuses, with a reason, any event Postgres would reject (so one bad event
 can never stall a batch); ``insert_rows`` writes a whole batch with one
-``INSERT ... SELECT FROM unnest(...)`` that skips events already stored. Imports
+``INSERT ... SELECT FROM unnest(...)`` that skips events already stored, and debits the
+credit ledger for the new billed ones in the same statement. Imports
 ``shared.events``; never ``proxy``.
 """
 
@@ -53,11 +54,22 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("error_code", "text"),
     ("schema_version", "smallint"),
 )
+# One statement per batch: the rows that are new (ON CONFLICT skips re-deliveries) and,
+# for exactly those, the ledger debit of each billed request, so a usage row and its
+# debit are committed together or not at all, and a re-delivery debits nothing.
+# Built from the constant column list above, never from input.
+_COLUMN_LIST = ", ".join(name for name, _ in _COLUMNS)
+_ARRAYS = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(_COLUMNS, start=1))
 _INSERT = (
-    f"INSERT INTO usage_logs ({', '.join(name for name, _ in _COLUMNS)}) "  # noqa: S608
-    f"SELECT * FROM unnest("
-    + ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(_COLUMNS, start=1))
-    + ") ON CONFLICT DO NOTHING"
+    f"WITH ins AS (INSERT INTO usage_logs ({_COLUMN_LIST}) "  # noqa: S608
+    f"SELECT * FROM unnest({_ARRAYS}) "
+    "ON CONFLICT DO NOTHING RETURNING id, account_id, cost_micros"
+    "), debit AS ("
+    "INSERT INTO credit_ledger (account_id, kind, amount_micros, event_id) "
+    "SELECT account_id, 'debit', -cost_micros, id FROM ins "
+    "WHERE cost_micros > 0 AND account_id IS NOT NULL "
+    "ON CONFLICT (event_id) DO NOTHING RETURNING 1"
+    ") SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM debit) AS debited"
 )
 
 Row = tuple[object, ...]
@@ -73,6 +85,7 @@ class UsageRow:
 
     values: Row
     day: date
+    done_at: float = 0.0  # epoch seconds, for the consumer-lag metric
 
 
 def _time(us: int, field: str) -> datetime:
@@ -150,13 +163,20 @@ def to_row(event: Event, now: datetime) -> UsageRow:
         _text(event.error_code, "error_code"),
         _int(event.v, "v", 2**15 - 1),
     )
-    return UsageRow(values, received.date())
+    return UsageRow(values, received.date(), event.done_at_us / 1e6)
 
 
-async def insert_rows(conn: asyncpg.Connection, rows: list[Row]) -> int:
-    """Insert a batch in one statement; returns how many rows were new."""
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    rows: int = 0
+    debits: int = 0
+
+
+async def insert_rows(conn: asyncpg.Connection, rows: list[Row]) -> Inserted:
+    """Insert a batch and its debits in one statement; how many of each were new."""
     if not rows:
-        return 0
+        return Inserted()
     columns = [list(column) for column in zip(*rows, strict=True)]
-    status: str = await conn.execute(_INSERT, *columns)
-    return int(status.rsplit(" ", 1)[-1])
+    record = await conn.fetchrow(_INSERT, *columns)
+    assert record is not None
+    return Inserted(int(record["inserted"]), int(record["debited"]))
