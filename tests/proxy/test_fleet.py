@@ -167,7 +167,10 @@ async def test_credit_for_ten_streams_admits_ten_of_fifty(
     fleet: Fleet, mock_upstream: MockOpenAIUpstream
 ) -> None:
     mock_upstream.behaviour.chunks = 10
-    mock_upstream.behaviour.chunk_delay = 0.05  # streams overlap
+    # Hold every admitted stream open until all fifty have been decided: a stream that
+    # settled early would rightly free credit for an eleventh.
+    mock_upstream.behaviour.first_byte_delay = 1.5
+    mock_upstream.behaviour.chunk_delay = 0.02
     body = BODY.replace(b'"max_tokens":20,', b'"max_tokens":20,"stream":true,')
     # The reservation the proxy makes: estimated prompt (bytes / 4) + max_tokens, priced.
     reservation = -(-((len(body) // 4) * 150_000 + 20 * 600_000) // 1_000_000)
