@@ -42,6 +42,7 @@ log = logging.getLogger("qnp.proxy.admission")
 
 _REDIS_DOWN = (RedisError, OSError, TimeoutError)
 _MAX_PENDING_SETTLEMENTS = 100_000
+_WARN_EVERY = 60.0  # seconds between two warnings about one unpublished account
 
 
 def _script(name: str) -> str:
@@ -75,6 +76,7 @@ class AdmissionConfig:
     window_ms: int = 60_000
     in_flight_lifetime_ms: int = 15 * 60_000
     settled_memory_ms: int = 60 * 60_000
+    enabled: bool = True  # off only to measure what admission costs (benchmarks)
     policy: str = "local"  # local | allow | deny
     fleet_processes: int = 1
     # The fraction of each limit the whole fleet may admit from local limiters during
@@ -106,6 +108,7 @@ class Admission:
         self._recovered = asyncio.Event()
         self._pending: deque[tuple[Ticket, int, int]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warned: dict[str, float] = {}
 
     @property
     def degraded(self) -> bool:
@@ -114,6 +117,9 @@ class Admission:
     async def admit(self, key: KeyRecord, request_id: str, tokens: int, cost: int) -> Ticket:
         """Reserve for one request, or raise RateLimited / InsufficientCredit / ...."""
         ticket = Ticket(request_id, key.account_id, key.key_id, tokens, cost, "redis")
+        if not self._cfg.enabled:
+            ticket.mode = "open"
+            return ticket
         if not self._degraded:
             try:
                 reply = await self._admit(
@@ -130,9 +136,18 @@ class Admission:
             else:
                 if reply[0] != 4:
                     return _decide(ticket, reply)
-                log.warning("no published state for account %s; admitting locally",
-                            key.account_id)
+                self._warn_unpublished(key.account_id)
         return self._admit_degraded(ticket, key)
+
+    def _warn_unpublished(self, account_id: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(account_id, -_WARN_EVERY) >= _WARN_EVERY:
+            if len(self._warned) > 10_000:
+                self._warned.clear()
+            self._warned[account_id] = now
+            log.warning("no published state for account %s in Redis; admitting it under "
+                        "the degraded policy until the control plane publishes it",
+                        account_id)
 
     def _admit_degraded(self, ticket: Ticket, key: KeyRecord) -> Ticket:
         if self._cfg.policy == "deny":
@@ -157,6 +172,8 @@ class Admission:
 
     def settle(self, ticket: Ticket, used_tokens: int, cost: int) -> None:
         """Replace the reservation with what was used; runs off the request's path."""
+        if ticket.mode == "open" and not self._cfg.enabled:
+            return
         if ticket.local_scopes:
             self._local.release(ticket.local_scopes)
         task = asyncio.get_running_loop().create_task(self._settle_now(ticket, used_tokens, cost))

@@ -132,6 +132,7 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
         app[REDIS], settings.redis_names,
         AdmissionConfig(
             window_ms=settings.rate_window_ms,
+            enabled=settings.admission,
             policy=settings.degraded_policy,
             fleet_processes=settings.fleet_processes,
             degraded_fraction=settings.degraded_fraction,

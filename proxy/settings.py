@@ -66,6 +66,7 @@ class Settings:
     event_stream_max_len: int = 2_000_000
     rate_window_ms: int = 60_000
     default_max_tokens: int = 4096
+    admission: bool = True
     degraded_policy: str = "local"
     fleet_processes: int = 1
     degraded_fraction: float = 0.5
@@ -178,6 +179,7 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         event_stream_max_len=_int(env, "QNP_EVENT_STREAM_MAXLEN", 2_000_000),
         rate_window_ms=_int(env, "QNP_RATE_WINDOW_MS", 60_000, minimum=100),
         default_max_tokens=_int(env, "QNP_DEFAULT_MAX_TOKENS", 4096, minimum=1),
+        admission=_choice(env, "QNP_ADMISSION", ("on", "off")) == "on",
         degraded_policy=_choice(env, "QNP_DEGRADED_POLICY", ("local", "allow", "deny")),
         fleet_processes=_int(env, "QNP_FLEET_PROCESSES", 1, minimum=1),
         degraded_fraction=_num(env, "QNP_DEGRADED_FRACTION", 0.5, minimum=0.0),
