@@ -101,6 +101,8 @@ async def test_sdk_requests_land_in_postgres_priced_and_content_free(
     reply_canary = "CANARY-REPLY-" + secrets.token_hex(12)
     mock_upstream.behaviour.reply = f"Here it is: {reply_canary} and more words."
     account = await stack.admin("POST", "/admin/accounts", {"name": "e2e"})
+    await stack.admin("POST", f"/admin/accounts/{account['id']}/credit",
+                      {"amount_micros": 5_000_000, "reference": "e2e-topup"})
     issued = await stack.admin("POST", f"/admin/accounts/{account['id']}/keys", {"name": "k"})
     key = str(issued["key"])
     messages = [{"role": "user", "content": f"Repeat {prompt_canary} please."}]
@@ -142,6 +144,16 @@ async def test_sdk_requests_land_in_postgres_priced_and_content_free(
 
     usage = await stack.admin("GET", f"/admin/accounts/{account['id']}/usage")
     assert len(usage["records"]) == 3  # type: ignore[arg-type]
+    # Traffic has stopped: the live balance the proxies admit against and the ledger
+    # in Postgres agree to the micro-dollar, and both say what the rows cost.
+    spent = sum(r["cost_micros"] for r in rows)
+    for _ in range(100):  # settlement runs just after each response (a hang guard)
+        balance = await stack.admin("GET", f"/admin/accounts/{account['id']}/balance")
+        if balance["reserved_micros"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert balance == {"ledger_micros": 5_000_000 - spent, "live_micros": 5_000_000 - spent,
+                       "reserved_micros": 0}
 
     # Revocation through the admin API reaches the running proxy within a second.
     await stack.admin("POST", f"/admin/keys/{issued['key_id']}/revoke")
