@@ -229,3 +229,26 @@ async def test_the_canary_scan_finds_what_is_planted(
     log.write_text(f"oops {canary}\n")
     with pytest.raises(AssertionError, match="service.log"):
         await _assert_nowhere(canary, redis, migrated_url, stack)
+
+
+async def test_a_top_up_is_spendable_on_the_proxy_within_a_second(stack: Stack) -> None:
+    account = await stack.admin("POST", "/admin/accounts", {"name": "broke"})
+    issued = await stack.admin("POST", f"/admin/accounts/{account['id']}/keys", {"name": "k"})
+    messages = [{"role": "user", "content": "Hello"}]
+    async with openai.AsyncOpenAI(base_url=stack.proxy_url, api_key=str(issued["key"]),
+                                  max_retries=0) as client:
+        with pytest.raises(openai.APIStatusError) as exc:
+            await client.chat.completions.create(model="demo-mini", messages=messages)  # type: ignore[arg-type]
+        assert exc.value.status_code == 402
+        await stack.admin("POST", f"/admin/accounts/{account['id']}/credit",
+                          {"amount_micros": 1_000_000})
+        loop = asyncio.get_running_loop()
+        credited = loop.time()
+        while True:
+            try:
+                await client.chat.completions.create(model="demo-mini", messages=messages)  # type: ignore[arg-type]
+                break
+            except openai.APIStatusError as e:
+                assert e.status_code == 402
+                assert loop.time() - credited < 1.0, "top-up not spendable within 1 s"
+                await asyncio.sleep(0.02)
