@@ -49,7 +49,9 @@ class RedisNames:
         """Hash: an account's live state for admission, published by the control plane.
 
         Fields: ``bal`` (live balance, integer micro-dollars), ``status`` (active or
-        suspended), ``rpm``, ``tpm``, ``conc`` (account limits; absent or 0 = none).
+        suspended), ``rpm``, ``tpm``, ``conc`` (account limits; absent or 0 = none),
+        ``credited`` (the highest credit-ledger id already added to ``bal``, so a
+        credit is applied exactly once). The proxy's scripts never create this hash.
         """
         return f"{self.account_tag(account_id)}:state"
 
