@@ -114,6 +114,17 @@ class MockServer:
             CIMultiDictProxy(CIMultiDict(request.headers)), body))
         return body, dataclasses.replace(self.behaviour)
 
+    async def delayed(self, behaviour: MockBehaviour,
+                      answer: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """``answer()`` after ``first_byte_delay``; a client leaving meanwhile is noted."""
+        try:
+            if behaviour.first_byte_delay > 0:
+                await asyncio.sleep(behaviour.first_byte_delay)
+        except asyncio.CancelledError:
+            self.disconnects.append(time.monotonic())
+            raise
+        return await answer()
+
     async def stream(
         self,
         request: web.Request,
@@ -163,9 +174,3 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status,
                         content_type="application/json")
 
-
-async def delayed(behaviour: MockBehaviour,
-                  answer: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    if behaviour.first_byte_delay > 0:
-        await asyncio.sleep(behaviour.first_byte_delay)
-    return await answer()

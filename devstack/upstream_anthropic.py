@@ -28,7 +28,6 @@ from aiohttp import web
 from devstack.mock_server import (
     MockBehaviour,
     MockServer,
-    delayed,
     json_response,
     pieces,
     prompt_tokens,
@@ -99,7 +98,7 @@ class MockAnthropicUpstream(MockServer):
                 return refused
             return await self._answer(request, body, b)
 
-        return await delayed(b, answer)
+        return await self.delayed(b, answer)
 
     async def _answer(self, request: web.Request, body: dict[str, Any],
                       b: MockBehaviour) -> web.StreamResponse:

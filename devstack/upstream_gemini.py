@@ -27,7 +27,6 @@ from aiohttp import web
 from devstack.mock_server import (
     MockBehaviour,
     MockServer,
-    delayed,
     json_response,
     pieces,
     prompt_tokens,
@@ -88,7 +87,7 @@ class MockGeminiUpstream(MockServer):
                 return refused
             return await self._answer(request, body, b, model, action == "streamGenerateContent")
 
-        return await delayed(b, answer)
+        return await self.delayed(b, answer)
 
     async def _answer(self, request: web.Request, body: dict[str, Any], b: MockBehaviour,
                       model: str, stream: bool) -> web.StreamResponse:

@@ -2,7 +2,8 @@
 
 Owns: the fake provider used in place of OpenAI by the `make run` demo, the tests and
 the benchmarks. It answers ``POST /v1/chat/completions`` (JSON or SSE stream, with
-``stream_options.include_usage``), ``GET /v1/models``, and OpenAI-style errors; its
+``stream_options.include_usage``), ``/v1/embeddings``, legacy ``/v1/completions``,
+``GET /v1/models``, and OpenAI-style errors; its
 behaviour (reply, chunking, delays, forced errors, api key) can be changed between
 requests, and it records every request it receives. Token counts are deterministic, and
 the counting is public (``count_prompt_tokens``, ``expected_usage``) so tests can work
@@ -368,6 +369,8 @@ class MockOpenAIUpstream:
     def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
@@ -440,6 +443,41 @@ class MockOpenAIUpstream:
         if not chat.stream:
             return _json_response(completion.message(), headers=headers)
         return await _stream(request, completion, behaviour.chunk_delay, headers)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body, _ = await self._record(request)
+        try:
+            self._authenticate(request, self.behaviour)
+            if not isinstance(body, dict) or not isinstance(body.get("input"), str | list):
+                raise _invalid("input", "Missing required parameter: 'input'.",
+                               "missing_required_parameter")
+        except OpenAIError as exc:
+            return exc.response()
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        tokens = sum(max(1, (len(str(i)) + 3) // 4) for i in inputs)
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, -0.2, 0.3]}
+                for i in range(len(inputs))]
+        return _json_response({"object": "list", "data": data, "model": body.get("model"),
+                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        body, _ = await self._record(request)
+        try:
+            self._authenticate(request, self.behaviour)
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+                raise _invalid("prompt", "Missing required parameter: 'prompt'.",
+                               "missing_required_parameter")
+        except OpenAIError as exc:
+            return exc.response()
+        pieces = reply_pieces(self.behaviour, _max_tokens(body))
+        prompt = max(1, (len(body["prompt"]) + 3) // 4)
+        return _json_response({
+            "id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+            "created": int(time.time()), "model": body.get("model"),
+            "choices": [{"text": "".join(pieces), "index": 0, "logprobs": None,
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": len(pieces),
+                      "total_tokens": prompt + len(pieces)}})
 
     async def _models(self, request: web.Request) -> web.Response:
         await self._record(request)

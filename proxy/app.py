@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -21,8 +21,9 @@ from proxy import errors
 from proxy.admission import Admission, AdmissionConfig
 from proxy.auth import Authenticator
 from proxy.emitter import EventEmitter
-from proxy.handlers import ChatHandler
+from proxy.handlers import ROUTES, ChatHandler, Endpoint
 from proxy.metrics import Metrics
+from proxy.routing import Router
 from proxy.settings import Settings
 from proxy.spool import Spool
 from proxy.upstream import UpstreamClient
@@ -38,6 +39,8 @@ ADMISSION = web.AppKey("admission", Admission)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 WATCHING = web.AppKey("watching", asyncio.Event)
 _HANDLER = web.AppKey("handler", ChatHandler)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _OK = b'{"status":"ok"}'
 _NOT_READY = b'{"status":"unavailable","reason":"redis"}'
@@ -178,8 +181,11 @@ def build_app(settings: Settings) -> web.Application:
         }
     )
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await request.app[_HANDLER].chat_completions(request)
+    def serve(endpoint: Endpoint) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await request.app[_HANDLER].serve(request, endpoint)
+
+        return handle
 
     async def models(_request: web.Request) -> web.Response:
         return web.Response(body=models_body, content_type=errors.JSON)
@@ -208,12 +214,13 @@ def build_app(settings: Settings) -> web.Application:
 
     async def handler_ctx(app: web.Application) -> AsyncIterator[None]:
         app[_HANDLER] = ChatHandler(settings, app[AUTH], app[ADMISSION], app[UPSTREAM],
-                                    app[EMITTER], app[METRICS])
+                                    app[EMITTER], app[METRICS], Router(settings.routing))
         yield
 
     app.cleanup_ctx.append(handler_ctx)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_route("*", "/v1/chat/completions", wrong_method)
+    for path, endpoint in ROUTES:
+        app.router.add_post(path, serve(endpoint))
+        app.router.add_route("*", path, wrong_method)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

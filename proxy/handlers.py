@@ -1,18 +1,22 @@
 """The hot path: one request, top to bottom, as DESIGN.md tells it.
 
-authenticate → (admit) → route → stream → record. Each step is a call into a small
-collaborator (auth, upstream, openai_wire, emitter); this module only sequences them,
-turns their errors into responses, and builds exactly one event per request in a
-``finally:``. Nothing here is computed per request that could be computed at start-up.
+authenticate → admit → route → stream → record. Each step is a call into a small
+collaborator (auth, admission, routing, upstream, the client's and the upstream's
+wires, relay, emitter); this module only sequences them, turns their errors into
+responses in the client's own API format, and builds exactly one event per request in
+a ``finally:``. Every endpoint (OpenAI, Anthropic, Gemini) runs the same straight line:
+what differs is data (an ``Endpoint``), never a branch per provider.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,30 +25,64 @@ from aiohttp import web
 from proxy import errors
 from proxy.admission import Admission, Ticket
 from proxy.auth import Authenticator, bearer_token
-from proxy.catalog import Catalog, Model
+from proxy.catalog import Catalog, Deployment, Model
 from proxy.emitter import EventEmitter
 from proxy.metrics import Metrics
-from proxy.openai_wire import (
-    StreamScanner,
-    Usage,
-    parse_request,
-    upstream_body,
-    usage_from_response,
-)
+from proxy.providers.base import BYTES_PER_TOKEN, Chat, Relay, Usage, Wire
+from proxy.providers.registry import WIRES, refusal_for, stream_relay, translate_reply
+from proxy.relay import ClientGone, keepalive, pump
+from proxy.routing import Router
 from proxy.settings import Network, Settings
 from proxy.upstream import UpstreamClient
 from shared.events import Event, uuid7
 
 log = logging.getLogger("qnp.proxy")
 
-CHAT_ENDPOINT = "/v1/chat/completions"
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
 _CLIENT_GONE = 499  # nginx's convention: the client closed the request
-_BYTES_PER_TOKEN = 4  # rough estimate used only when an upstream reports no usage
+# Failures worth another deployment: the next one may well answer.
+_RETRYABLE = (errors.UpstreamUnavailable, errors.UpstreamFailed)
+
+UrlArgs = Callable[[web.Request], tuple[str | None, bool | None]]
+
+
+def _no_url_args(_request: web.Request) -> tuple[str | None, bool | None]:
+    return None, None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One public API: its event label, its wire, and what its URL carries."""
+
+    path: str
+    wire: Wire
+    operation: str = "chat"
+    url_args: UrlArgs = _no_url_args
+
+
+def _gemini_url_args(request: web.Request) -> tuple[str | None, bool | None]:
+    model, _, action = request.match_info.get("call", "").partition(":")
+    if action not in ("generateContent", "streamGenerateContent") or not model:
+        raise errors.RouteNotFound()
+    stream = action == "streamGenerateContent"
+    if stream and request.query.get("alt") != "sse":
+        raise errors.BadRequest("streamGenerateContent is served as SSE: add ?alt=sse.")
+    return model, stream
+
+
+# (route, endpoint) for every public API; app.py adds one route per entry.
+ROUTES: tuple[tuple[str, Endpoint], ...] = (
+    ("/v1/chat/completions", Endpoint("/v1/chat/completions", WIRES["openai"])),
+    ("/v1/completions", Endpoint("/v1/completions", WIRES["openai"], "completions")),
+    ("/v1/embeddings", Endpoint("/v1/embeddings", WIRES["openai"], "embeddings")),
+    ("/v1/messages", Endpoint("/v1/messages", WIRES["anthropic"])),
+    ("/v1beta/models/{call}", Endpoint("/v1beta/models:generateContent", WIRES["gemini"],
+                                       url_args=_gemini_url_args)),
+)
 
 
 def _now_us() -> int:
@@ -56,6 +94,7 @@ class _Facts:
     """What is known about one request so far; becomes its event."""
 
     id: str
+    endpoint: str
     received_at_us: int
     source_ip: str | None
     status: int = 0
@@ -65,17 +104,46 @@ class _Facts:
     key_id: str | None = None
     requested_model: str | None = None
     model: Model | None = None
+    deployment: Deployment | None = None
+    attempts: int = 0
     stream: bool = False
     first_byte_at_us: int | None = None
     body_bytes: int = 0
+    reply_bytes: int = 0
+    prompt_estimate: int = 0
     usage: Usage | None = None
-    scanner: StreamScanner | None = None
+    relay: Relay | None = None
+    finished: bool = False  # the upstream ended its answer normally
     ticket: Ticket | None = None
 
     def fail(self, err: errors.ProxyError) -> None:
         self.status = err.status
         self.outcome = err.outcome
         self.error_code = err.code
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    deployment: Deployment
+    resp: aiohttp.ClientResponse
+    first: bytes
+
+
+@dataclass(slots=True)
+class _ClientStream:
+    """The client's response: committed (status 200, SSE headers) on first use."""
+
+    request: web.Request
+    headers: dict[str, str]
+    facts: _Facts
+    out: web.StreamResponse | None = None
+
+    async def response(self) -> web.StreamResponse:
+        if self.out is None:
+            self.out = web.StreamResponse(headers={**_SSE_HEADERS, **self.headers})
+            await self.out.prepare(self.request)
+            self.facts.status = 200
+        return self.out
 
 
 class ChatHandler:
@@ -87,67 +155,49 @@ class ChatHandler:
         upstream: UpstreamClient,
         emitter: EventEmitter,
         metrics: Metrics,
+        router: Router,
     ) -> None:
         self._catalog: Catalog = settings.catalog
         self._max_body = settings.max_body_bytes
         self._node = settings.node_id
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
+        self._keepalive = settings.keepalive_interval
+        self._idle = settings.read_timeout
         self._auth = auth
         self._admission = admission
         self._default_max_tokens = settings.default_max_tokens
         self._upstream = upstream
+        self._router = router
         self._emitter = emitter
         self._metrics = metrics
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        facts = _Facts(str(uuid7()), _now_us(), self._client_ip(request))
+    async def serve(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        facts = _Facts(str(uuid7()), endpoint.path, _now_us(), self._client_ip(request))
         headers = {"x-request-id": facts.id}
+        wire = endpoint.wire
         try:
-            key = await self._auth.authenticate(
-                bearer_token(request.headers.get("Authorization"))
-            )
+            key = await self._auth.authenticate(_presented_key(request))
             facts.key_id, facts.account_id = key.key_id, key.account_id
             body = await self._read_body(request)
             facts.body_bytes = len(body)
-            chat = parse_request(body)
+            chat = _parse(request, endpoint, body)
             facts.requested_model, facts.stream = chat.model, chat.stream
-            model = self._catalog.get(chat.model)
-            if model is None:
-                raise errors.ModelNotFound(chat.model)
-            facts.model = model
+            facts.prompt_estimate = chat.prompt_estimate()
+            models = self._models(chat)
+            facts.model = models[0]
             # Reserve the most this request can use: estimated prompt + max tokens.
-            prompt = max(1, len(body) // _BYTES_PER_TOKEN)
+            prompt = max(1, len(body) // BYTES_PER_TOKEN)
             completion = chat.max_tokens or self._default_max_tokens
             facts.ticket = await self._admission.admit(
                 key, facts.id, prompt + completion,
-                model.price.cost_micros(prompt, completion),
+                max(m.price.cost_micros(prompt, completion) for m in models),
             )
             headers.update(facts.ticket.headers)
-            resp, deadline = await self._upstream.open(
-                model, upstream_body(chat, model.upstream_model)
-            )
-            try:
-                first = await self._upstream.first_chunk(resp, deadline)
-                if chat.stream:
-                    scanner = StreamScanner(forward_usage=chat.client_wants_usage)
-                    facts.scanner = scanner
-                    return await self._relay_stream(request, resp, first, scanner, facts,
-                                                    headers)
-                facts.first_byte_at_us = _now_us()
-                body = first + await resp.content.read()
-                facts.usage = usage_from_response(body)
-                facts.status = 200
-                return web.Response(body=body, content_type=errors.JSON, headers=headers)
-            finally:
-                # An unfinished upstream body (client gone, error) closes the connection,
-                # so the upstream stops generating; a finished one goes back to the pool.
-                if resp.content.at_eof():
-                    resp.release()
-                else:
-                    resp.close()
+            with self._router.request():
+                return await self._respond(request, wire, chat, models, facts, headers)
         except errors.ProxyError as e:
             facts.fail(e)
-            return errors.error_response(e, headers)
+            return _error_response(wire, e, headers)
         except (aiohttp.ClientError, TimeoutError) as e:
             # The upstream failed while its body was being read (non-stream).
             err: errors.ProxyError = (
@@ -155,61 +205,140 @@ class ChatHandler:
                 else errors.UpstreamUnavailable()
             )
             facts.fail(err)
-            return errors.error_response(err, headers)
+            return _error_response(wire, err, headers)
         except asyncio.CancelledError:
             facts.status, facts.outcome = _CLIENT_GONE, "client_cancelled"
             raise
         except Exception as e:  # the request's top level: log the bug, answer cleanly
             log.error(
-                "unhandled %s in chat_completions request_id=%s\n%s", type(e).__name__,
+                "unhandled %s in %s request_id=%s\n%s", type(e).__name__, endpoint.path,
                 facts.id, "".join(traceback.format_tb(e.__traceback__)),
             )
             err = errors.Internal()
             facts.fail(err)
-            return errors.error_response(err, headers)
+            return _error_response(wire, err, headers)
         finally:
             self._record(facts)
 
-    async def _relay_stream(
-        self,
-        request: web.Request,
-        resp: aiohttp.ClientResponse,
-        first: bytes,
-        scanner: StreamScanner,
-        facts: _Facts,
-        headers: dict[str, str],
-    ) -> web.StreamResponse:
-        out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
-        await out.prepare(request)
-        facts.status = 200
-        facts.first_byte_at_us = _now_us()
-        data = first
+    def _models(self, chat: Chat) -> list[Model]:
+        models = []
+        for name in (chat.model, *chat.fallbacks):
+            model = self._catalog.get(name)
+            if model is None:
+                raise errors.ModelNotFound(name)
+            models.append(model)
+        return models
+
+    async def _respond(self, request: web.Request, wire: Wire, chat: Chat,
+                       models: list[Model], facts: _Facts,
+                       headers: dict[str, str]) -> web.StreamResponse:
+        client = _ClientStream(request, headers, facts)
         try:
-            while data:
-                chunk = scanner.feed(data)
-                if chunk:
-                    await out.write(chunk)
-                data = await resp.content.readany()
-            tail = scanner.finish()
-            if tail:
-                await out.write(tail)
-        except ConnectionResetError:
-            facts.status, facts.outcome = _CLIENT_GONE, "client_cancelled"
-            return out
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            # Headers are gone: the error travels inside the stream, in OpenAI's shape.
-            err: errors.ProxyError = (
-                errors.UpstreamTimeout() if isinstance(e, TimeoutError)
-                else errors.UpstreamUnavailable()
-            )
-            facts.outcome, facts.error_code = err.outcome, err.code
+            attempt = await self._first_chunk(client, wire, chat, models)
+            if attempt is None:  # failed after keep-alives committed the stream
+                return await client.response()
             try:
-                await out.write(b"data: " + err.body() + b"\n\n")
-            except ConnectionResetError:
-                facts.status, facts.outcome = _CLIENT_GONE, "client_cancelled"
-                return out
-        await out.write_eof()
-        return out
+                return await self._deliver(client, wire, chat, attempt)
+            finally:
+                # An unfinished upstream body (client gone, error) closes the connection,
+                # so the upstream stops generating; a finished one goes back to the pool.
+                if attempt.resp.content.at_eof():
+                    attempt.resp.release()
+                else:
+                    attempt.resp.close()
+        except ClientGone:
+            facts.status, facts.outcome = _CLIENT_GONE, "client_cancelled"
+            return await client.response()
+
+    async def _first_chunk(self, client: _ClientStream, wire: Wire, chat: Chat,
+                           models: list[Model]) -> _Attempt | None:
+        """The first attempt to send a first chunk; keep-alives while a stream waits."""
+        opening = asyncio.ensure_future(self._open(wire, chat, models, client.facts))
+        try:
+            while chat.stream and not opening.done():
+                await asyncio.wait({opening}, timeout=self._keepalive)
+                if not opening.done():
+                    await keepalive(await client.response(), wire)
+            try:
+                return await opening
+            except errors.ProxyError as e:
+                if client.out is None:
+                    raise
+                client.facts.outcome, client.facts.error_code = e.outcome, e.code
+                await client.out.write(wire.stream_error(e))
+                await client.out.write_eof()
+                return None
+        finally:
+            if not opening.done():
+                opening.cancel()  # the client left: closes the upstream connection
+                with contextlib.suppress(asyncio.CancelledError):
+                    await opening
+
+    async def _deliver(self, client: _ClientStream, wire: Wire, chat: Chat,
+                       attempt: _Attempt) -> web.StreamResponse:
+        facts = client.facts
+        facts.first_byte_at_us = _now_us()
+        upstream_wire = attempt.deployment.wire
+        if chat.stream:
+            out = await client.response()
+            facts.relay = stream_relay(wire, upstream_wire, chat)
+            ended = await pump(out, attempt.resp, attempt.first, facts.relay, wire, self._idle)
+            if ended.error is not None:
+                facts.outcome, facts.error_code = ended.error.outcome, ended.error.code
+            elif facts.relay.failed:
+                facts.outcome, facts.error_code = "upstream_error", "upstream_stream_error"
+            else:
+                facts.finished = True
+            return out
+        raw = attempt.first + await attempt.resp.content.read()
+        facts.reply_bytes = len(raw)
+        body, facts.usage = translate_reply(wire, upstream_wire, raw, chat.model)
+        facts.status, facts.finished = 200, True
+        return web.Response(body=body, content_type=errors.JSON, headers=client.headers)
+
+    async def _open(self, wire: Wire, chat: Chat, models: list[Model],
+                    facts: _Facts) -> _Attempt:
+        """Try deployments in routing order until one sends its first chunk.
+
+        Retries and fallbacks happen only here, before anything reached the client,
+        on connection errors, 5xx and 429, within the router's retry budget.
+        """
+        plan = [(m, d) for m, d in self._router.plan(models)
+                if chat.operation == "chat" or d.wire is wire]
+        if not plan:
+            raise errors.BadRequest("This model is not served on this endpoint.",
+                                    param="model")
+        last: errors.ProxyError = errors.UpstreamUnavailable()
+        for n, (model, dep) in enumerate(plan):
+            if n and not self._router.try_retry():
+                break
+            try:
+                facts.attempts += 1
+                facts.model, facts.deployment = model, dep
+                return await self._attempt(wire, chat, dep)
+            except _RETRYABLE as e:
+                self._router.failed(model, dep)
+                last = e
+            except errors.UpstreamRefused as e:
+                if e.status != 429:
+                    raise refusal_for(wire, dep.wire, e) from None
+                self._router.failed(model, dep)
+                last = refusal_for(wire, dep.wire, e)
+            finally:
+                if n:
+                    self._router.retry_done()
+        raise last
+
+    async def _attempt(self, wire: Wire, chat: Chat, dep: Deployment) -> _Attempt:
+        req = dep.wire.request(chat, dep, same_format=dep.wire is wire)
+        resp, deadline = await self._upstream.send(req, dep.provider.name)
+        try:
+            first = await self._upstream.first_chunk(resp, deadline)
+        except BaseException:
+            resp.close()
+            raise
+        self._router.succeeded(dep)
+        return _Attempt(dep, resp, first)
 
     async def _read_body(self, request: web.Request) -> bytes:
         length = request.content_length
@@ -231,34 +360,42 @@ class ChatHandler:
         except ValueError:
             return peer
 
+    def _usage(self, facts: _Facts) -> tuple[Usage, str]:
+        """Usage to bill, and where it came from; never silently zero once generated."""
+        usage = facts.usage or (facts.relay.usage if facts.relay is not None else None)
+        if facts.first_byte_at_us is None:
+            return (usage, "upstream") if usage is not None else (Usage(), "none")
+        if usage is not None and facts.finished:
+            return usage, "upstream"
+        # Cut short (client gone, idle, error) or no usage reported: what passed through.
+        generated = facts.relay.estimated_completion_tokens() if facts.relay \
+            else facts.reply_bytes // BYTES_PER_TOKEN
+        if usage is not None and usage.completion_tokens >= generated:
+            return usage, "upstream"
+        base = usage or Usage(prompt_tokens=facts.prompt_estimate)
+        return Usage(base.prompt_tokens or facts.prompt_estimate, max(generated, 1),
+                     base.cached_tokens, 0, base.cache_write_tokens), "estimated"
+
     def _record(self, facts: _Facts) -> None:
         done = _now_us()
-        model = facts.model
-        usage, source = facts.usage, "upstream"
-        if usage is None and facts.scanner is not None and facts.scanner.usage is not None:
-            usage = facts.scanner.usage
-        if usage is None and model is not None and facts.first_byte_at_us is not None:
-            # Generation happened but no usage came back: estimate, never silently zero.
-            chunks = facts.scanner.events if facts.scanner is not None else 0
-            usage = Usage(
-                prompt_tokens=max(1, facts.body_bytes // _BYTES_PER_TOKEN),
-                completion_tokens=chunks,
-            )
-            source = "estimated"
-        if usage is None:
-            usage, source = Usage(), "none"
-        cost = model.price.cost_micros(usage.prompt_tokens, usage.completion_tokens) \
-            if model is not None else 0
+        model, dep = facts.model, facts.deployment
+        usage, source = self._usage(facts)
+        price = dep.price if dep is not None else model.price if model is not None else None
+        cost = price.cost_of(
+            usage.prompt_tokens, usage.completion_tokens, cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens,
+        ) if price is not None else 0
         if facts.ticket is not None:
             self._admission.settle(
                 facts.ticket, usage.prompt_tokens + usage.completion_tokens, cost
             )
+        served = dep or (model.deployments[0] if model is not None else None)
         self._emitter.emit(
             Event(
                 id=facts.id,
                 received_at_us=facts.received_at_us,
                 done_at_us=done,
-                endpoint=CHAT_ENDPOINT,
+                endpoint=facts.endpoint,
                 status=facts.status,
                 outcome=facts.outcome,
                 node_id=self._node,
@@ -266,8 +403,8 @@ class ChatHandler:
                 account_id=facts.account_id,
                 key_id=facts.key_id,
                 requested_model=facts.requested_model,
-                served_model=model.upstream_model if model is not None else None,
-                provider=model.provider.name if model is not None else None,
+                served_model=served.upstream_model if served is not None else None,
+                provider=served.provider.name if served is not None else None,
                 stream=facts.stream,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
@@ -277,6 +414,8 @@ class ChatHandler:
                 cost_micros=cost,
                 source_ip=facts.source_ip,
                 error_code=facts.error_code,
+                attempts=facts.attempts,
+                cache_write_tokens=usage.cache_write_tokens,
             )
         )
         label = model.name if model is not None else "-"
@@ -285,3 +424,25 @@ class ChatHandler:
         m.latency.labels(label).observe((done - facts.received_at_us) / 1e6)
         if facts.first_byte_at_us is not None:
             m.ttft.labels(label).observe((facts.first_byte_at_us - facts.received_at_us) / 1e6)
+
+
+def _presented_key(request: web.Request) -> str:
+    """The key as each SDK sends it: Bearer, ``x-api-key`` (Anthropic), or Gemini's
+    ``x-goog-api-key`` / ``?key=``."""
+    h = request.headers
+    other = h.get("x-api-key") or h.get("x-goog-api-key") or request.query.get("key")
+    return bearer_token(h.get("Authorization"), other)
+
+
+def _parse(request: web.Request, endpoint: Endpoint, body: bytes) -> Chat:
+    if endpoint.operation != "chat":
+        return endpoint.wire.parse_operation(body, endpoint.operation)
+    model, stream = endpoint.url_args(request)
+    return endpoint.wire.parse(body, model=model, stream=stream)
+
+
+def _error_response(wire: Wire, err: errors.ProxyError,
+                    headers: dict[str, str]) -> web.Response:
+    resp = errors.error_response(err, headers)  # status and headers (Retry-After …)
+    resp.body = wire.error_body(err)
+    return resp

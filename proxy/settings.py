@@ -18,6 +18,7 @@ from pathlib import Path
 
 from proxy.catalog import Catalog, CatalogError
 from proxy.catalog import load as load_catalog
+from proxy.routing import RoutingPolicy
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
 
 # Cloudflare's published edge ranges (https://www.cloudflare.com/ips/). A
@@ -70,6 +71,9 @@ class Settings:
     degraded_policy: str = "local"
     fleet_processes: int = 1
     degraded_fraction: float = 0.5
+    # SSE comments while a stream waits for its first token (Cloudflare cuts at 100 s).
+    keepalive_interval: float = 15.0
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
 
 
 def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -183,6 +187,14 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         degraded_policy=_choice(env, "QNP_DEGRADED_POLICY", ("local", "allow", "deny")),
         fleet_processes=_int(env, "QNP_FLEET_PROCESSES", 1, minimum=1),
         degraded_fraction=_num(env, "QNP_DEGRADED_FRACTION", 0.5, minimum=0.0),
+        keepalive_interval=_num(env, "QNP_KEEPALIVE_INTERVAL", 15.0, minimum=0.01),
+        routing=RoutingPolicy(
+            eject_after=_int(env, "QNP_EJECT_AFTER", 3, minimum=1),
+            base_ejection=_num(env, "QNP_EJECT_BASE_SECONDS", 5.0, minimum=0.001),
+            max_ejection=_num(env, "QNP_EJECT_MAX_SECONDS", 300.0, minimum=0.001),
+            retry_budget=_num(env, "QNP_RETRY_BUDGET", 0.2),
+            min_retry_concurrency=_int(env, "QNP_MIN_RETRY_CONCURRENCY", 3),
+        ),
     )
 
 

@@ -1,6 +1,6 @@
 """The upstream HTTP client: one pooled aiohttp session, timeouts, error mapping.
 
-``open()`` sends a request and returns once the upstream's status line and headers
+``send()`` sends a request and returns once the upstream's status line and headers
 are in, within the first-byte budget; ``first_chunk()`` waits for the body's first
 bytes within what is left of that budget. Connection failures, timeouts and upstream
 statuses become ``ProxyError``s here, so the handler reads as a straight line. Upstream
@@ -16,8 +16,8 @@ import logging
 
 import aiohttp
 
-from proxy.catalog import Model
 from proxy.errors import UpstreamFailed, UpstreamRefused, UpstreamTimeout, UpstreamUnavailable
+from proxy.providers.base import UpstreamRequest
 
 log = logging.getLogger("qnp.proxy.upstream")
 
@@ -36,8 +36,9 @@ class UpstreamClient:
         self._session = session
         self._first_byte = first_byte_timeout
 
-    async def open(self, model: Model, body: bytes) -> tuple[aiohttp.ClientResponse, float]:
-        """POST ``body`` to the model's upstream; (response with status 200, deadline).
+    async def send(self, req: UpstreamRequest, provider: str
+                   ) -> tuple[aiohttp.ClientResponse, float]:
+        """POST ``req`` upstream; (response with status 200, first-byte deadline).
 
         The deadline (loop time) is when the first body byte must have arrived.
         """
@@ -45,21 +46,17 @@ class UpstreamClient:
         deadline = loop.time() + self._first_byte
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(
-                    model.chat_url, data=body, headers=model.provider.headers
-                )
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamTimeout() from None
-        except TimeoutError:
+                resp = await self._session.post(req.url, data=req.body, headers=req.headers)
+        except TimeoutError:  # aiohttp's connect timeout included
             raise UpstreamTimeout() from None
         except (aiohttp.ClientError, OSError) as e:
-            log.warning("upstream %s unreachable: %s", model.provider.name, type(e).__name__)
+            log.warning("upstream %s unreachable: %s", provider, type(e).__name__)
             raise UpstreamUnavailable() from None
         if resp.status != 200:
-            await self._refuse(resp, model)
+            await self._refuse(resp, provider)
         return resp, deadline
 
-    async def _refuse(self, resp: aiohttp.ClientResponse, model: Model) -> None:
+    async def _refuse(self, resp: aiohttp.ClientResponse, provider: str) -> None:
         status = resp.status
         try:
             body = await resp.content.read(_MAX_ERROR_BODY)
@@ -69,7 +66,7 @@ class UpstreamClient:
             resp.release()
         if status in _CLIENT_STATUSES and body:
             raise UpstreamRefused(status, body, resp.headers.get("Retry-After"))
-        log.warning("upstream %s answered %d", model.provider.name, status)
+        log.warning("upstream %s answered %d", provider, status)
         raise UpstreamFailed()
 
     @staticmethod

@@ -215,6 +215,10 @@ class Wire(ABC):
               stream: bool | None = None) -> Chat:
         """Validate a client request; ``model``/``stream`` come from the URL if it has them."""
 
+    def parse_operation(self, body: bytes, operation: str) -> Chat:
+        """A request for an operation other than chat (embeddings, legacy completions)."""
+        raise BadRequest(f"This API has no {operation} endpoint.")
+
     @abstractmethod
     def request(self, chat: Chat, target: Target, *, same_format: bool) -> UpstreamRequest: ...
 

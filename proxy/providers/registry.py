@@ -42,7 +42,8 @@ class TranslatedRefusal(ProxyError):
         super().__init__(message[:500])
         self.status = status
         self.code = f"upstream_{status}"
-        self.retry_after = retry_after
+        if retry_after is not None:
+            self.headers = {"Retry-After": retry_after}
 
 
 class _Translation(Relay):

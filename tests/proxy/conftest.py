@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import bcrypt
 import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from devstack.mock_server import MockBehaviour
+from devstack.upstream_anthropic import MockAnthropicUpstream
+from devstack.upstream_gemini import MockGeminiUpstream
 from devstack.upstream_openai import MockOpenAIUpstream
 from proxy import server
 from proxy.app import WATCHING
@@ -46,6 +50,32 @@ completion_price = 0.60
 provider = "dead"
 prompt_price = 1
 completion_price = 1
+
+[providers.claude]
+kind = "anthropic"
+base_url = "{anthropic_url}"
+api_key_env = "MOCK_UPSTREAM_KEY"
+
+[providers.google]
+kind = "gemini"
+base_url = "{gemini_url}"
+api_key_env = "MOCK_UPSTREAM_KEY"
+
+[models."claude-demo"]
+provider = "claude"
+upstream_model = "claude-demo-haiku"
+prompt_price = 0.80
+completion_price = 4.00
+cache_read_price = 0.08
+cache_write_price = 1.00
+
+[models."gemini-demo"]
+provider = "google"
+upstream_model = "gemini-demo-flash"
+prompt_price = 0.10
+completion_price = 0.40
+cache_read_price = 0.025
+reasoning_price = 0.70
 """
 
 
@@ -59,6 +89,10 @@ class Gateway:
 
     def client(self, key: str, **kw: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kw)
+
+    def anthropic(self, key: str, **kw: Any) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(base_url=self.base_url.removesuffix("/v1"),
+                                         api_key=key, max_retries=0, **kw)
 
     async def events(self, expected: int) -> list[Event]:
         """The events on the stream, once ``expected`` of them have been flushed."""
@@ -77,9 +111,11 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_catalog(tmp_path: Path, upstream_base_url: str) -> Path:
+def write_catalog(tmp_path: Path, upstream_base_url: str, anthropic_url: str = "http://127.0.0.1:9/v1",
+                  gemini_url: str = "http://127.0.0.1:9/v1beta", extra: str = "") -> Path:
     path = tmp_path / "catalog.toml"
-    path.write_text(CATALOG.format(base_url=upstream_base_url, dead_port=closed_port()))
+    path.write_text(CATALOG.format(base_url=upstream_base_url, dead_port=closed_port(),
+                                   anthropic_url=anthropic_url, gemini_url=gemini_url) + extra)
     return path
 
 
@@ -120,15 +156,30 @@ GatewayFactory = Callable[..., Any]
 
 
 @pytest.fixture
+async def mock_anthropic() -> AsyncIterator[MockAnthropicUpstream]:
+    async with MockAnthropicUpstream(behaviour=MockBehaviour(api_key="sk-upstream-test")) as up:
+        yield up
+
+
+@pytest.fixture
+async def mock_gemini() -> AsyncIterator[MockGeminiUpstream]:
+    async with MockGeminiUpstream(behaviour=MockBehaviour(api_key="sk-upstream-test")) as up:
+        yield up
+
+
+@pytest.fixture
 async def start_gateway(
     tmp_path: Path, redis_url: str, redis_names: RedisNames, redis: aioredis.Redis,
-    mock_upstream: MockOpenAIUpstream,
+    mock_upstream: MockOpenAIUpstream, mock_anthropic: MockAnthropicUpstream,
+    mock_gemini: MockGeminiUpstream,
 ) -> AsyncIterator[GatewayFactory]:
-    """Start a proxy in this process with extra settings; stopped at teardown."""
+    """Start a proxy in this process with extra settings (and catalog entries appended
+    with ``catalog_extra``); stopped at teardown."""
     runners: list[web.AppRunner] = []
 
-    async def start(**extra: str) -> Gateway:
-        catalog = write_catalog(tmp_path, mock_upstream.base_url)
+    async def start(catalog_extra: str = "", **extra: str) -> Gateway:
+        catalog = write_catalog(tmp_path, mock_upstream.base_url, mock_anthropic.base_url,
+                                mock_gemini.base_url, catalog_extra)
         settings = load(proxy_env(redis_url, redis_names, catalog, **extra))
         runner = await server.start(settings)
         runners.append(runner)

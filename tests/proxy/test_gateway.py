@@ -307,7 +307,8 @@ async def test_models_health_and_metrics(gateway: Gateway, api_key: str) -> None
     async with gateway.client(api_key) as client:
         models = await client.models.list()
         await client.chat.completions.create(model="demo-mini", messages=MESSAGES)  # type: ignore[arg-type]
-    assert {m.id for m in models.data} == {"demo-mini", "unreachable"}
+    assert {m.id for m in models.data} == {"demo-mini", "unreachable", "claude-demo",
+                                           "gemini-demo"}
     root = gateway.base_url.removesuffix("/v1")
     async with aiohttp.ClientSession() as s:
         for path in ("/healthz", "/readyz"):

@@ -1,0 +1,82 @@
+"""Streaming to the client once the upstream's first chunk is in.
+
+``pump`` relays upstream bytes through a ``Relay`` (pass-through scanner or
+translation) to the committed client response. Backpressure is aiohttp's: ``write``
+waits while the client's socket buffer is full, so a slow client pauses our reads from
+the upstream. Silence from the upstream longer than the idle timeout ends the stream
+with an error event in the client's format; so does an upstream connection that breaks.
+No total-duration cap. A client that leaves raises ``ClientGone``.
+
+Must not import the handlers, auth or the emitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from proxy.providers.base import Relay, Wire
+
+
+class ClientGone(Exception):
+    """The client closed its connection while we were writing to it."""
+
+
+class StreamIdle(UpstreamTimeout):
+    code = "stream_idle_timeout"
+    message = "The upstream provider stopped sending for too long; the stream was ended."
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a relayed stream ended: ``error`` is None when the upstream finished it."""
+
+    error: ProxyError | None
+
+
+async def pump(
+    out: web.StreamResponse,
+    resp: aiohttp.ClientResponse,
+    first: bytes,
+    stream: Relay,
+    wire: Wire,
+    idle_timeout: float,
+) -> Outcome:
+    data = first
+    err: ProxyError
+    try:
+        while data:
+            chunk = stream.feed(data)
+            if chunk:
+                await out.write(chunk)
+            async with asyncio.timeout(idle_timeout):
+                data = await resp.content.readany()
+        tail = stream.finish()
+        if tail:
+            await out.write(tail)
+        await out.write_eof()
+        return Outcome(None)
+    except ConnectionResetError:
+        raise ClientGone() from None
+    except TimeoutError:
+        err = StreamIdle()
+    except (aiohttp.ClientError, OSError):
+        err = UpstreamUnavailable()
+    # Headers are gone: the error travels inside the stream, in the client's format.
+    try:
+        await out.write(stream.finish() + wire.stream_error(err))
+        await out.write_eof()
+    except ConnectionResetError:
+        raise ClientGone() from None
+    return Outcome(err)
+
+
+async def keepalive(out: web.StreamResponse, wire: Wire) -> None:
+    try:
+        await out.write(wire.keepalive)
+    except ConnectionResetError:
+        raise ClientGone() from None
