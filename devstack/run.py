@@ -27,7 +27,8 @@ from pathlib import Path
 from devstack.servers import dev_servers
 
 CATALOG = """\
-# The demo catalog `make run` writes: two models served by the built-in demo upstream.
+# The demo catalog `make run` writes: models in all three wire formats, each served by
+# a built-in demo upstream (OpenAI, Anthropic and Gemini format).
 [providers.demo]
 kind = "openai"
 base_url = "http://127.0.0.1:{upstream_port}/v1"
@@ -44,6 +45,31 @@ provider = "demo"
 upstream_model = "demo-large-2024"
 prompt_price = 2.50
 completion_price = 10.00
+
+[providers.demo-anthropic]
+kind = "anthropic"
+base_url = "http://127.0.0.1:{anthropic_port}/v1"
+api_key_env = "QNP_DEMO_UPSTREAM_KEY"
+
+[providers.demo-gemini]
+kind = "gemini"
+base_url = "http://127.0.0.1:{gemini_port}/v1beta"
+api_key_env = "QNP_DEMO_UPSTREAM_KEY"
+
+[models."demo-claude"]
+provider = "demo-anthropic"
+upstream_model = "claude-demo-haiku"
+prompt_price = 0.80
+completion_price = 4.00
+cache_read_price = 0.08
+cache_write_price = 1.00
+
+[models."demo-gemini"]
+provider = "demo-gemini"
+upstream_model = "gemini-demo-flash"
+prompt_price = 0.10
+completion_price = 0.40
+cache_read_price = 0.025
 """
 
 
@@ -130,8 +156,10 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="qnp-run-") as tmp,
     ):
         upstream_port, proxy_port, admin_port = _port(8090), _port(8080), _port(8081)
+        anthropic_port, gemini_port = _port(8091), _port(8092)
         catalog = Path(tmp) / "catalog.toml"
-        catalog.write_text(CATALOG.format(upstream_port=upstream_port))
+        catalog.write_text(CATALOG.format(upstream_port=upstream_port,
+                                          anthropic_port=anthropic_port, gemini_port=gemini_port))
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -160,6 +188,12 @@ def main() -> int:
                 env,
             )
             _wait_http(f"http://127.0.0.1:{upstream_port}/v1/models", up, "demo upstream")
+            for fmt, port, probe in (("anthropic", anthropic_port, "/v1/models"),
+                                     ("gemini", gemini_port, "/v1beta/models/x:generateContent")):
+                demo = children.start(f"demo {fmt} upstream", [
+                    "-m", f"devstack.upstream_{fmt}", "--port", str(port),
+                    "--api-key", env["QNP_DEMO_UPSTREAM_KEY"]], env)
+                _wait_http(f"http://127.0.0.1:{port}{probe}", demo, f"demo {fmt} upstream")
             cp = children.start("control plane", ["-m", "control_plane", "serve"], env)
             _wait_http(f"http://127.0.0.1:{admin_port}/healthz", cp, "control plane")
             px = children.start("proxy", ["-m", "proxy"], env)
@@ -190,6 +224,8 @@ QNP gateway is running. Paste these into another shell:
 
 export OPENAI_BASE_URL={base}
 export OPENAI_API_KEY={key}
+export ANTHROPIC_BASE_URL={base.removesuffix("/v1")}
+export ANTHROPIC_API_KEY={key}
 export DATABASE_URL={env["DATABASE_URL"]}
 export REDIS_URL={env["REDIS_URL"]}
 export QNP_ADMIN_TOKEN={env["QNP_ADMIN_TOKEN"]}
@@ -201,7 +237,11 @@ Usage and balance of the demo account ({account_id}, credited $10):
 curl -s http://127.0.0.1:{admin_port}/admin/accounts/{account_id}/usage -H "Authorization: Bearer $QNP_ADMIN_TOKEN"
 .venv/bin/python -m control_plane balance {account_id}
 
-Models: demo-mini, demo-large (served by the built-in demo upstream). Ctrl-C stops everything.
+curl -s $ANTHROPIC_BASE_URL/v1/messages -H "x-api-key: $ANTHROPIC_API_KEY" -H 'anthropic-version: 2023-06-01' -H 'Content-Type: application/json' -d '{{"model": "demo-claude", "max_tokens": 100, "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+curl -s "$ANTHROPIC_BASE_URL/v1beta/models/demo-gemini:generateContent" -H "x-goog-api-key: $OPENAI_API_KEY" -H 'Content-Type: application/json' -d '{{"contents": [{{"parts": [{{"text": "Hello!"}}]}}]}}'
+
+Models: demo-mini, demo-large (OpenAI format), demo-claude (Anthropic), demo-gemini (Gemini),
+served by the built-in demo upstreams; every model answers on every endpoint. Ctrl-C stops everything.
 """,
         flush=True,
     )
