@@ -53,6 +53,8 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("node_id", "text"),
     ("error_code", "text"),
     ("schema_version", "smallint"),
+    ("attempts", "integer"),
+    ("cache_write_tokens", "bigint"),
 )
 # One statement per batch: the rows that are new (ON CONFLICT skips re-deliveries) and,
 # for exactly those, the ledger debit of each billed request, so a usage row and its
@@ -162,6 +164,8 @@ def to_row(event: Event, now: datetime) -> UsageRow:
         _text(event.node_id, "node_id"),
         _text(event.error_code, "error_code"),
         _int(event.v, "v", 2**15 - 1),
+        _int(event.attempts, "attempts", _INT32),
+        _int(event.cache_write_tokens, "cache_write_tokens"),
     )
     return UsageRow(values, received.date(), event.done_at_us / 1e6)
 
