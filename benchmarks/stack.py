@@ -1,9 +1,12 @@
-"""The system under test for the benchmarks: Redis, the mock upstream and the proxy.
+"""The system under test for the benchmarks: Redis, the mock upstream and two proxies.
 
-Owns: starting the mock OpenAI upstream and the proxy as subprocesses on free
+Owns: starting the mock OpenAI upstream and two proxies as subprocesses on free
 127.0.0.1 ports (and a throwaway Redis unless a URL is given), publishing one API key
-the way the control plane does, and on exit stopping exactly the processes it started,
-by their pid, and deleting every Redis key it wrote (its own unique prefix).
+and its account's state the way the control plane does, and on exit stopping exactly
+the processes it started, by their pid, and deleting every Redis key it wrote (its own
+unique prefix). The two proxies share Redis, the key and the catalog and differ only in
+admission (``proxy`` has it on, as in production; ``proxy-noadmit`` runs with
+``QNP_ADMISSION=off``), so the difference between them is what admission costs.
 
 Must not import ``proxy`` or ``control_plane``: the proxy is measured from outside.
 """
@@ -20,11 +23,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
+import orjson
 import redis
 
 from devstack.servers import start_redis
@@ -39,6 +45,11 @@ UPSTREAM_KEY = "sk-bench-upstream"
 _ROOT = Path(__file__).resolve().parent.parent
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
+# Far more credit than any run spends, so admission never refuses for want of it.
+_BALANCE_MICROS = 10**15
+# The warning a proxy logs when it admits an account with no published state (under
+# the degraded local policy, which is not what production measures).
+UNPUBLISHED_WARNING = "no published state"
 
 _CATALOG = f"""
 [providers.mock]
@@ -58,19 +69,42 @@ class StackError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class Proxy:
+    """One proxy process under test."""
+
+    name: str  # the benchmark target it is measured as
+    url: str  # base URL, ends in /v1
+    node_id: str  # its QNP_NODE_ID, stamped on every event it emits
+    admission: bool
+    log: Path  # its stdout and stderr (warnings and errors only); gone after the run
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+
+@dataclass(frozen=True, slots=True)
 class Stack:
     upstream_url: str  # base URL, ends in /v1
-    proxy_url: str  # base URL, ends in /v1
-    api_key: str  # a qnp_ key the proxy accepts
+    proxies: tuple[Proxy, ...]  # admission on first, then off
+    api_key: str  # a qnp_ key both proxies accept
+    account_id: str  # the key's account, its state published with ample credit
     redis_url: str
     redis_is_ours: bool  # False when REDIS_URL was given
     names: RedisNames
     proxy_workers: int
 
-    def event_count(self) -> int:
-        """Entries on the proxy's event stream (one per request it answered)."""
+    def event_counts(self) -> Counter[str]:
+        """Entries on the shared event stream, by the node id of the proxy that wrote them."""
+        counts: Counter[str] = Counter()
         with contextlib.closing(redis.Redis.from_url(self.redis_url)) as client:
-            return int(client.xlen(self.names.events))
+            start = "-"
+            while True:
+                page = client.xrange(self.names.events, min=start, count=10_000)
+                for _, entry in page:
+                    counts[orjson.loads(entry[b"e"])["node_id"]] += 1
+                if len(page) < 10_000:
+                    return counts
+                start = "(" + page[-1][0].decode()
 
 
 class _Child:
@@ -138,23 +172,29 @@ def _child(
         child.stop()
 
 
-def _publish_key(redis_url: str, names: RedisNames) -> str:
-    """Issue a key as the control plane does: bcrypt hash in Redis, secret returned."""
+def _publish_key(redis_url: str, names: RedisNames) -> tuple[str, str]:
+    """Issue a key as the control plane does: bcrypt hash in Redis, and its account's
+    live state (active, ample credit) so admission runs its real script rather than the
+    degraded local policy. Returns the key's secret and the account id."""
     key, parts = apikeys.generate()
+    account_id = str(uuid.uuid4())
     record = KeyRecord(
         key_id=parts.key_id,
-        account_id="acct-bench",
+        account_id=account_id,
         status="active",
         secret_hash=bcrypt.hashpw(parts.secret.encode(), bcrypt.gensalt(4)).decode(),
         limits={},
     )
     with contextlib.closing(redis.Redis.from_url(redis_url)) as client:
         client.set(names.key_record(parts.key_id), record.encode())
-    return key
+        client.hset(names.account_state(account_id),
+                    mapping={"bal": _BALANCE_MICROS, "status": "active"})
+    return key, account_id
 
 
 def _delete_prefix(redis_url: str, names: RedisNames) -> None:
-    """Every key under our prefix (the key record and the event stream) goes."""
+    """Every key under our prefix (key record, account state, admission's keys, the
+    event stream) goes."""
     with contextlib.closing(redis.Redis.from_url(redis_url)) as client:
         keys = list(client.scan_iter(match=f"{names.prefix}:*", count=1000))
         for i in range(0, len(keys), 500):
@@ -172,7 +212,7 @@ def running_stack(
             redis_url = stack.enter_context(start_redis()).url
         names = RedisNames(prefix=f"qnpbench{secrets.token_hex(6)}")
         stack.callback(_delete_prefix, redis_url, names)
-        api_key = _publish_key(redis_url, names)
+        api_key, account_id = _publish_key(redis_url, names)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qnp-bench-")))
 
         up_port = _free_port()
@@ -186,26 +226,31 @@ def running_stack(
 
         catalog = tmp / "catalog.toml"
         catalog.write_text(_CATALOG.format(base_url=upstream_url))
-        proxy_port = _free_port()
         proxy_env = {
             **base_env,
             "REDIS_URL": redis_url,
             "QNP_REDIS_PREFIX": names.prefix,
             "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
-            "QNP_NODE_ID": "bench",
             "QNP_LOG_LEVEL": "WARNING",
             "QNP_SHUTDOWN_GRACE": "2",
         }
-        proxy_argv = [sys.executable, "-m", "proxy", "--catalog", str(catalog), "--host", HOST,
-                      "--port", str(proxy_port), "--workers", str(workers)]
-        proxy = _child("proxy", proxy_argv, proxy_env, tmp / "proxy.log",
-                       f"http://{HOST}:{proxy_port}/readyz", {})
-        stack.enter_context(proxy)
+        proxies = []
+        for name, node_id, admission in (("proxy", "bench", True),
+                                         ("proxy-noadmit", "bench-noadmit", False)):
+            port = _free_port()
+            env = {**proxy_env, "QNP_NODE_ID": node_id,
+                   "QNP_ADMISSION": "on" if admission else "off"}
+            argv = [sys.executable, "-m", "proxy", "--catalog", str(catalog), "--host", HOST,
+                    "--port", str(port), "--workers", str(workers)]
+            log = tmp / f"{name}.log"
+            stack.enter_context(_child(name, argv, env, log, f"http://{HOST}:{port}/readyz", {}))
+            proxies.append(Proxy(name, f"http://{HOST}:{port}/v1", node_id, admission, log))
 
         yield Stack(
             upstream_url=upstream_url,
-            proxy_url=f"http://{HOST}:{proxy_port}/v1",
+            proxies=tuple(proxies),
             api_key=api_key,
+            account_id=account_id,
             redis_url=redis_url,
             redis_is_ours=redis_is_ours,
             names=names,
