@@ -2,10 +2,14 @@
 
 authenticate → admit → route → stream → record. Each step is a call into a small
 collaborator (auth, admission, routing, upstream, the client's and the upstream's
-wires, relay, emitter); this module only sequences them, turns their errors into
-responses in the client's own API format, and builds exactly one event per request in
-a ``finally:``. Every endpoint (OpenAI, Anthropic, Gemini) runs the same straight line:
-what differs is data (an ``Endpoint``), never a branch per provider.
+wires, relay, record); this module only sequences them, fills in the request's
+``Facts``, turns errors into responses in the client's own API format, and hands the
+facts to ``record`` exactly once, in a ``finally:``. Every endpoint (OpenAI, Anthropic,
+Gemini) runs the same straight line: what differs is data (an ``Endpoint``), never a
+branch per provider.
+
+Must not import the control plane or Redis, nor build events itself: settlement, the
+event and metrics are ``proxy.record``'s.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,18 +26,19 @@ import aiohttp
 from aiohttp import web
 
 from proxy import errors
-from proxy.admission import Admission, Ticket
+from proxy.admission import Admission
 from proxy.auth import Authenticator, bearer_token
 from proxy.catalog import Catalog, Deployment, Model
 from proxy.emitter import EventEmitter
 from proxy.metrics import Metrics
-from proxy.providers.base import BYTES_PER_TOKEN, Chat, Relay, Usage, Wire
+from proxy.providers.base import BYTES_PER_TOKEN, Chat, Wire
 from proxy.providers.registry import WIRES, refusal_for, stream_relay, translate_reply
+from proxy.record import Facts, Recorder, now_us
 from proxy.relay import ClientGone, keepalive, pump
 from proxy.routing import Router
 from proxy.settings import Network, Settings
 from proxy.upstream import UpstreamClient
-from shared.events import Event, uuid7
+from shared.events import uuid7
 
 log = logging.getLogger("qnp.proxy")
 
@@ -85,43 +89,6 @@ ROUTES: tuple[tuple[str, Endpoint], ...] = (
 )
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
-@dataclass(slots=True)
-class _Facts:
-    """What is known about one request so far; becomes its event."""
-
-    id: str
-    endpoint: str
-    received_at_us: int
-    source_ip: str | None
-    status: int = 0
-    outcome: str = "ok"
-    error_code: str | None = None
-    account_id: str | None = None
-    key_id: str | None = None
-    requested_model: str | None = None
-    model: Model | None = None
-    deployment: Deployment | None = None
-    attempts: int = 0
-    stream: bool = False
-    first_byte_at_us: int | None = None
-    body_bytes: int = 0
-    reply_bytes: int = 0
-    prompt_estimate: int = 0
-    usage: Usage | None = None
-    relay: Relay | None = None
-    finished: bool = False  # the upstream ended its answer normally
-    ticket: Ticket | None = None
-
-    def fail(self, err: errors.ProxyError) -> None:
-        self.status = err.status
-        self.outcome = err.outcome
-        self.error_code = err.code
-
-
 @dataclass(frozen=True, slots=True)
 class _Attempt:
     deployment: Deployment
@@ -135,7 +102,7 @@ class _ClientStream:
 
     request: web.Request
     headers: dict[str, str]
-    facts: _Facts
+    facts: Facts
     out: web.StreamResponse | None = None
 
     async def response(self) -> web.StreamResponse:
@@ -159,7 +126,6 @@ class ChatHandler:
     ) -> None:
         self._catalog: Catalog = settings.catalog
         self._max_body = settings.max_body_bytes
-        self._node = settings.node_id
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._keepalive = settings.keepalive_interval
         self._idle = settings.read_timeout
@@ -168,11 +134,10 @@ class ChatHandler:
         self._default_max_tokens = settings.default_max_tokens
         self._upstream = upstream
         self._router = router
-        self._emitter = emitter
-        self._metrics = metrics
+        self._recorder = Recorder(settings.node_id, admission, emitter, metrics)
 
     async def serve(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-        facts = _Facts(str(uuid7()), endpoint.path, _now_us(), self._client_ip(request))
+        facts = Facts(str(uuid7()), endpoint.path, now_us(), self._client_ip(request))
         headers = {"x-request-id": facts.id}
         wire = endpoint.wire
         try:
@@ -218,7 +183,7 @@ class ChatHandler:
             facts.fail(err)
             return _error_response(wire, err, headers)
         finally:
-            self._record(facts)
+            self._recorder.record(facts)
 
     def _models(self, chat: Chat) -> list[Model]:
         models = []
@@ -230,7 +195,7 @@ class ChatHandler:
         return models
 
     async def _respond(self, request: web.Request, wire: Wire, chat: Chat,
-                       models: list[Model], facts: _Facts,
+                       models: list[Model], facts: Facts,
                        headers: dict[str, str]) -> web.StreamResponse:
         client = _ClientStream(request, headers, facts)
         try:
@@ -277,7 +242,7 @@ class ChatHandler:
     async def _deliver(self, client: _ClientStream, wire: Wire, chat: Chat,
                        attempt: _Attempt) -> web.StreamResponse:
         facts = client.facts
-        facts.first_byte_at_us = _now_us()
+        facts.first_byte_at_us = now_us()
         upstream_wire = attempt.deployment.wire
         if chat.stream:
             out = await client.response()
@@ -297,7 +262,7 @@ class ChatHandler:
         return web.Response(body=body, content_type=errors.JSON, headers=client.headers)
 
     async def _open(self, wire: Wire, chat: Chat, models: list[Model],
-                    facts: _Facts) -> _Attempt:
+                    facts: Facts) -> _Attempt:
         """Try deployments in routing order until one sends its first chunk.
 
         Retries and fallbacks happen only here, before anything reached the client,
@@ -359,71 +324,6 @@ class ChatHandler:
             return str(ipaddress.ip_address(forwarded.strip())) if trusted else peer
         except ValueError:
             return peer
-
-    def _usage(self, facts: _Facts) -> tuple[Usage, str]:
-        """Usage to bill, and where it came from; never silently zero once generated."""
-        usage = facts.usage or (facts.relay.usage if facts.relay is not None else None)
-        if facts.first_byte_at_us is None:
-            return (usage, "upstream") if usage is not None else (Usage(), "none")
-        if usage is not None and facts.finished:
-            return usage, "upstream"
-        # Cut short (client gone, idle, error) or no usage reported: what passed through.
-        generated = facts.relay.estimated_completion_tokens() if facts.relay \
-            else facts.reply_bytes // BYTES_PER_TOKEN
-        if usage is not None and usage.completion_tokens >= generated:
-            return usage, "upstream"
-        base = usage or Usage(prompt_tokens=facts.prompt_estimate)
-        return Usage(base.prompt_tokens or facts.prompt_estimate, max(generated, 1),
-                     base.cached_tokens, 0, base.cache_write_tokens), "estimated"
-
-    def _record(self, facts: _Facts) -> None:
-        done = _now_us()
-        model, dep = facts.model, facts.deployment
-        usage, source = self._usage(facts)
-        price = dep.price if dep is not None else model.price if model is not None else None
-        cost = price.cost_of(
-            usage.prompt_tokens, usage.completion_tokens, cached_tokens=usage.cached_tokens,
-            cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens,
-        ) if price is not None else 0
-        if facts.ticket is not None:
-            self._admission.settle(
-                facts.ticket, usage.prompt_tokens + usage.completion_tokens, cost
-            )
-        served = dep or (model.deployments[0] if model is not None else None)
-        self._emitter.emit(
-            Event(
-                id=facts.id,
-                received_at_us=facts.received_at_us,
-                done_at_us=done,
-                endpoint=facts.endpoint,
-                status=facts.status,
-                outcome=facts.outcome,
-                node_id=self._node,
-                first_byte_at_us=facts.first_byte_at_us,
-                account_id=facts.account_id,
-                key_id=facts.key_id,
-                requested_model=facts.requested_model,
-                served_model=served.upstream_model if served is not None else None,
-                provider=served.provider.name if served is not None else None,
-                stream=facts.stream,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens,
-                reasoning_tokens=usage.reasoning_tokens,
-                usage_source=source,
-                cost_micros=cost,
-                source_ip=facts.source_ip,
-                error_code=facts.error_code,
-                attempts=facts.attempts,
-                cache_write_tokens=usage.cache_write_tokens,
-            )
-        )
-        label = model.name if model is not None else "-"
-        m = self._metrics
-        m.requests.labels(label, str(facts.status)).inc()
-        m.latency.labels(label).observe((done - facts.received_at_us) / 1e6)
-        if facts.first_byte_at_us is not None:
-            m.ttft.labels(label).observe((facts.first_byte_at_us - facts.received_at_us) / 1e6)
 
 
 def _presented_key(request: web.Request) -> str:
