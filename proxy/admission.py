@@ -42,6 +42,7 @@ log = logging.getLogger("qnp.proxy.admission")
 
 _REDIS_DOWN = (RedisError, OSError, TimeoutError)
 _MAX_PENDING_SETTLEMENTS = 100_000
+_SETTLE_BATCH = 256
 _WARN_EVERY = 60.0  # seconds between two warnings about one unpublished account
 
 
@@ -105,9 +106,8 @@ class Admission:
         )
         self._degraded = False
         self._on_degraded = on_degraded
-        self._recovered = asyncio.Event()
-        self._pending: deque[tuple[Ticket, int, int]] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: deque[tuple[Ticket, int, int]] = deque()
+        self._wake = asyncio.Event()
         self._warned: dict[str, float] = {}
 
     @property
@@ -171,34 +171,56 @@ class Admission:
         return ticket
 
     def settle(self, ticket: Ticket, used_tokens: int, cost: int) -> None:
-        """Replace the reservation with what was used; runs off the request's path."""
-        if ticket.mode == "open" and not self._cfg.enabled:
-            return
+        """Queue the swap of reservation for real usage; never waits on Redis.
+
+        The settlement task sends whatever is queued as one pipeline, so under load many
+        requests share one round trip (each script stays atomic and idempotent).
+        """
         if ticket.local_scopes:
             self._local.release(ticket.local_scopes)
-        task = asyncio.get_running_loop().create_task(self._settle_now(ticket, used_tokens, cost))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _settle_now(self, ticket: Ticket, used_tokens: int, cost: int) -> None:
-        if self._degraded:
-            self._keep(ticket, used_tokens, cost)
+        if ticket.mode == "open" and not self._cfg.enabled:
             return
-        try:
-            await self._settle(
-                keys=self._names.admission_keys(ticket.account_id, ticket.key_id),
-                args=[0, ticket.request_id, ticket.key_id,
-                      ticket.tokens, used_tokens, cost, self._cfg.settled_memory_ms],
-            )
-        except _REDIS_DOWN as e:
-            self._degrade(f"settlement failed ({type(e).__name__})")
-            self._keep(ticket, used_tokens, cost)
-
-    def _keep(self, ticket: Ticket, used_tokens: int, cost: int) -> None:
-        if len(self._pending) >= _MAX_PENDING_SETTLEMENTS:
+        if len(self._queue) >= _MAX_PENDING_SETTLEMENTS:
             log.error("settlement queue full: dropping the oldest (its charge is lost)")
-            self._pending.popleft()
-        self._pending.append((ticket, used_tokens, cost))
+            self._queue.popleft()
+        self._queue.append((ticket, used_tokens, cost))
+        self._wake.set()
+
+    async def run_settlements(self) -> None:
+        """The settlement task: drains the queue whenever Redis is reachable."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self._queue and not self._degraded:
+            batch = [self._queue.popleft()
+                     for _ in range(min(len(self._queue), _SETTLE_BATCH))]
+            try:
+                await self._send(batch)
+            except _REDIS_DOWN as e:
+                self._queue.extendleft(reversed(batch))  # retried, oldest first
+                self._degrade(f"settlement failed ({type(e).__name__})")
+            except asyncio.CancelledError:
+                # Shutting down mid-send: close() sends them again (settling is idempotent).
+                self._queue.extendleft(reversed(batch))
+                raise
+
+    async def _send(self, batch: list[tuple[Ticket, int, int]]) -> None:
+        calls: list[tuple[list[str], list[str | int]]] = [
+            (self._names.admission_keys(t.account_id, t.key_id),
+             [0, t.request_id, t.key_id, t.tokens, used, cost, self._cfg.settled_memory_ms])
+            for t, used, cost in batch
+        ]
+        if isinstance(self._redis, RedisCluster):
+            # Accounts live in different slots: one call each, concurrently.
+            await asyncio.gather(*(self._settle(keys=k, args=a) for k, a in calls))
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await self._settle(keys=keys, args=args, client=pipe)
+            await pipe.execute()
 
     def _degrade(self, why: str) -> None:
         if not self._degraded:
@@ -211,22 +233,16 @@ class Admission:
         """Watch Redis while degraded; resume normal admission once it answers."""
         while True:
             await asyncio.sleep(self._cfg.probe_interval)
-            if not self._degraded and not self._pending:
+            if not self._degraded:
                 continue
             try:
                 await self._redis.ping()
             except _REDIS_DOWN:
                 continue
-            if self._degraded:
-                self._degraded = False
-                self._on_degraded(False)
-                log.warning("Redis is back: normal admission resumed")
-            await self._drain()
-
-    async def _drain(self) -> None:
-        while self._pending and not self._degraded:
-            ticket, used, cost = self._pending.popleft()
-            await self._settle_now(ticket, used, cost)
+            self._degraded = False
+            self._on_degraded(False)
+            log.warning("Redis is back: normal admission resumed")
+            self._wake.set()  # settlements queued meanwhile go now
 
     async def ready(self) -> bool:
         """True if the admission script runs (the readiness check exercises it)."""
@@ -240,15 +256,16 @@ class Admission:
         return bool(reply[0] == 4)
 
     async def close(self, deadline: float) -> None:
-        """Finish settlements in flight and try the queued ones once more."""
+        """Send the settlements still queued (after the settlement task has stopped)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(deadline):
-                if self._tasks:
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
                 self._degraded = False
-                await self._drain()
-        if self._pending:
-            log.error("shutting down with %d unsettled requests", len(self._pending))
+                while self._queue:
+                    await self._flush()
+                    if self._queue:
+                        await asyncio.sleep(0.1)
+        if self._queue:
+            log.error("shutting down with %d unsettled requests", len(self._queue))
 
 
 def _decide(ticket: Ticket, reply: list[object]) -> Ticket:

@@ -32,13 +32,26 @@ if not st[1] then return {4} end
 if st[2] == 'suspended' then return {3} end
 
 -- A retried call for a request already admitted changes nothing.
-if redis.call('ZSCORE', KEYS[2], id) or redis.call('ZSCORE', KEYS[10], id) then
+if redis.call('HEXISTS', KEYS[9], id) == 1 or redis.call('ZSCORE', KEYS[2], id)
+    or redis.call('ZSCORE', KEYS[10], id) then
   return {0, 0, -1, 0, 0, -1, 0}
 end
 
 local function lim(v) v = tonumber(v) or 0; if v > 0 then return v end; return nil end
 local a_rpm, a_tpm, a_conc = lim(st[3]), lim(st[4]), lim(st[5])
 local k_rpm, k_tpm, k_conc = lim(ARGV[5]), lim(ARGV[6]), lim(ARGV[7])
+local bal = tonumber(st[1])
+
+-- No limit applies to this key or account: credit is the only check, and no log is
+-- kept (settlement finds nothing to swap or free, which it tolerates).
+if not (a_rpm or a_tpm or a_conc or k_rpm or k_tpm or k_conc) then
+  if cost > 0 then
+    if bal < cost then return {2, bal} end
+    redis.call('HINCRBY', KEYS[1], 'bal', -cost)
+    redis.call('HSET', KEYS[9], id, cost)
+  end
+  return {0, -1, -1, 0, -1, -1, 0}
+end
 
 local function expire_tokens(log, field)
   local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
@@ -98,7 +111,6 @@ for _, c in ipairs(tok_fields) do
 end
 
 -- Credit: the reservation must be covered by the live balance.
-local bal = tonumber(st[1])
 if cost > 0 and bal < cost then return {2, bal} end
 
 -- Admitted: record everything.

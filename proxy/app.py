@@ -143,11 +143,13 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
         on_degraded=lambda degraded: metrics.admission_degraded.set(int(degraded)),
     )
     app[ADMISSION] = admission
-    probe = asyncio.create_task(admission.probe(), name="admission-probe")
+    tasks = [asyncio.create_task(admission.probe(), name="admission-probe"),
+             asyncio.create_task(admission.run_settlements(), name="settlements")]
     yield
-    probe.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await probe
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await admission.close(deadline=5.0)
 
 
