@@ -1,17 +1,21 @@
 """Chaos fixtures: a Redis of the test's own that can be killed and restarted on the
 same port (append-only file, fsync always, as production runs it), a steady client,
-and exact-count helpers. Outages last QNP_CHAOS_OUTAGE_S seconds (default 10)."""
+the control plane as a real process, and exact-count helpers. Outages last
+QNP_CHAOS_OUTAGE_S seconds (default 10)."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib.util
 import os
+import re
+import signal
 import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +23,13 @@ import aiohttp
 import asyncpg
 import pytest
 import redis
+import redis.asyncio as aioredis
 
-from tests.support import free_port
+from devstack.servers import start_postgres
+from shared.events import STREAM_FIELD
+from shared.redis_names import RedisNames
+from tests.control_plane.factories import make_event
+from tests.support import ModuleProcess, free_port, wait_for_http, wait_until_gone
 
 OUTAGE_S = float(os.environ.get("QNP_CHAOS_OUTAGE_S", "10"))
 
@@ -62,6 +71,80 @@ class OwnRedis:
             self._proc.wait()
 
 
+class OwnPostgres:
+    """A throwaway PostgreSQL (``devstack.servers.start_postgres``) that the test can
+    stop (fast shutdown: sessions are ended, then connections refused) and start again
+    on the same port with the same data, as an operator's restart does."""
+
+    def __init__(self, log_path: Path) -> None:
+        self._server = start_postgres()
+        self.url = self._server.url
+        assert self._server.pid is not None
+        self._pid = self._server.pid
+        self._argv = Path(f"/proc/{self._pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        data = Path(self._argv[self._argv.index("-D") + 1])
+        self._folder = data.parent
+        owner = data.stat()
+        self._user = (owner.st_uid, owner.st_gid) if os.geteuid() == 0 else None
+        self._log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+
+    def stop(self) -> None:
+        if self._proc is None:
+            os.kill(self._pid, signal.SIGINT)
+            assert wait_until_gone(self._pid, 30), "own Postgres did not stop"
+            # The folder's lock died with the server: hold it ourselves, so another
+            # session's sweep of abandoned server folders leaves ours alone.
+            self._lock_fd = os.open(self._folder / "lock", os.O_RDWR | os.O_NOFOLLOW)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            self._proc.send_signal(signal.SIGINT)
+            self._proc.wait(30)
+            self._proc = None
+
+    async def start(self) -> None:
+        assert self._proc is None
+        with open(self._log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self._argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self._folder, start_new_session=True,
+                user=self._user[0] if self._user else None,
+                group=self._user[1] if self._user else None,
+                extra_groups=[] if self._user else None,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await (await asyncpg.connect(self.url, timeout=1)).close()
+                return
+            except (OSError, asyncpg.PostgresError):
+                assert self._proc.poll() is None, "own Postgres did not restart"
+                assert time.monotonic() < deadline, "own Postgres did not restart in time"
+                await asyncio.sleep(0.05)
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        self._server.stop()  # removes the folder
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[OwnPostgres]:
+    server = OwnPostgres(tmp_path / "postgres.log")
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server = OwnRedis(tmp_path / "redis")
@@ -79,6 +162,8 @@ class Load:
     interval: float = 0.02
     statuses: Counter[int] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    # x-request-id of every answered request (the event id the proxy assigned).
+    request_ids: list[str] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -97,6 +182,8 @@ class Load:
                     async with s.post(self.url, json=body, headers=headers) as r:
                         await r.read()
                         self.statuses[r.status] += 1
+                        if "x-request-id" in r.headers:
+                            self.request_ids.append(r.headers["x-request-id"])
                 except (aiohttp.ClientError, TimeoutError) as e:
                     self.errors.append(type(e).__name__)
 
@@ -138,3 +225,92 @@ async def rows_for(database_url: str, account_id: str, expected: int,
         return int(rows), int(distinct), int(debits)
     finally:
         await conn.close()
+
+
+def control_plane_env(database_url: str, redis_url: str, prefix: str, **extra: str
+                      ) -> dict[str, str]:
+    """The environment of ``python -m control_plane serve`` for a test's own names."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "QNP_REDIS_PREFIX": prefix,
+        "QNP_ADMIN_TOKEN": "chaos-" + uuid.uuid4().hex,
+        "QNP_ADMIN_PORT": str(free_port()),
+        "QNP_BCRYPT_ROUNDS": "4",
+        "QNP_INGEST_BLOCK_MS": "100",
+        "PATH": "/usr/bin:/bin",
+        **extra,
+    }
+
+
+async def serve_control_plane(env: dict[str, str], log_path: Path) -> ModuleProcess:
+    """``python -m control_plane serve`` as a real process, once its admin API answers."""
+    process = ModuleProcess("control_plane", ["serve"], log_path=log_path, env=env)
+    try:
+        await wait_for_http(f"http://127.0.0.1:{env['QNP_ADMIN_PORT']}/healthz",
+                            expect_status=200)
+    except BaseException:
+        process.stop(signal.SIGKILL)
+        raise
+    return process
+
+
+async def metric(env: dict[str, str], name: str) -> float:
+    """One sample of a control plane's /metrics (0 if absent)."""
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{env['QNP_ADMIN_PORT']}/metrics") as r:
+        text = await r.text()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def add_events(client: aioredis.Redis, names: RedisNames, account_id: str,
+                     count: int) -> list[str]:
+    """``count`` valid billed events on the stream in one MULTI, so a consumer blocked
+    in XREADGROUP reads them all at once; their ids."""
+    events = [make_event(account_id) for _ in range(count)]
+    async with client.pipeline(transaction=True) as pipe:
+        for event in events:
+            pipe.xadd(names.events, {STREAM_FIELD: event.encode()})
+        await pipe.execute()
+    return [event.id for event in events]
+
+
+async def pending(client: aioredis.Redis, names: RedisNames) -> dict[str, int]:
+    """Entries delivered to the ingest group and not acked, per consumer."""
+    info = await client.xpending(names.events, names.ingest_group)
+    return {_text(c["name"]): int(c["pending"]) for c in info["consumers"] or []}
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], what: str,
+                   timeout: float = 60.0) -> None:
+    """Poll until ``condition()``; the timeout is a hang guard, not a measurement."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"hang guard: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def stored_ids(database_url: str, account_id: str) -> list[str]:
+    """Every usage row id of the account, duplicates included."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT id FROM usage_logs WHERE account_id = $1",
+                                uuid.UUID(account_id))
+        return [str(r["id"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+async def debit_count(database_url: str, account_id: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval(
+            "SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'debit'",
+            uuid.UUID(account_id)))
+    finally:
+        await conn.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
