@@ -37,7 +37,7 @@ DEAD_LETTER_MAXLEN = 100_000
 MAX_DELIVERIES = 5
 CLAIM_EVERY_S = 30.0
 BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
+BACKOFF_MAX_S = 5.0  # an outage's end is noticed within this
 
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Errors that belong to a row rather than to Postgres being unavailable: bad data, a

@@ -15,10 +15,10 @@ Delivery to the stream is at-least-once (a batch whose reply was lost, or a repl
 chunk cut short, is sent again); ingest stores each event id exactly once.
 
 What a crash can lose: SIGTERM loses nothing (``close`` sends what is buffered, or
-spools it). SIGKILL loses the events still in memory: those of requests that ended since
-the last send began, i.e. about one ``flush_interval`` of traffic and at most
-``batch_size`` events while Redis or the spool keeps up (the whole bounded buffer only
-if neither can). Spooled events survive SIGKILL; a crash of the machine loses at most
+spools it). SIGKILL loses the events still in memory: the batch being sent (it leaves
+the buffer only once Redis confirms it) and those that ended since, i.e. about one
+``flush_interval`` of traffic and at most 2 × ``batch_size`` events while Redis or the
+spool keeps up (the whole bounded buffer only if neither can). Spooled events survive SIGKILL; a crash of the machine loses at most
 the last un-fsynced spool write, one batch (``batch_size`` events).
 
 Must not import the request handlers, auth or the upstream client.
