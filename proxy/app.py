@@ -162,6 +162,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         ),
         auto_decompress=False,  # bytes pass through as the upstream sent them
         skip_auto_headers=("User-Agent",),
+        # aiohttp's default (256 KiB, paused at twice that) would let each stream whose
+        # client reads slowly park ~1.5 MB here; 64 KiB keeps it well under 1 MB.
+        read_bufsize=2**16,
     )
     app[UPSTREAM] = UpstreamClient(session, first_byte_timeout=settings.first_byte_timeout)
     yield
