@@ -18,8 +18,9 @@ What a crash can lose: SIGTERM loses nothing (``close`` sends what is buffered, 
 spools it). SIGKILL loses the events still in memory: the batch being sent (it leaves
 the buffer only once Redis confirms it) and those that ended since, i.e. about one
 ``flush_interval`` of traffic and at most 2 × ``batch_size`` events while Redis or the
-spool keeps up (the whole bounded buffer only if neither can). Spooled events survive SIGKILL; a crash of the machine loses at most
-the last un-fsynced spool write, one batch (``batch_size`` events).
+spool keeps up (the whole bounded buffer only if neither can). Spooled events survive
+SIGKILL; a crash of the machine loses at most the last un-fsynced spool write, one
+batch (``batch_size`` events).
 
 Must not import the request handlers, auth or the upstream client.
 """
