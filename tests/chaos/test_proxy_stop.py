@@ -1,6 +1,7 @@
 """A proxy stopped under load. SIGTERM drains: every answered request is stored once.
 SIGKILL loses at most what ``proxy/emitter.py`` states: the events still in memory,
-at most one batch (``QNP_EVENT_BATCH``) while Redis keeps up."""
+at most two batches (``QNP_EVENT_BATCH``: the one in flight and the next) while Redis
+keeps up, as proxy/emitter.py states."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ async def test_sigterm_under_load_stores_every_answered_request_once(
     assert await debit_count(migrated_url, account) == load.answered
 
 
-async def test_sigkill_under_load_loses_at_most_one_batch(
+async def test_sigkill_under_load_loses_at_most_two_batches(
     tmp_path: Path, migrated_url: str, redis_url: str, redis_names: RedisNames,
     redis: aioredis.Redis, mock_upstream: MockOpenAIUpstream, ingest: None,
 ) -> None:
@@ -102,10 +103,10 @@ async def test_sigkill_under_load_loses_at_most_one_batch(
     assert code == -signal.SIGKILL
     assert load.answered > 100 and len(load.request_ids) == load.answered, load.statuses
     completed = set(load.request_ids)
-    stored = await _stored_for(migrated_url, account, load.answered - BATCH)
+    stored = await _stored_for(migrated_url, account, load.answered - 2 * BATCH)
     assert len(stored) == len(set(stored))  # none doubled
     lost = completed - set(stored)
-    assert len(lost) <= BATCH, f"{len(lost)} answered requests lost, bound {BATCH}"
+    assert len(lost) <= 2 * BATCH, f"{len(lost)} answered requests lost, bound {2 * BATCH}"
     # Rows beyond the answered ones: requests cut off mid-response by the kill.
     assert len(set(stored) - completed) <= len(load.errors)
     assert await debit_count(migrated_url, account) == len(stored)
