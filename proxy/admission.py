@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from proxy import errors
 from proxy.local_limits import LocalLimiter
+from proxy.tasks import cancel_requested
 from shared.apikeys import KeyRecord
 from shared.redis_names import RedisNames
 
@@ -201,6 +202,8 @@ class Admission:
                 await self._send(batch)
             except _REDIS_DOWN as e:
                 self._queue.extendleft(reversed(batch))  # retried, oldest first
+                if cancel_requested():
+                    raise asyncio.CancelledError() from e
                 self._degrade(f"settlement failed ({type(e).__name__})")
             except asyncio.CancelledError:
                 # Shutting down mid-send: close() sends them again (settling is idempotent).
@@ -238,6 +241,8 @@ class Admission:
             try:
                 await self._redis.ping()
             except _REDIS_DOWN:
+                if cancel_requested():
+                    return
                 continue
             self._degraded = False
             self._on_degraded(False)

@@ -8,7 +8,6 @@ state. Response bodies that never vary (model list, health) are encoded here, on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -26,6 +25,7 @@ from proxy.metrics import Metrics
 from proxy.routing import Router
 from proxy.settings import Settings
 from proxy.spool import Spool
+from proxy.tasks import stop_task
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("qnp.proxy")
@@ -96,9 +96,7 @@ async def _emitter_ctx(app: web.Application) -> AsyncIterator[None]:
     emitter.stop()
     _, pending = await asyncio.wait(tasks, timeout=5.0)
     for task in pending:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
     await emitter.close(deadline=5.0)
 
 
@@ -124,9 +122,7 @@ async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WATCHING] = watching
     task = asyncio.create_task(auth.watch_changes(watching), name="key-changes")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_task(task)
 
 
 async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -147,9 +143,7 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
              asyncio.create_task(admission.run_settlements(), name="settlements")]
     yield
     for task in tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
     await admission.close(deadline=5.0)
 
 

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.errors import AccountSuspended, AuthUnavailable, KeyRevoked, Unauthorized
+from proxy.tasks import cancel_requested
 from shared import apikeys
 from shared.apikeys import KeyRecord, KeyRecordError
 from shared.redis_names import RedisNames
@@ -175,6 +176,8 @@ class Authenticator:
                     if isinstance(data, bytes):
                         self.forget(data.decode("ascii", "replace"))
             except (RedisError, OSError) as e:
+                if cancel_requested():
+                    return
                 log.warning("key-change subscription lost (%s); reconnecting", type(e).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
