@@ -1,7 +1,6 @@
-"""What the proxy knows of the OpenAI chat-completions wire format.
+"""The OpenAI stream pass-through: what ``providers/openai.py`` uses when the client and
+the upstream both speak OpenAI's format, so bytes are not re-serialised.
 
-- ``prepare_request``: validate the client's JSON and rewrite it for the upstream
-  (upstream model id; usage always requested on streams).
 - ``usage_from``: token counts from a ``usage`` object.
 - ``StreamScanner``: an incremental SSE scanner that passes bytes through untouched,
   reads usage as it flies by, and cuts the extra usage-only chunk when the client did
@@ -13,67 +12,15 @@ Pure functions and small classes; no I/O. Must not import the handlers.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest, InvalidJSON
 from proxy.providers.base import Usage
 
-__all__ = ["ChatRequest", "StreamScanner", "Usage", "parse_request", "upstream_body",
-           "usage_from", "usage_from_response"]
+__all__ = ["StreamScanner", "Usage", "usage_from"]
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-
-
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
-    model: str
-    stream: bool
-    client_wants_usage: bool
-    payload: dict[str, Any]
-    max_tokens: int | None = None
-
-
-def parse_request(body: bytes) -> ChatRequest:
-    """Validate a chat-completions body; BadRequest names the offending parameter."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidJSON() from None
-    if not isinstance(payload, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("You must provide a model parameter.", param="model")
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array.", param="messages")
-    stream = payload.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean.", param="stream")
-    options = payload.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object.", param="stream_options")
-    wants_usage = bool(options and options.get("include_usage") is True)
-    max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
-    if max_tokens is not None and (
-        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-    ):
-        raise BadRequest("'max_tokens' must be a positive integer.", param="max_tokens")
-    return ChatRequest(model, stream, wants_usage, payload, max_tokens)
-
-
-def upstream_body(req: ChatRequest, upstream_model: str) -> bytes:
-    """The body to send upstream: our model id, and usage always asked for on streams."""
-    payload = req.payload
-    payload["model"] = upstream_model
-    if req.stream:
-        options = payload.get("stream_options") or {}
-        payload["stream_options"] = {**options, "include_usage": True}
-    return orjson.dumps(payload)
 
 
 def _int(value: object) -> int:
@@ -93,15 +40,6 @@ def usage_from(usage: object) -> Usage | None:
         reasoning_tokens=_int(completion_details.get("reasoning_tokens"))
         if isinstance(completion_details, dict) else 0,
     )
-
-
-def usage_from_response(body: bytes) -> Usage | None:
-    """Usage from a non-streamed completion body, or None if it has none."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return usage_from(doc.get("usage")) if isinstance(doc, dict) else None
 
 
 class StreamScanner:
