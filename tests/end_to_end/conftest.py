@@ -1,0 +1,187 @@
+"""The end-to-end stack: proxy and control plane as real processes in front of mock
+upstreams in every provider's wire format, plus the helpers that read what they kept
+(rows in Postgres) and prove what they did not keep (canaries anywhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.mock_server import MockBehaviour
+from devstack.upstream_anthropic import MockAnthropicUpstream
+from devstack.upstream_gemini import MockGeminiUpstream
+from devstack.upstream_openai import MockOpenAIUpstream, UpstreamBehaviour
+from shared.redis_names import RedisNames
+from tests.proxy.conftest import proxy_env, write_catalog
+from tests.support import ModuleProcess, free_port, wait_for_http
+
+ADMIN_TOKEN = "admin-" + secrets.token_hex(8)
+UPSTREAM_KEY = "sk-upstream-test"
+IDLE_TIMEOUT = "0.5"  # QNP_READ_TIMEOUT: the stream idle timeout, shortened for tests
+# A model whose first deployment (all but certainly tried first) answers 503.
+FALLBACK_CATALOG = """
+[providers.flaky]
+base_url = "{flaky_url}"
+api_key_env = "MOCK_UPSTREAM_KEY"
+
+[models."ha-demo"]
+prompt_price = 0.15
+completion_price = 0.60
+deployments = [{{ provider = "flaky", upstream_model = "x", weight = 1000000 }},
+               {{ provider = "mock", upstream_model = "demo-mini-2024", weight = 1 }}]
+"""
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Stack:
+    proxy_url: str
+    admin_url: str
+    logs: list[Path]
+    names: RedisNames
+    stop: Callable[[], None] = field(default=_nothing)  # SIGTERM both; logs are final after
+
+    @property
+    def root(self) -> str:
+        return self.proxy_url.removesuffix("/v1")
+
+    async def admin(self, method: str, path: str, json: object = None) -> dict[str, object]:
+        async with aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        ) as s, s.request(method, self.admin_url + path, json=json) as resp:
+            assert resp.status < 300, await resp.text()
+            doc = await resp.json()
+            assert isinstance(doc, dict)
+            return doc
+
+
+@pytest.fixture
+async def mock_anthropic() -> AsyncIterator[MockAnthropicUpstream]:
+    up = MockAnthropicUpstream(behaviour=MockBehaviour(api_key=UPSTREAM_KEY))
+    async with up:
+        yield up
+
+
+@pytest.fixture
+async def mock_gemini() -> AsyncIterator[MockGeminiUpstream]:
+    up = MockGeminiUpstream(behaviour=MockBehaviour(api_key=UPSTREAM_KEY))
+    async with up:
+        yield up
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[MockOpenAIUpstream]:
+    """An OpenAI-format upstream that answers 503: the first deployment of ha-demo."""
+    behaviour = UpstreamBehaviour(api_key=UPSTREAM_KEY, error_status=503)
+    async with MockOpenAIUpstream(behaviour=behaviour) as up:
+        yield up
+
+
+@pytest.fixture
+async def stack(
+    tmp_path: Path, migrated_url: str, redis_url: str, redis_names: RedisNames,
+    mock_upstream: MockOpenAIUpstream, mock_anthropic: MockAnthropicUpstream,
+    mock_gemini: MockGeminiUpstream, flaky: MockOpenAIUpstream,
+) -> AsyncIterator[Stack]:
+    proxy_port, admin_port = free_port(), free_port()
+    catalog = write_catalog(tmp_path, mock_upstream.base_url, mock_anthropic.base_url,
+                            mock_gemini.base_url,
+                            FALLBACK_CATALOG.format(flaky_url=flaky.base_url))
+    env = {
+        **proxy_env(redis_url, redis_names, catalog, QNP_PROXY_PORT=str(proxy_port),
+                    QNP_READ_TIMEOUT=IDLE_TIMEOUT),
+        "DATABASE_URL": migrated_url,
+        "QNP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "QNP_ADMIN_PORT": str(admin_port),
+        "QNP_BCRYPT_ROUNDS": "4",
+        "QNP_LOG_LEVEL": "DEBUG",  # the most any service would ever log
+        "PATH": "/usr/bin:/bin",
+    }
+    subprocess.run([sys.executable, "-m", "control_plane", "migrate"], env=env, check=True,
+                   capture_output=True)
+    cp_log, px_log = tmp_path / "control_plane.log", tmp_path / "proxy.log"
+    with ModuleProcess("control_plane", ["serve"], log_path=cp_log, env=env) as cp, \
+            ModuleProcess("proxy", log_path=px_log, env=env) as px:
+        await wait_for_http(f"http://127.0.0.1:{admin_port}/healthz", expect_status=200)
+        await wait_for_http(f"http://127.0.0.1:{proxy_port}/readyz", expect_status=200)
+
+        def stop() -> None:
+            # Stop both (SIGTERM) before the logs are read: shutdown logging counts too.
+            assert px.stop() == 0 and cp.stop() == 0
+
+        yield Stack(f"http://127.0.0.1:{proxy_port}/v1", f"http://127.0.0.1:{admin_port}",
+                    [cp_log, px_log], redis_names, stop)
+        stop()
+
+
+async def _rows(migrated_url: str, account_id: str, expected: int) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(migrated_url)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0  # the spine's promise: a row within 2 s
+        while True:
+            rows = await conn.fetch(
+                "SELECT * FROM usage_logs WHERE account_id = $1 ORDER BY received_at",
+                account_id,
+            )
+            if len(rows) >= expected or loop.time() > deadline:
+                return list(rows)
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+
+async def _assert_nowhere(canary: str, redis: aioredis.Redis, migrated_url: str,
+                          stack: Stack) -> None:
+    needle = canary.encode()
+    # Redis: every key of every type in the database the services used.
+    async for name in redis.scan_iter(count=1000):
+        kind = (await redis.type(name)).decode()
+        if kind == "string":
+            dump = [await redis.get(name)]
+        elif kind == "hash":
+            dump = [*(await redis.hgetall(name)).items()]
+        elif kind == "list":
+            dump = await redis.lrange(name, 0, -1)
+        elif kind == "set":
+            dump = list(await redis.smembers(name))
+        elif kind == "zset":
+            dump = await redis.zrange(name, 0, -1)
+        elif kind == "stream":
+            dump = await redis.xrange(name)
+        else:
+            dump = [await redis.dump(name)]
+        assert needle not in repr(dump).encode(), f"canary found in Redis key {name!r}"
+    # Postgres: every row of every table, partitions included, as text.
+    conn = await asyncpg.connect(migrated_url)
+    try:
+        tables = await conn.fetch(
+            "SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables "
+            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        )
+        assert tables
+        for (table,) in tables:
+            for (text,) in await conn.fetch(f"SELECT t::text FROM {table} t"):
+                assert canary not in text, f"canary found in Postgres table {table}"
+    finally:
+        await conn.close()
+    # Logs of both services (read after they stopped).
+    for log in stack.logs:
+        assert canary not in log.read_text(errors="replace"), f"canary found in {log.name}"
+
+
