@@ -128,6 +128,8 @@ def proxy_env(redis_url: str, names: RedisNames, catalog: Path, **extra: str) ->
         "QNP_PROXY_PORT": "0",
         "QNP_NODE_ID": "test-node",
         "QNP_EVENT_FLUSH_MS": "5",
+        # The test's own folder: a killed proxy's spool must not outlive the test run.
+        "QNP_SPOOL_DIR": str(catalog.parent / f"spool-{names.prefix}"),
         **extra,
     }
 
