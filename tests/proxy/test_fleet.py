@@ -193,6 +193,36 @@ async def test_credit_for_ten_streams_admits_ten_of_fifty(
     assert int(await fleet.redis.hget(state, "bal")) == 10 * reservation - spent
 
 
+async def test_token_limit_holds_fleet_wide_and_settles_to_real_usage(
+    fleet: Fleet, mock_upstream: MockOpenAIUpstream
+) -> None:
+    body = BODY.replace(b'"max_tokens":20', b'"max_tokens":100')
+    reserved = len(body) // 4 + 100  # what admission reserves per request
+    account = str(uuid.uuid4())
+    key, record = await publish_key(fleet.redis, fleet.names, account,
+                                    limits={"tpm": 10 * reserved})
+    totals = fleet.names.admission_keys(account, record.key_id)[5]
+    mock_upstream.behaviour.first_byte_delay = 1.0  # nothing settles during the burst
+    async with aiohttp.ClientSession() as s:
+        first = [st for st, _ in await asyncio.gather(
+            *(fleet.post(s, i, key, body) for i in range(60)))]
+        assert first.count(200) == 10 and first.count(429) == 50
+        used = -1
+        for _ in range(300):  # until every settlement has landed (a hang guard)
+            events = [decode(f[STREAM_FIELD])
+                      for _i, f in await fleet.redis.xrange(fleet.names.events)]
+            used = sum(e.prompt_tokens + e.completion_tokens for e in events if e.status == 200)
+            held = int(await fleet.redis.hget(totals, f"k:{record.key_id}") or 0)
+            if len([e for e in events if e.status == 200]) == 10 and held == used:
+                break
+            await asyncio.sleep(0.02)
+        assert held == used, "the window should hold real usage once settled"
+        # Settled: the window now holds what was really used, not what was reserved.
+        second = [st for st, _ in await asyncio.gather(
+            *(fleet.post(s, i, key, body) for i in range(60)))]
+    assert second.count(200) == (10 * reserved - used) // reserved
+
+
 async def test_revocation_reaches_all_four_processes_within_a_second(fleet: Fleet) -> None:
     key, record = await publish_key(fleet.redis, fleet.names, str(uuid.uuid4()))
     async with aiohttp.ClientSession() as s:
