@@ -2,10 +2,12 @@
 
 The proxy admits against the hash ``names.account_state(id)`` and cannot read Postgres,
 so this module is the one writer of that hash apart from the proxy's own
-reserve/settle scripts. Fields written here:
+reserve/settle scripts and the sweep of abandoned reservations (``sweeper``). Fields
+written here:
 
 - ``bal``: set only when the hash is (re)built, to ledger sum − in-flight reservations;
-  afterwards changed only by ``HINCRBY`` (credits here, reserve/settle in the proxy);
+  afterwards changed only by ``HINCRBY`` (credits here, reserve/settle in the proxy,
+  refunds of reservations no proxy will settle in ``sweeper``);
 - ``status``, ``rpm``, ``tpm``, ``conc``: overwritten on every publish (0 = unlimited);
 - ``credited``: the highest ledger id of a credit (top-up, refund, adjustment) already
   in ``bal``. It makes applying a credit idempotent, and its presence marks a hash the
