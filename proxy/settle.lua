@@ -36,10 +36,12 @@ for _, c in ipairs({{KEYS[4], 'a'}, {KEYS[5], 'k:' .. kid}}) do
   end
 end
 
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+-- The reservation goes whether or not the state exists: a rebuild (ledger minus
+-- reservations) must not subtract a request that is already settled.
 local held = redis.call('HGET', KEYS[9], id)
+if held then redis.call('HDEL', KEYS[9], id) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if held then
-  redis.call('HDEL', KEYS[9], id)
   return redis.call('HINCRBY', KEYS[1], 'bal', tonumber(held) - cost)
 end
 return redis.call('HINCRBY', KEYS[1], 'bal', -cost)
