@@ -47,7 +47,7 @@ local bal = tonumber(st[1])
 if not (a_rpm or a_tpm or a_conc or k_rpm or k_tpm or k_conc) then
   if cost > 0 then
     if bal < cost then return {2, bal} end
-    redis.call('HINCRBY', KEYS[1], 'bal', -cost)
+    redis.call('HINCRBY', KEYS[1], 'bal', 0 - cost)
     redis.call('HSET', KEYS[9], id, cost)
   end
   return {0, -1, -1, 0, -1, -1, 0}
@@ -59,7 +59,7 @@ local function expire_tokens(log, field)
   local sum = 0
   for _, m in ipairs(old) do sum = sum + tonumber(string.match(m, ':(%d+)$')) end
   redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
-  redis.call('HINCRBY', KEYS[6], field, -sum)
+  redis.call('HINCRBY', KEYS[6], field, 0 - sum)
 end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
@@ -127,7 +127,7 @@ redis.call('ZADD', KEYS[8], now + lifetime, id)
 redis.call('PEXPIRE', KEYS[7], lifetime)
 redis.call('PEXPIRE', KEYS[8], lifetime)
 if cost > 0 then
-  redis.call('HINCRBY', KEYS[1], 'bal', -cost)
+  redis.call('HINCRBY', KEYS[1], 'bal', 0 - cost)
   redis.call('HSET', KEYS[9], id, cost)
 end
 for _, k in ipairs({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}) do

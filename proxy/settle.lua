@@ -44,4 +44,6 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if held then
   return redis.call('HINCRBY', KEYS[1], 'bal', tonumber(held) - cost)
 end
-return redis.call('HINCRBY', KEYS[1], 'bal', -cost)
+-- "0 - cost", not "-cost": Lua's -0 becomes the string "-0", which Redis 7.0 refuses
+-- as an integer (Valkey accepts it).
+return redis.call('HINCRBY', KEYS[1], 'bal', 0 - cost)

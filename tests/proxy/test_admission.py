@@ -9,6 +9,7 @@ account's hash tag would fail with CROSSSLOT, so passing there proves the tags.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -211,3 +212,16 @@ async def test_missing_state_or_dead_redis_degrades_to_local_share(
         probe.cancel()
         await client.aclose()
         server.stop()
+
+
+def test_scripts_never_hand_redis_a_negative_zero() -> None:
+    """Lua's ``-x`` with x = 0 is -0, sent as "-0", which Redis 7.0 refuses as an integer
+    (Valkey accepts it, so only a run against Redis 7 would show it): use ``0 - x``."""
+    scripts = Path(__import__("proxy").__file__).parent.glob("*.lua")
+    negated = [
+        f"{path.name}: {line.strip()}"
+        for path in scripts
+        for line in path.read_text().splitlines()
+        if re.search(r"redis\.call\('HINCRBY'[^)]*,\s*-[A-Za-z_(]", line)
+    ]
+    assert negated == []
