@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest, InvalidJSON, ProxyError, UpstreamRefused
+from proxy.errors import BadRequest, ProxyError, UpstreamRefused
 from proxy.providers.base import (
     Chat,
     Decoder,
@@ -37,10 +37,11 @@ from proxy.providers.base import (
     Usage,
     Wire,
     fallbacks,
+    json_object_or_none,
     optional_float,
     optional_int,
     positive_int,
-    refuse_upstream_urls,
+    request_object,
 )
 from proxy.providers.sse import SSEBuffer, sse
 
@@ -217,18 +218,10 @@ class _Scanner(Relay):
 
 class _Decoder(Decoder):
     def __init__(self) -> None:
-        self._sse = SSEBuffer()
+        super().__init__()
         self._tools: dict[int, int] = {}  # content block index → tool call ordinal
 
-    def feed(self, data: bytes) -> list[Delta]:
-        out: list[Delta] = []
-        for event in self._sse.feed(data):
-            doc = event.json()
-            if isinstance(doc, dict):
-                out += self._read(doc)
-        return out
-
-    def _read(self, doc: dict[str, Any]) -> list[Delta]:
+    def read(self, doc: dict[str, Any]) -> list[Delta]:
         kind = doc.get("type")
         if kind == "message_start" and isinstance(doc.get("message"), dict):
             message = doc["message"]
@@ -336,13 +329,7 @@ class AnthropicWire(Wire):
 
     def parse(self, body: bytes, *, model: str | None = None,
               stream: bool | None = None) -> Chat:
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise InvalidJSON() from None
-        if not isinstance(payload, dict):
-            raise BadRequest("The request body must be a JSON object.")
-        refuse_upstream_urls(payload)
+        payload = request_object(body)
         name = payload.get("model")
         if not isinstance(name, str) or not name:
             raise BadRequest("model: Field required", param="model")
@@ -412,11 +399,8 @@ class AnthropicWire(Wire):
         return body
 
     def reply_usage(self, body: bytes) -> Usage | None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        return usage_from(doc.get("usage")) if isinstance(doc, dict) else None
+        doc = json_object_or_none(body)
+        return usage_from(doc.get("usage")) if doc is not None else None
 
     def decode_reply(self, body: bytes) -> Reply:
         doc = orjson.loads(body)
@@ -462,11 +446,3 @@ class AnthropicWire(Wire):
     def stream_error(self, err: ProxyError) -> bytes:
         return sse(_error_doc(err.status, err.message), "error")
 
-    def error_message(self, body: bytes) -> str | None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        error = doc.get("error") if isinstance(doc, dict) else None
-        message = error.get("message") if isinstance(error, dict) else None
-        return message if isinstance(message, str) else None

@@ -20,7 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.errors import BadRequest, ProxyError
+import orjson
+
+from proxy.errors import BadRequest, InvalidJSON, ProxyError
+from proxy.providers.sse import SSEBuffer
 
 # Body fields that would point the gateway at a URL of the caller's choosing.
 UPSTREAM_URL_FIELDS = frozenset({"api_base", "base_url", "api_url", "endpoint_url"})
@@ -184,12 +187,28 @@ class Relay(ABC):
 
 
 class Decoder(ABC):
-    """Upstream stream bytes → neutral deltas, usage kept as it arrives."""
+    """Upstream stream bytes → neutral deltas, usage kept as it arrives.
+
+    Every provider streams SSE events carrying one JSON object each: the framing is
+    read here, and a wire's decoder only says what one event's object means.
+    """
 
     usage: Usage | None = None
 
+    def __init__(self) -> None:
+        self._sse = SSEBuffer()
+
+    def feed(self, data: bytes) -> list[Delta]:
+        out: list[Delta] = []
+        for event in self._sse.feed(data):
+            doc = event.json()
+            if isinstance(doc, dict):
+                out += self.read(doc)
+        return out
+
     @abstractmethod
-    def feed(self, data: bytes) -> list[Delta]: ...
+    def read(self, doc: dict[str, Any]) -> list[Delta]:
+        """The deltas one upstream event (its JSON object) carries."""
 
 
 class Encoder(ABC):
@@ -248,12 +267,38 @@ class Wire(ABC):
     def stream_error(self, err: ProxyError) -> bytes:
         """An error delivered inside a stream that has already started."""
 
-    @abstractmethod
     def error_message(self, body: bytes) -> str | None:
-        """The message of an upstream error body in this format (for re-rendering)."""
+        """The message of an upstream error body (for re-rendering in another format);
+        every provider nests it as ``{"error": {"message": ...}}``."""
+        doc = json_object_or_none(body)
+        error = doc.get("error") if doc is not None else None
+        message = error.get("message") if isinstance(error, dict) else None
+        return message if isinstance(message, str) else None
 
 
 # --- helpers every wire uses ---------------------------------------------------------
+
+
+def request_object(body: bytes,
+                   not_object: str = "The request body must be a JSON object.") -> dict[str, Any]:
+    """A client's JSON body as an object, refusing bad JSON and upstream URLs in it."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidJSON() from None
+    if not isinstance(payload, dict):
+        raise BadRequest(not_object)
+    refuse_upstream_urls(payload)
+    return payload
+
+
+def json_object_or_none(body: bytes) -> dict[str, Any] | None:
+    """An upstream body as a JSON object, or None if it is not one."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def refuse_upstream_urls(payload: Mapping[str, Any]) -> None:

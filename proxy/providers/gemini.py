@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest, InvalidJSON, ProxyError, UpstreamRefused
+from proxy.errors import BadRequest, ProxyError, UpstreamRefused
 from proxy.providers.base import (
     Chat,
     Decoder,
@@ -40,8 +40,9 @@ from proxy.providers.base import (
     Usage,
     Wire,
     fallbacks,
+    json_object_or_none,
     positive_int,
-    refuse_upstream_urls,
+    request_object,
 )
 from proxy.providers.sse import SSEBuffer
 
@@ -227,19 +228,11 @@ class _Scanner(Relay):
 
 class _Decoder(Decoder):
     def __init__(self) -> None:
-        self._sse = SSEBuffer()
+        super().__init__()
         self._started = False
         self._calls = 0
 
-    def feed(self, data: bytes) -> list[Delta]:
-        out: list[Delta] = []
-        for event in self._sse.feed(data):
-            doc = event.json()
-            if isinstance(doc, dict):
-                out += self._read(doc)
-        return out
-
-    def _read(self, doc: dict[str, Any]) -> list[Delta]:
+    def read(self, doc: dict[str, Any]) -> list[Delta]:
         if isinstance(doc.get("error"), dict):
             error = doc["error"]
             return [Failure(positive_int(error.get("code")) or 502,
@@ -312,13 +305,8 @@ class GeminiWire(Wire):
 
     def parse(self, body: bytes, *, model: str | None = None,
               stream: bool | None = None) -> Chat:
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise InvalidJSON() from None
-        if not isinstance(payload, dict):
-            raise BadRequest("Invalid JSON payload received. The body must be an object.")
-        refuse_upstream_urls(payload)
+        payload = request_object(
+            body, "Invalid JSON payload received. The body must be an object.")
         if not model:
             raise BadRequest("The model is named in the URL: models/{model}:generateContent.",
                              param="model")
@@ -386,16 +374,13 @@ class GeminiWire(Wire):
         return body
 
     def reply_usage(self, body: bytes) -> Usage | None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        return usage_from(doc.get("usageMetadata")) if isinstance(doc, dict) else None
+        doc = json_object_or_none(body)
+        return usage_from(doc.get("usageMetadata")) if doc is not None else None
 
     def decode_reply(self, body: bytes) -> Reply:
         doc = orjson.loads(body)
         decoder = _Decoder()
-        deltas = decoder._read(doc)
+        deltas = decoder.read(doc)
         text = "".join(d.text for d in deltas if isinstance(d, Text))
         calls = {d.index: Part("tool_call", call_id=d.call_id, name=d.name)
                  for d in deltas if isinstance(d, ToolStart)}
@@ -432,11 +417,3 @@ class GeminiWire(Wire):
     def stream_error(self, err: ProxyError) -> bytes:
         return b"data: " + orjson.dumps(_error_doc(err.status, err.message)) + _SEP
 
-    def error_message(self, body: bytes) -> str | None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        error = doc.get("error") if isinstance(doc, dict) else None
-        message = error.get("message") if isinstance(error, dict) else None
-        return message if isinstance(message, str) else None

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest, InvalidJSON, ProxyError, UpstreamRefused
+from proxy.errors import BadRequest, ProxyError, UpstreamRefused
 from proxy.openai_wire import StreamScanner, usage_from
 from proxy.providers.base import (
     Chat,
@@ -40,29 +40,18 @@ from proxy.providers.base import (
     Usage,
     Wire,
     fallbacks,
+    json_object_or_none,
     optional_float,
     optional_int,
-    refuse_upstream_urls,
+    request_object,
     split_data_url,
 )
-from proxy.providers.sse import SSEBuffer
 
 _DONE = b"data: [DONE]\n\n"
 _PATHS = {"chat": "/chat/completions", "completions": "/completions",
           "embeddings": "/embeddings"}
 # Client-only fields that an upstream would reject or misread.
 _GATEWAY_FIELDS = ("models", "route", "provider")
-
-
-def _load(body: bytes) -> dict[str, Any]:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidJSON() from None
-    if not isinstance(payload, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    refuse_upstream_urls(payload)
-    return payload
 
 
 def _model(payload: dict[str, Any]) -> str:
@@ -259,18 +248,10 @@ class _Scanner(Relay):
 
 class _Decoder(Decoder):
     def __init__(self) -> None:
-        self._sse = SSEBuffer()
+        super().__init__()
         self._started = False
 
-    def feed(self, data: bytes) -> list[Delta]:
-        out: list[Delta] = []
-        for event in self._sse.feed(data):
-            doc = event.json()
-            if isinstance(doc, dict):
-                out += self._read(doc)
-        return out
-
-    def _read(self, doc: dict[str, Any]) -> list[Delta]:
+    def read(self, doc: dict[str, Any]) -> list[Delta]:
         if isinstance(doc.get("error"), dict):
             return [Failure(502, str(doc["error"].get("message") or "upstream error"))]
         out: list[Delta] = []
@@ -358,7 +339,7 @@ class OpenAIWire(Wire):
 
     def parse(self, body: bytes, *, model: str | None = None,
               stream: bool | None = None) -> Chat:
-        payload = _load(body)
+        payload = request_object(body)
         name = _model(payload)
         system, messages = _messages(payload.get("messages"))
         is_stream = payload.get("stream", False)
@@ -382,7 +363,7 @@ class OpenAIWire(Wire):
 
     def parse_operation(self, body: bytes, operation: str) -> Chat:
         """``/v1/embeddings`` and legacy ``/v1/completions``: validated and passed through."""
-        payload = _load(body)
+        payload = request_object(body)
         name = _model(payload)
         field = "input" if operation == "embeddings" else "prompt"
         value = payload.get(field)
@@ -432,11 +413,8 @@ class OpenAIWire(Wire):
         return body
 
     def reply_usage(self, body: bytes) -> Usage | None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        return usage_from(doc.get("usage")) if isinstance(doc, dict) else None
+        doc = json_object_or_none(body)
+        return usage_from(doc.get("usage")) if doc is not None else None
 
     def decode_reply(self, body: bytes) -> Reply:
         doc = orjson.loads(body)
@@ -483,11 +461,3 @@ class OpenAIWire(Wire):
     def stream_error(self, err: ProxyError) -> bytes:
         return b"data: " + err.body() + b"\n\n"
 
-    def error_message(self, body: bytes) -> str | None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        error = doc.get("error") if isinstance(doc, dict) else None
-        message = error.get("message") if isinstance(error, dict) else None
-        return message if isinstance(message, str) else None
