@@ -146,11 +146,11 @@ class ChatHandler:
             body = await self._read_body(request)
             facts.body_bytes = len(body)
             chat = _parse(request, endpoint, body)
-            facts.requested_model, facts.stream = chat.model, chat.stream
-            facts.prompt_estimate = chat.prompt_estimate()
+            facts.chat, facts.requested_model, facts.stream = chat, chat.model, chat.stream
             models = self._models(chat)
             facts.model = models[0]
-            # Reserve the most this request can use: estimated prompt + max tokens.
+            # Reserve the most this request can use: the whole body as prompt (an upper
+            # bound on its text) + max tokens, at the dearest of the models it may use.
             prompt = max(1, len(body) // BYTES_PER_TOKEN)
             completion = chat.max_tokens or self._default_max_tokens
             facts.ticket = await self._admission.admit(

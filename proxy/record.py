@@ -20,7 +20,7 @@ from proxy.admission import Admission, Ticket
 from proxy.catalog import Deployment, Model
 from proxy.emitter import EventEmitter
 from proxy.metrics import Metrics
-from proxy.providers.base import BYTES_PER_TOKEN, Relay, Usage
+from proxy.providers.base import BYTES_PER_TOKEN, Chat, Relay, Usage
 from shared.events import Event
 
 
@@ -49,7 +49,7 @@ class Facts:
     first_byte_at_us: int | None = None
     body_bytes: int = 0
     reply_bytes: int = 0
-    prompt_estimate: int = 0
+    chat: Chat | None = None  # the parsed request, once it parsed
     usage: Usage | None = None
     relay: Relay | None = None
     finished: bool = False  # the upstream ended its answer normally
@@ -73,8 +73,10 @@ def billable_usage(facts: Facts) -> tuple[Usage, str]:
         else facts.reply_bytes // BYTES_PER_TOKEN
     if usage is not None and usage.completion_tokens >= generated:
         return usage, "upstream"
-    base = usage or Usage(prompt_tokens=facts.prompt_estimate)
-    return Usage(base.prompt_tokens or facts.prompt_estimate, max(generated, 1),
+    # Only now, on this rare path, is the prompt's text counted.
+    prompt = facts.chat.prompt_estimate() if facts.chat is not None else 0
+    base = usage or Usage(prompt_tokens=prompt)
+    return Usage(base.prompt_tokens or prompt, max(generated, 1),
                  base.cached_tokens, 0, base.cache_write_tokens), "estimated"
 
 
