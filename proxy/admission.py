@@ -69,6 +69,7 @@ class Ticket:
     tokens: int
     cost: int
     mode: str  # "redis" | "local" | "open"
+    keys: list[str] = field(default_factory=list)  # the scripts' keys, named once
     headers: dict[str, str] = field(default_factory=dict)
     local_scopes: list[str] = field(default_factory=list)
 
@@ -122,9 +123,10 @@ class Admission:
             ticket.mode = "open"
             return ticket
         if not self._degraded:
+            ticket.keys = self._names.admission_keys(key.account_id, key.key_id)
             try:
                 reply = await self._admit(
-                    keys=self._names.admission_keys(key.account_id, key.key_id),
+                    keys=ticket.keys,
                     args=[
                         0, request_id, key.key_id, self._cfg.window_ms,
                         key.limits.get("rpm", 0), key.limits.get("tpm", 0),
@@ -212,7 +214,7 @@ class Admission:
 
     async def _send(self, batch: list[tuple[Ticket, int, int]]) -> None:
         calls: list[tuple[list[str], list[str | int]]] = [
-            (self._names.admission_keys(t.account_id, t.key_id),
+            (t.keys or self._names.admission_keys(t.account_id, t.key_id),
              [0, t.request_id, t.key_id, t.tokens, used, cost, self._cfg.settled_memory_ms])
             for t, used, cost in batch
         ]
