@@ -11,6 +11,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEV    := $(VENV)/.installed-dev
 TEST   := $(VENV)/.installed-test
+BENCH  := $(VENV)/.installed-bench
 
 .PHONY: run test lint bench clean
 
@@ -21,9 +22,13 @@ $(DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+$(BENCH): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	touch $@ $(DEV)
+
 $(TEST): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $@ $(DEV)
+	touch $@ $(DEV) $(BENCH)
 
 run: $(DEV)
 	$(BIN)/python -m devstack.run
@@ -35,7 +40,7 @@ lint: $(TEST)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict proxy control_plane shared
 
-bench: $(DEV)
+bench: $(BENCH)
 	$(BIN)/python -m benchmarks.spine
 
 clean:
