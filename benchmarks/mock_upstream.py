@@ -1,0 +1,465 @@
+"""A fast mock LLM provider for the benchmarks: OpenAI, Anthropic and Gemini on one port.
+
+Owns: the HTTP/1.1 server (a raw ``asyncio.Protocol`` on uvloop with httptools'
+request parser, keep-alive and pipelining), routing a request to its cached ``Reply``
+(``benchmarks.mock_wire`` builds the bytes once per provider, model, stream flag,
+include_usage and prompt-token count), pacing streams with loop timers, and the process
+plumbing the benchmark servers share: pinning to CPUs, raising the open-file limit and
+running several workers on one port with ``SO_REUSEPORT`` (``supervise``).
+
+Per request it parses the JSON body (for the model and the stream flags) and makes one
+dictionary lookup; it never serialises JSON. It must stay much faster than what it
+feeds, because it shares a core with the load generator.
+
+Must not import ``proxy``, ``control_plane`` or ``devstack``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+import orjson
+import uvloop
+
+from benchmarks import mock_wire
+from benchmarks.mock_wire import Reply, Scenario
+
+_READY = "mock_upstream ready on http://{host}:{port}"
+_CACHE_MAX = 4096  # replies kept; a run uses a handful, so a full cache means odd input
+_QUEUE_MAX = 16  # pipelined requests held before we stop reading from the client
+_AUTH_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-goog-api-key"})
+_START_TIMEOUT = 30.0
+_OPENAI, _ANTHROPIC, _GEMINI = "openai", "anthropic", "gemini"
+
+
+@dataclass(frozen=True, slots=True)
+class MockConfig:
+    defaults: Scenario
+    api_key: bytes | None
+
+
+@dataclass(slots=True)
+class _Request:
+    method: bytes
+    url: bytes
+    credentials: list[bytes]
+    body: bytes
+    keep_alive: bool
+
+
+class _Replies:
+    """Routes a request to its reply, building each distinct reply once per process."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self._config = config
+        self._pid = mock_wire.pid_header(os.getpid())
+        self._cache: dict[tuple[object, ...], Reply] = {}
+        key = config.api_key or b""
+        self._accepted = frozenset({key, b"Bearer " + key})  # header values that pass
+        self._query_key = b"key=" + key
+
+    def _cached(self, key: tuple[object, ...], build: Callable[[], Reply]) -> Reply:
+        reply = self._cache.get(key)
+        if reply is None:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            reply = self._cache[key] = build()
+        return reply
+
+    def _error(self, provider: str, status: int, message: str) -> Reply:
+        builders = {_OPENAI: mock_wire.openai_error, _ANTHROPIC: mock_wire.anthropic_error,
+                    _GEMINI: mock_wire.gemini_error}
+        return self._cached(("error", provider, status, message),
+                            lambda: builders[provider](status, message, self._pid))
+
+    def reply(self, request: _Request) -> Reply:
+        path, _, query = request.url.partition(b"?")
+        provider = (_GEMINI if path.startswith(b"/v1beta/") else
+                    _ANTHROPIC if path == b"/v1/messages" else _OPENAI)
+        if path == b"/healthz":
+            return self._cached(("healthz",), lambda: mock_wire.healthz(self._pid))
+        if self._config.api_key is not None and not self._authorised(request, query):
+            message = ("Incorrect API key provided." if provider == _OPENAI else
+                       "invalid x-api-key" if provider == _ANTHROPIC else
+                       "API key not valid. Please pass a valid API key.")
+            return self._error(provider, 401, message)
+        if request.method == b"GET" and path == b"/v1/models":
+            return self._cached(("models",), lambda: mock_wire.openai_models(self._pid))
+        if request.method != b"POST":
+            return self._error(provider, 404, f"Invalid URL ({request.method.decode()} "
+                                              f"{path.decode(errors='replace')})")
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return self._error(provider, 400, "We could not parse the JSON body of your request.")
+        prompt_tokens = max(1, len(request.body) // 4)
+        if path == b"/v1/chat/completions":
+            return self._openai(body, prompt_tokens)
+        if path == b"/v1/messages":
+            return self._anthropic(body, prompt_tokens)
+        if path.startswith(b"/v1beta/models/"):
+            return self._gemini(path[len(b"/v1beta/models/"):].decode(errors="replace"),
+                                b"alt=sse" in query.split(b"&"), prompt_tokens)
+        return self._error(provider, 404, f"Invalid URL (POST {path.decode(errors='replace')})")
+
+    def _authorised(self, request: _Request, query: bytes) -> bool:
+        if any(value in self._accepted for value in request.credentials):
+            return True
+        return bool(query) and self._query_key in query.split(b"&")
+
+    def _openai(self, body: dict[str, object], prompt_tokens: int) -> Reply:
+        model = body.get("model")
+        if not isinstance(model, str):
+            return self._error(_OPENAI, 400, "you must provide a model parameter")
+        stream = body.get("stream") is True
+        options = body.get("stream_options")
+        usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+        return self._cached(
+            (_OPENAI, model, stream, usage, prompt_tokens),
+            lambda: mock_wire.openai_chat(model, self._config.defaults.for_model(model),
+                                          prompt_tokens, stream, usage, self._pid))
+
+    def _anthropic(self, body: dict[str, object], prompt_tokens: int) -> Reply:
+        model = body.get("model")
+        if not isinstance(model, str):
+            return self._error(_ANTHROPIC, 400, "model: Field required")
+        stream = body.get("stream") is True
+        return self._cached(
+            (_ANTHROPIC, model, stream, prompt_tokens),
+            lambda: mock_wire.anthropic_messages(model, self._config.defaults.for_model(model),
+                                                 prompt_tokens, stream, self._pid))
+
+    def _gemini(self, call: str, sse: bool, prompt_tokens: int) -> Reply:
+        model, _, action = call.partition(":")
+        if action not in ("generateContent", "streamGenerateContent"):
+            return self._error(_GEMINI, 404, f"Method {action} not found.")
+        stream = action == "streamGenerateContent"
+        return self._cached(
+            (_GEMINI, model, stream, sse, prompt_tokens),
+            lambda: mock_wire.gemini_generate(model, self._config.defaults.for_model(model),
+                                              prompt_tokens, stream, sse, self._pid))
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parse requests, answer them in order, pace streams."""
+
+    def __init__(self, replies: _Replies, connections: set[_Connection],
+                 check_auth: bool) -> None:
+        self._replies = replies
+        self._connections = connections
+        self._check_auth = check_auth
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._credentials: list[bytes] = []
+        self._body: list[bytes] = []
+        self._queue: deque[_Request] = deque()
+        self._reading_paused = False
+        self._writing_paused = False
+        # The response being sent, when it needs timers: what is left to write of it.
+        self._writes: tuple[bytes, ...] = ()
+        self._next_write = 0
+        self._delay = 0.0
+        self._due = 0.0
+        self._keep_alive = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._stalled = False  # a timer fired while writing was paused
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport is not registered as an asyncio.Transport subclass.
+        self._transport = cast(asyncio.Transport, transport)
+        self._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.close()
+        except httptools.HttpParserError:
+            if self._transport is not None:
+                self._transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
+                                      b"connection: close\r\n\r\n")
+            self.close()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._set_reading(False)
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._set_reading(len(self._queue) < _QUEUE_MAX)
+        if self._stalled:
+            self._stalled = False
+            self._due = self._loop.time()
+            self._tick()
+        elif not self._writes:
+            self._answer_queued()
+
+    def close(self) -> None:
+        """Close once what was written has gone out; nothing more is written from now."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- httptools callbacks ---
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._credentials = []
+        self._body = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._check_auth and name.lower() in _AUTH_HEADERS:
+            self._credentials.append(value)
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._queue.append(_Request(self._parser.get_method(), self._url, self._credentials,
+                                    b"".join(self._body), self._parser.should_keep_alive()))
+        if len(self._queue) >= _QUEUE_MAX:
+            self._set_reading(False)
+        if not self._writes:
+            self._answer_queued()
+
+    # --- answering ---
+
+    def _answer_queued(self) -> None:
+        """Answer queued requests in order until one needs timers or the client is slow."""
+        while self._queue and not self._writing_paused and self._transport is not None:
+            request = self._queue.popleft()
+            reply = self._replies.reply(request)
+            if reply.immediate:
+                self._transport.write(reply.writes[0])
+                if not request.keep_alive:
+                    self.close()
+                continue
+            self._writes, self._next_write = reply.writes, 0
+            self._delay, self._keep_alive = reply.delay, request.keep_alive
+            self._due = self._loop.time() + reply.first_wait
+            self._timer = self._loop.call_at(self._due, self._tick)
+            break
+        if not self._writing_paused:
+            self._set_reading(len(self._queue) < _QUEUE_MAX)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._transport is None:
+            return
+        if self._writing_paused:  # the client reads slowly: wait for resume_writing
+            self._stalled = True
+            return
+        self._transport.write(self._writes[self._next_write])
+        self._next_write += 1
+        if self._next_write < len(self._writes):
+            # Due times advance from the schedule, not from now, so a busy loop does
+            # not stretch a stream's total duration.
+            self._due += self._delay
+            self._timer = self._loop.call_at(self._due, self._tick)
+            return
+        self._writes = ()
+        if not self._keep_alive:
+            self.close()
+            return
+        self._answer_queued()
+
+    def _set_reading(self, on: bool) -> None:
+        if self._transport is None or on != self._reading_paused:
+            return
+        if on:
+            self._transport.resume_reading()
+        else:
+            self._transport.pause_reading()
+        self._reading_paused = not on
+
+
+# --- process plumbing (shared with benchmarks.passthrough) -----------------------------
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``"1"``, ``"0,2"`` or ``"0-3"`` (as ``taskset -c`` takes them) to a CPU set."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def prepare_process(cpus: str | None) -> None:
+    """Pin this process (and the children it starts) and allow as many sockets as the
+    hard limit does: thousands of connections need thousands of descriptors."""
+    if cpus:
+        os.sched_setaffinity(0, parse_cpus(cpus))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) TCP socket that other processes may bind too."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def watch_parent(loop: asyncio.AbstractEventLoop, parent: int, stop: Callable[[], None]) -> None:
+    """Stop a worker whose supervisor died without stopping it (killed with SIGKILL)."""
+    if os.getppid() != parent:
+        stop()
+        return
+    loop.call_later(1.0, watch_parent, loop, parent, stop)
+
+
+def supervise(module: str, worker_argv: Sequence[str], processes: int, host: str, port: int,
+              ready: str) -> int:
+    """Run ``processes`` workers (``python -m module *worker_argv``, each told the port
+    and our pid) on one port; print ``ready`` (formatted with host and port) once every
+    one of them listens, relay SIGTERM/SIGINT to them, and stop them all if one dies.
+    Each worker must print one line to stdout when it listens."""
+    stopping = False
+
+    def stop(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # Holding the port bound (never listening, so it takes no connections) keeps port 0
+    # meaningful: every worker joins the port this socket got.
+    with reuseport_socket(host, port) as holder:
+        port = holder.getsockname()[1]
+        cmd = [sys.executable, "-m", module, *worker_argv, "--port", str(port),
+               "--parent-pid", str(os.getpid())]
+        # Our own interpreter and our own command line: nothing untrusted is executed.
+        workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                   for _ in range(processes)]
+        try:
+            if _await_ready(workers, lambda: stopping):
+                print(ready.format(host=host, port=port), flush=True)
+                while not stopping and all(w.poll() is None for w in workers):
+                    time.sleep(0.2)
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()
+            codes = [worker.wait() for worker in workers]
+            for worker in workers:
+                if worker.stdout is not None:
+                    worker.stdout.close()
+    return 0 if stopping else max(1, *(abs(c) for c in codes))
+
+
+def _await_ready(workers: Sequence[subprocess.Popen[bytes]],
+                 stopping: Callable[[], bool]) -> bool:
+    """Wait for each worker's ready line on its stdout; False if one died or we stop."""
+    waiting = {w.stdout.fileno(): w for w in workers if w.stdout is not None}
+    deadline = time.monotonic() + _START_TIMEOUT
+    with selectors.DefaultSelector() as selector:
+        for fd in waiting:
+            selector.register(fd, selectors.EVENT_READ)
+        while waiting and not stopping() and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.2):
+                line = os.read(key.fd, 4096)
+                if not line:  # EOF: the worker exited before listening
+                    return False
+                selector.unregister(key.fd)
+                del waiting[key.fd]
+    return not waiting and not stopping()
+
+
+# --- python -m benchmarks.mock_upstream ------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if args.parent_pid is not None:
+        watch_parent(loop, args.parent_pid, stop.set)
+    config = MockConfig(
+        defaults=Scenario(ttft=args.ttft_ms / 1000, chunks=args.chunks,
+                          delay=args.chunk_delay_ms / 1000,
+                          tokens_per_chunk=args.tokens_per_chunk),
+        api_key=args.api_key.encode() if args.api_key else None)
+    replies = _Replies(config)
+    connections: set[_Connection] = set()
+    sock = reuseport_socket(args.host, args.port)
+    server = await loop.create_server(
+        lambda: _Connection(replies, connections, config.api_key is not None),
+        sock=sock, backlog=4096)
+    port = sock.getsockname()[1]
+    print(_READY.format(host=args.host, port=port), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        for connection in list(connections):
+            connection.close()
+        await server.wait_closed()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mock_upstream",
+                                     description="A fast mock LLM provider for benchmarks.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--processes", type=int, default=1, help="workers sharing the port")
+    parser.add_argument("--api-key", help="require this key (Bearer, x-api-key, "
+                                          "x-goog-api-key or ?key=)")
+    parser.add_argument("--ttft-ms", type=float, default=0.0)
+    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--tokens-per-chunk", type=int, default=1)
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    parser.add_argument("--cpus", help="pin to these CPUs, e.g. 1 or 0-3 (children too)")
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    prepare_process(args.cpus)
+    if args.processes > 1:
+        return supervise("benchmarks.mock_upstream", [*raw, "--processes", "1"],
+                         args.processes, args.host, args.port, _READY)
+    uvloop.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
