@@ -1,15 +1,15 @@
 """A fast mock LLM provider for the benchmarks: OpenAI, Anthropic and Gemini on one port.
 
 Owns: the HTTP/1.1 server (a raw ``asyncio.Protocol`` on uvloop with httptools'
-request parser, keep-alive and pipelining), routing a request to its cached ``Reply``
-(``benchmarks.mock_wire`` builds the bytes once per provider, model, stream flag,
-include_usage and prompt-token count), pacing streams with loop timers, and the process
+request parser, keep-alive and pipelining; ``benchmarks.mock_wire`` says which cached
+bytes answer a request), pacing streams with loop timers (one ``call_at`` per write,
+never a sleeping task per request), flow control towards slow readers, and the process
 plumbing the benchmark servers share: pinning to CPUs, raising the open-file limit and
 running several workers on one port with ``SO_REUSEPORT`` (``supervise``).
 
-Per request it parses the JSON body (for the model and the stream flags) and makes one
-dictionary lookup; it never serialises JSON. It must stay much faster than what it
-feeds, because it shares a core with the load generator.
+It must stay much faster than what it feeds, because it shares a core with the load
+generator: per request it parses the JSON body, makes one dictionary lookup and one
+``transport.write`` (or one per paced chunk); it never serialises JSON.
 
 Must not import ``proxy``, ``control_plane`` or ``devstack``.
 """
@@ -29,138 +29,23 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import cast
 
 import httptools
-import orjson
 import uvloop
 
-from benchmarks import mock_wire
-from benchmarks.mock_wire import Reply, Scenario
+from benchmarks.mock_wire import MockConfig, Replies, Request, Scenario
 
 _READY = "mock_upstream ready on http://{host}:{port}"
-_CACHE_MAX = 4096  # replies kept; a run uses a handful, so a full cache means odd input
 _QUEUE_MAX = 16  # pipelined requests held before we stop reading from the client
 _AUTH_HEADERS = frozenset({b"authorization", b"x-api-key", b"x-goog-api-key"})
 _START_TIMEOUT = 30.0
-_OPENAI, _ANTHROPIC, _GEMINI = "openai", "anthropic", "gemini"
-
-
-@dataclass(frozen=True, slots=True)
-class MockConfig:
-    defaults: Scenario
-    api_key: bytes | None
-
-
-@dataclass(slots=True)
-class _Request:
-    method: bytes
-    url: bytes
-    credentials: list[bytes]
-    body: bytes
-    keep_alive: bool
-
-
-class _Replies:
-    """Routes a request to its reply, building each distinct reply once per process."""
-
-    def __init__(self, config: MockConfig) -> None:
-        self._config = config
-        self._pid = mock_wire.pid_header(os.getpid())
-        self._cache: dict[tuple[object, ...], Reply] = {}
-        key = config.api_key or b""
-        self._accepted = frozenset({key, b"Bearer " + key})  # header values that pass
-        self._query_key = b"key=" + key
-
-    def _cached(self, key: tuple[object, ...], build: Callable[[], Reply]) -> Reply:
-        reply = self._cache.get(key)
-        if reply is None:
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            reply = self._cache[key] = build()
-        return reply
-
-    def _error(self, provider: str, status: int, message: str) -> Reply:
-        builders = {_OPENAI: mock_wire.openai_error, _ANTHROPIC: mock_wire.anthropic_error,
-                    _GEMINI: mock_wire.gemini_error}
-        return self._cached(("error", provider, status, message),
-                            lambda: builders[provider](status, message, self._pid))
-
-    def reply(self, request: _Request) -> Reply:
-        path, _, query = request.url.partition(b"?")
-        provider = (_GEMINI if path.startswith(b"/v1beta/") else
-                    _ANTHROPIC if path == b"/v1/messages" else _OPENAI)
-        if path == b"/healthz":
-            return self._cached(("healthz",), lambda: mock_wire.healthz(self._pid))
-        if self._config.api_key is not None and not self._authorised(request, query):
-            message = ("Incorrect API key provided." if provider == _OPENAI else
-                       "invalid x-api-key" if provider == _ANTHROPIC else
-                       "API key not valid. Please pass a valid API key.")
-            return self._error(provider, 401, message)
-        if request.method == b"GET" and path == b"/v1/models":
-            return self._cached(("models",), lambda: mock_wire.openai_models(self._pid))
-        if request.method != b"POST":
-            return self._error(provider, 404, f"Invalid URL ({request.method.decode()} "
-                                              f"{path.decode(errors='replace')})")
-        try:
-            body = orjson.loads(request.body)
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            return self._error(provider, 400, "We could not parse the JSON body of your request.")
-        prompt_tokens = max(1, len(request.body) // 4)
-        if path == b"/v1/chat/completions":
-            return self._openai(body, prompt_tokens)
-        if path == b"/v1/messages":
-            return self._anthropic(body, prompt_tokens)
-        if path.startswith(b"/v1beta/models/"):
-            return self._gemini(path[len(b"/v1beta/models/"):].decode(errors="replace"),
-                                b"alt=sse" in query.split(b"&"), prompt_tokens)
-        return self._error(provider, 404, f"Invalid URL (POST {path.decode(errors='replace')})")
-
-    def _authorised(self, request: _Request, query: bytes) -> bool:
-        if any(value in self._accepted for value in request.credentials):
-            return True
-        return bool(query) and self._query_key in query.split(b"&")
-
-    def _openai(self, body: dict[str, object], prompt_tokens: int) -> Reply:
-        model = body.get("model")
-        if not isinstance(model, str):
-            return self._error(_OPENAI, 400, "you must provide a model parameter")
-        stream = body.get("stream") is True
-        options = body.get("stream_options")
-        usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-        return self._cached(
-            (_OPENAI, model, stream, usage, prompt_tokens),
-            lambda: mock_wire.openai_chat(model, self._config.defaults.for_model(model),
-                                          prompt_tokens, stream, usage, self._pid))
-
-    def _anthropic(self, body: dict[str, object], prompt_tokens: int) -> Reply:
-        model = body.get("model")
-        if not isinstance(model, str):
-            return self._error(_ANTHROPIC, 400, "model: Field required")
-        stream = body.get("stream") is True
-        return self._cached(
-            (_ANTHROPIC, model, stream, prompt_tokens),
-            lambda: mock_wire.anthropic_messages(model, self._config.defaults.for_model(model),
-                                                 prompt_tokens, stream, self._pid))
-
-    def _gemini(self, call: str, sse: bool, prompt_tokens: int) -> Reply:
-        model, _, action = call.partition(":")
-        if action not in ("generateContent", "streamGenerateContent"):
-            return self._error(_GEMINI, 404, f"Method {action} not found.")
-        stream = action == "streamGenerateContent"
-        return self._cached(
-            (_GEMINI, model, stream, sse, prompt_tokens),
-            lambda: mock_wire.gemini_generate(model, self._config.defaults.for_model(model),
-                                              prompt_tokens, stream, sse, self._pid))
 
 
 class _Connection(asyncio.Protocol):
     """One client connection: parse requests, answer them in order, pace streams."""
 
-    def __init__(self, replies: _Replies, connections: set[_Connection],
+    def __init__(self, replies: Replies, connections: set[_Connection],
                  check_auth: bool) -> None:
         self._replies = replies
         self._connections = connections
@@ -171,7 +56,8 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._credentials: list[bytes] = []
         self._body: list[bytes] = []
-        self._queue: deque[_Request] = deque()
+        self._expects_continue = False
+        self._queue: deque[Request] = deque()
         self._reading_paused = False
         self._writing_paused = False
         # The response being sent, when it needs timers: what is left to write of it.
@@ -238,19 +124,29 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._credentials = []
         self._body = []
+        self._expects_continue = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._check_auth and name.lower() in _AUTH_HEADERS:
-            self._credentials.append(value)
+        name = name.lower()
+        if name in _AUTH_HEADERS:
+            if self._check_auth:
+                self._credentials.append(value)
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self._expects_continue = True
+
+    def on_headers_complete(self) -> None:
+        # curl sends large bodies only after this (or after waiting a second for it).
+        if self._expects_continue and self._transport is not None:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self._queue.append(_Request(self._parser.get_method(), self._url, self._credentials,
+        self._queue.append(Request(self._parser.get_method(), self._url, self._credentials,
                                     b"".join(self._body), self._parser.should_keep_alive()))
         if len(self._queue) >= _QUEUE_MAX:
             self._set_reading(False)
@@ -419,7 +315,7 @@ async def _serve(args: argparse.Namespace) -> None:
                           delay=args.chunk_delay_ms / 1000,
                           tokens_per_chunk=args.tokens_per_chunk),
         api_key=args.api_key.encode() if args.api_key else None)
-    replies = _Replies(config)
+    replies = Replies(config)
     connections: set[_Connection] = set()
     sock = reuseport_socket(args.host, args.port)
     server = await loop.create_server(

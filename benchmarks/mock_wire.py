@@ -1,13 +1,16 @@
-"""The bytes the benchmark mock upstream sends: complete HTTP/1.1 responses in the
-OpenAI, Anthropic and Gemini wire formats, built once per scenario and then cached.
+"""What the benchmark mock upstream answers: complete HTTP/1.1 responses in the
+OpenAI, Anthropic and Gemini wire formats, built once and then served from a cache.
 
 Owns: the ``Scenario`` a model name asks for (``mock-ttft200-chunks50-delay20-tpc2``),
-and the response builders. A built ``Reply`` holds the whole response, status line and
-headers included, already split into the writes a paced stream makes: the first write
-carries the head, the stream's opening events and the first content chunk; each later
-write one content chunk; the last one also the closing events and the chunked-encoding
-terminator. Token counts: prompt tokens are given by the caller, completion tokens are
-``chunks * tokens_per_chunk``, and every content chunk is ``tokens_per_chunk`` words.
+the response builders, and ``Replies``, which routes a request (path, credentials,
+JSON body) to its reply, cached per provider, model, stream flags and prompt-token
+count. A built ``Reply`` holds the whole response, status line and headers included,
+already split into the writes a paced stream makes: the first write carries the head,
+the stream's opening events and the first content chunk; each later write one content
+chunk; the last one also the closing events and the chunked-encoding terminator.
+Token counts: prompt tokens are ``max(1, len(body) // 4)``, completion tokens
+``chunks * tokens_per_chunk``; every content chunk is ``tokens_per_chunk`` words.
+A cached reply repeats its id and ``created`` time: nothing downstream needs them unique.
 
 Must not import ``proxy``, ``control_plane`` or ``devstack``: it stands in for the
 providers, independently of our own mocks.
@@ -15,10 +18,11 @@ providers, independently of our own mocks.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +39,8 @@ _SCENARIO_PART = re.compile(r"-(ttft|chunks|delay|tpc)(\d+(?:\.\d+)?)")
 _GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND"}
 _ANTHROPIC_ERROR = {400: "invalid_request_error", 401: "authentication_error",
                     404: "not_found_error"}
+_CACHE_MAX = 4096  # replies kept; a run uses a handful, so a full cache means odd input
+_OPENAI, _ANTHROPIC, _GEMINI = "openai", "anthropic", "gemini"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +74,12 @@ class Scenario:
 @dataclass(frozen=True, slots=True)
 class Reply:
     """A complete response: ``writes`` joined is the whole of it. ``first_wait`` seconds
-    pass before the first write and ``delay`` between the later ones; ``whole`` is what
-    one write sends when nothing needs pacing."""
+    pass before the first write and ``delay`` between the later ones (loop timers have
+    1 ms resolution under uvloop; writes keep to the schedule on average)."""
 
     writes: tuple[bytes, ...]
     first_wait: float = 0.0
     delay: float = 0.0
-
-    @property
-    def whole(self) -> bytes:
-        return b"".join(self.writes)
 
     @property
     def immediate(self) -> bool:
@@ -280,3 +282,118 @@ def gemini_generate(model: str, scenario: Scenario, prompt_tokens: int, stream: 
     # Gemini ends its events with CRLF pairs and sends no [DONE].
     events = [b"data: " + orjson.dumps(d) + b"\r\n\r\n" for d in docs]
     return _stream(pid, scenario, (), events, (), content_type=b"text/event-stream")
+
+
+# --- which reply answers a request ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MockConfig:
+    defaults: Scenario  # for fields a model name leaves out, and for other model names
+    api_key: bytes | None
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed HTTP request; ``credentials`` are the values of its key headers."""
+
+    method: bytes
+    url: bytes
+    credentials: list[bytes]
+    body: bytes
+    keep_alive: bool
+
+
+class Replies:
+    """Routes a request to its reply, building each distinct reply once per process."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self._config = config
+        self._pid = pid_header(os.getpid())
+        self._cache: dict[tuple[object, ...], Reply] = {}
+        key = config.api_key or b""
+        self._accepted = frozenset({key, b"Bearer " + key})  # header values that pass
+        self._query_key = b"key=" + key
+
+    def _cached(self, key: tuple[object, ...], build: Callable[[], Reply]) -> Reply:
+        reply = self._cache.get(key)
+        if reply is None:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            reply = self._cache[key] = build()
+        return reply
+
+    def _error(self, provider: str, status: int, message: str) -> Reply:
+        builders = {_OPENAI: openai_error, _ANTHROPIC: anthropic_error,
+                    _GEMINI: gemini_error}
+        return self._cached(("error", provider, status, message),
+                            lambda: builders[provider](status, message, self._pid))
+
+    def reply(self, request: Request) -> Reply:
+        path, _, query = request.url.partition(b"?")
+        provider = (_GEMINI if path.startswith(b"/v1beta/") else
+                    _ANTHROPIC if path == b"/v1/messages" else _OPENAI)
+        if path == b"/healthz":
+            return self._cached(("healthz",), lambda: healthz(self._pid))
+        if self._config.api_key is not None and not self._authorised(request, query):
+            message = ("Incorrect API key provided." if provider == _OPENAI else
+                       "invalid x-api-key" if provider == _ANTHROPIC else
+                       "API key not valid. Please pass a valid API key.")
+            return self._error(provider, 401, message)
+        if request.method == b"GET" and path == b"/v1/models":
+            return self._cached(("models",), lambda: openai_models(self._pid))
+        if request.method != b"POST":
+            return self._error(provider, 404, f"Invalid URL ({request.method.decode()} "
+                                              f"{path.decode(errors='replace')})")
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return self._error(provider, 400, "We could not parse the JSON body of your request.")
+        prompt_tokens = max(1, len(request.body) // 4)
+        if path == b"/v1/chat/completions":
+            return self._openai(body, prompt_tokens)
+        if path == b"/v1/messages":
+            return self._anthropic(body, prompt_tokens)
+        if path.startswith(b"/v1beta/models/"):
+            return self._gemini(path[len(b"/v1beta/models/"):].decode(errors="replace"),
+                                b"alt=sse" in query.split(b"&"), prompt_tokens)
+        return self._error(provider, 404, f"Invalid URL (POST {path.decode(errors='replace')})")
+
+    def _authorised(self, request: Request, query: bytes) -> bool:
+        if any(value in self._accepted for value in request.credentials):
+            return True
+        return bool(query) and self._query_key in query.split(b"&")
+
+    def _openai(self, body: dict[str, object], prompt_tokens: int) -> Reply:
+        model = body.get("model")
+        if not isinstance(model, str):
+            return self._error(_OPENAI, 400, "you must provide a model parameter")
+        stream = body.get("stream") is True
+        options = body.get("stream_options")
+        usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+        return self._cached(
+            (_OPENAI, model, stream, usage, prompt_tokens),
+            lambda: openai_chat(model, self._config.defaults.for_model(model),
+                                          prompt_tokens, stream, usage, self._pid))
+
+    def _anthropic(self, body: dict[str, object], prompt_tokens: int) -> Reply:
+        model = body.get("model")
+        if not isinstance(model, str):
+            return self._error(_ANTHROPIC, 400, "model: Field required")
+        stream = body.get("stream") is True
+        return self._cached(
+            (_ANTHROPIC, model, stream, prompt_tokens),
+            lambda: anthropic_messages(model, self._config.defaults.for_model(model),
+                                                 prompt_tokens, stream, self._pid))
+
+    def _gemini(self, call: str, sse: bool, prompt_tokens: int) -> Reply:
+        model, _, action = call.partition(":")
+        if action not in ("generateContent", "streamGenerateContent"):
+            return self._error(_GEMINI, 404, f"Method {action} not found.")
+        stream = action == "streamGenerateContent"
+        return self._cached(
+            (_GEMINI, model, stream, sse, prompt_tokens),
+            lambda: gemini_generate(model, self._config.defaults.for_model(model),
+                                              prompt_tokens, stream, sse, self._pid))

@@ -286,3 +286,20 @@ def test_two_processes_serve_and_sigterm_stops_them_all(tmp_path: Path) -> None:
         assert proc.stop(signal.SIGTERM) == 0
     assert all(wait_until_gone(pid) for pid in pids)
     assert process_gone(proc.pid)
+
+
+async def test_a_client_expecting_100_continue_gets_it_before_sending_the_body(
+        mock: str) -> None:
+    port = int(mock.rsplit(":", 1)[1])
+    body = orjson.dumps({"model": "mock-chunks2", "messages": HI})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: mock\r\n"
+                     f"Authorization: Bearer {KEY}\r\nExpect: 100-continue\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode())
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+        await writer.wait_closed()
