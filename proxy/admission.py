@@ -31,9 +31,9 @@ from importlib import resources
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from proxy import errors
+from proxy import errors, resp
 from proxy.local_limits import LocalLimiter
 from proxy.tasks import cancel_requested
 from shared.apikeys import KeyRecord
@@ -45,6 +45,7 @@ _REDIS_DOWN = (RedisError, OSError, TimeoutError)
 _MAX_PENDING_SETTLEMENTS = 100_000
 _SETTLE_BATCH = 256
 _WARN_EVERY = 60.0  # seconds between two warnings about one unpublished account
+_SHAPES_MAX = 10_000  # keys whose packed script calls are kept
 
 
 def _script(name: str) -> str:
@@ -59,6 +60,17 @@ def _duration(ms: int) -> str:
     return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
 
 
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """One key's script calls packed as RESP once: all but the per-request values."""
+
+    admit_head: bytes  # EVALSHA admit, keys, version 0
+    admit_mid: bytes  # key id, window, the key's limits
+    admit_tail: bytes  # in-flight lifetime
+    settle_head: bytes  # EVALSHA settle, keys, version 0
+    key_id: bytes
+
+
 @dataclass(slots=True)
 class Ticket:
     """One admitted request: what was reserved, where, and the headers to return."""
@@ -70,6 +82,7 @@ class Ticket:
     cost: int
     mode: str  # "redis" | "local" | "open"
     keys: list[str] = field(default_factory=list)  # the scripts' keys, named once
+    shape: _Shape | None = None  # the same, packed (plain Redis, not Cluster)
     headers: dict[str, str] = field(default_factory=dict)
     local_scopes: list[str] = field(default_factory=list)
 
@@ -102,6 +115,8 @@ class Admission:
         self._cfg = config
         self._admit = redis.register_script(_script("admit.lua"))
         self._settle = redis.register_script(_script("settle.lua"))
+        self._pipe = resp.Pipe.of(redis)
+        self._shapes: dict[tuple[str, str, int, int, int], _Shape] = {}
         self._local = LocalLimiter(
             window_s=config.window_ms / 1000,
             share=config.degraded_fraction / max(1, config.fleet_processes),
@@ -123,17 +138,8 @@ class Admission:
             ticket.mode = "open"
             return ticket
         if not self._degraded:
-            ticket.keys = self._names.admission_keys(key.account_id, key.key_id)
             try:
-                reply = await self._admit(
-                    keys=ticket.keys,
-                    args=[
-                        0, request_id, key.key_id, self._cfg.window_ms,
-                        key.limits.get("rpm", 0), key.limits.get("tpm", 0),
-                        key.limits.get("conc", 0), tokens, cost,
-                        self._cfg.in_flight_lifetime_ms,
-                    ],
-                )
+                reply = await self._run_admit(ticket, key)
             except _REDIS_DOWN as e:
                 self._degrade(f"admission failed ({type(e).__name__})")
             else:
@@ -141,6 +147,52 @@ class Admission:
                     return _decide(ticket, reply)
                 self._warn_unpublished(key.account_id)
         return self._admit_degraded(ticket, key)
+
+    async def _run_admit(self, ticket: Ticket, key: KeyRecord) -> list[object]:
+        if self._pipe is None:  # Cluster: redis-py routes each call to its slot's node
+            ticket.keys = self._names.admission_keys(key.account_id, key.key_id)
+            reply: list[object] = await self._admit(keys=ticket.keys, args=[
+                0, ticket.request_id, key.key_id, self._cfg.window_ms,
+                key.limits.get("rpm", 0), key.limits.get("tpm", 0),
+                key.limits.get("conc", 0), ticket.tokens, ticket.cost,
+                self._cfg.in_flight_lifetime_ms,
+            ])
+            return reply
+        shape = ticket.shape = self._shape(key)
+        packed = b"".join((shape.admit_head, resp.bulk(ticket.request_id), shape.admit_mid,
+                           resp.bulk(ticket.tokens), resp.bulk(ticket.cost),
+                           shape.admit_tail))
+        try:
+            reply = await self._pipe.call(packed)
+        except NoScriptError:  # Redis restarted or failed over: load, then once more
+            await self._redis.script_load(self._admit.script)
+            reply = await self._pipe.call(packed)
+        return reply
+
+    def _shape(self, key: KeyRecord) -> _Shape:
+        limits = (key.limits.get("rpm", 0), key.limits.get("tpm", 0),
+                  key.limits.get("conc", 0))
+        cache_key = (key.account_id, key.key_id, *limits)
+        shape = self._shapes.get(cache_key)
+        if shape is None:
+            if len(self._shapes) >= _SHAPES_MAX:
+                self._shapes.clear()
+            keys = self._names.admission_keys(key.account_id, key.key_id)
+            packed_keys = b"".join(resp.bulk(k) for k in keys)
+            call = resp.bulk("EVALSHA")
+            shape = self._shapes[cache_key] = _Shape(
+                admit_head=b"".join((resp.header(13 + len(keys)), call,
+                                     resp.bulk(self._admit.sha), resp.bulk(len(keys)),
+                                     packed_keys, resp.bulk(0))),
+                admit_mid=b"".join(resp.bulk(v) for v in (
+                    key.key_id, self._cfg.window_ms, *limits)),
+                admit_tail=resp.bulk(self._cfg.in_flight_lifetime_ms),
+                settle_head=b"".join((resp.header(10 + len(keys)), call,
+                                      resp.bulk(self._settle.sha), resp.bulk(len(keys)),
+                                      packed_keys, resp.bulk(0))),
+                key_id=resp.bulk(key.key_id),
+            )
+        return shape
 
     def _warn_unpublished(self, account_id: str) -> None:
         now = time.monotonic()
@@ -213,6 +265,19 @@ class Admission:
                 raise
 
     async def _send(self, batch: list[tuple[Ticket, int, int]]) -> None:
+        if self._pipe is not None and all(t.shape is not None for t, _, _ in batch):
+            memory = resp.bulk(self._cfg.settled_memory_ms)
+            packed = [
+                b"".join((t.shape.settle_head, resp.bulk(t.request_id), t.shape.key_id,
+                          resp.bulk(t.tokens), resp.bulk(used), resp.bulk(cost), memory))
+                for t, used, cost in batch if t.shape is not None
+            ]
+            try:
+                await self._pipe.call_many(packed)
+            except NoScriptError:  # idempotent: the whole batch again, script loaded
+                await self._redis.script_load(self._settle.script)
+                await self._pipe.call_many(packed)
+            return
         calls: list[tuple[list[str], list[str | int]]] = [
             (t.keys or self._names.admission_keys(t.account_id, t.key_id),
              [0, t.request_id, t.key_id, t.tokens, used, cost, self._cfg.settled_memory_ms])

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from proxy import resp
 from proxy.spool import Spool
 from shared.events import STREAM_FIELD, Event
 
@@ -71,6 +72,11 @@ class EventEmitter:
         on_replayed: Callable[[int], None] = _ignore,
     ) -> None:
         self._redis = redis
+        self._pipe = resp.Pipe.of(redis)
+        # Every XADD is this, then the payload: packed once.
+        trim: tuple[resp.Arg, ...] = ("MAXLEN", "~", stream_max_len) if stream_max_len else ()
+        self._xadd_head = resp.header(5 + len(trim)) + b"".join(
+            resp.bulk(a) for a in ("XADD", stream, *trim, "*", STREAM_FIELD))
         self._stream = stream
         self._max = max_buffer
         self._batch = batch_size
@@ -125,6 +131,11 @@ class EventEmitter:
         self._spool_wake.set()
 
     async def _xadd(self, payloads: list[bytes]) -> None:
+        if self._pipe is not None:
+            head = self._xadd_head
+            async with asyncio.timeout(self._send_timeout):
+                await self._pipe.call_many([head + resp.bulk(p) for p in payloads])
+            return
         pipe = self._redis.pipeline(transaction=False)
         for payload in payloads:
             if self._max_len:
