@@ -1,9 +1,12 @@
-"""A log-linear histogram of durations (HDR-style), cheap to record into and to merge.
+"""What a benchmark measures, as data: a log-linear histogram of durations (HDR-style),
+cheap to record into and to merge, and ``LoadResult``, one load-generator run's counts,
+errors and histograms, whose JSON is the load generator's output. Pure data and no I/O,
+so a report can read results without the load generator's event-loop machinery.
 
-Owns: counting durations in seconds from 1 µs to 300 s into fixed buckets whose width is
-at most 1/128 of their lower bound, so any percentile it reports is within 0.4 % of the
-exact one (it answers with the bucket's midpoint, clamped to the exact min and max);
-merging histograms from several processes; its sparse JSON form.
+``Histogram`` counts durations in seconds from 1 µs to 300 s into fixed buckets whose
+width is at most 1/128 of their lower bound, so any percentile it reports is within
+0.4 % of the exact one (it answers with the bucket's midpoint, clamped to the exact min
+and max). Both merge across processes and have a sparse JSON form.
 
 Recording is a few integer operations and one list increment, so the load generator can
 afford several records per request at tens of thousands of requests per second, and a
@@ -15,6 +18,7 @@ Must not import ``proxy``, ``control_plane`` or anything outside the standard li
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 # Values are counted in integer units of 10 ns: 1 µs is then 100 units, already finer
@@ -28,6 +32,9 @@ _EXACT = 2 * SUB_BUCKETS  # below this many units every unit has its own bucket
 # 300 s is 3e10 units, 35 bits: the last power of two reaches 2**35 units ≈ 343 s.
 _TOP_SHIFT = 35 - (_SUB_BITS + 1)
 BUCKETS = (_TOP_SHIFT << _SUB_BITS) + _EXACT
+# What the load generator measures: from the due time, from the send, streams' time to
+# the first body bytes, between body reads, and to the end.
+HISTOGRAMS = ("latency", "service", "ttft", "gap", "total")
 
 
 def _index(seconds: float) -> int:
@@ -194,3 +201,59 @@ class Histogram:
 
     def __repr__(self) -> str:
         return f"Histogram(count={self._count}, p50={self.percentile(50):.6f}s)"
+
+
+@dataclass
+class LoadResult:
+    """One run's outcome (``benchmarks.loadgen`` fills it); ``to_json`` is its output."""
+
+    mode: str
+    concurrency: int | None
+    rate: float | None
+    processes: int
+    duration_s: float
+    elapsed_s: float = 0.0  # from the end of the warmup to the last measured outcome
+    sent: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(
+        default_factory=lambda: {name: Histogram() for name in HISTOGRAMS})
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def merge(self, other: LoadResult) -> None:
+        """Add another process's share of the same run (started at the same time)."""
+        if self.concurrency is not None and other.concurrency is not None:
+            self.concurrency += other.concurrency
+        if self.rate is not None and other.rate is not None:
+            self.rate += other.rate
+        self.processes += other.processes
+        self.duration_s = max(self.duration_s, other.duration_s)
+        self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
+        self.sent += other.sent
+        self.ok += other.ok
+        for kind, n in other.errors.items():
+            self.errors[kind] = self.errors.get(kind, 0) + n
+        for name, histogram in other.histograms.items():
+            self.histograms.setdefault(name, Histogram()).merge(histogram)
+
+    def to_json(self) -> dict[str, Any]:
+        elapsed = round(self.elapsed_s, 6)  # rps from the figure written, so it re-reads
+        return {
+            "mode": self.mode, "concurrency": self.concurrency, "rate": self.rate,
+            "processes": self.processes, "duration_s": self.duration_s,
+            "elapsed_s": elapsed, "sent": self.sent, "ok": self.ok,
+            "rps": round(self.ok / elapsed, 2) if elapsed > 0 else 0.0,
+            "errors": dict(sorted(self.errors.items())),
+            "histograms": {name: h.to_json() for name, h in self.histograms.items()},
+            "summary": {name: h.summary_ms() for name, h in self.histograms.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoadResult:
+        plain = {k: data[k] for k in ("mode", "concurrency", "rate", "processes",
+                                      "duration_s", "elapsed_s", "sent", "ok", "errors")}
+        histograms = {k: Histogram.from_json(v) for k, v in data["histograms"].items()}
+        return cls(**plain, histograms=histograms)

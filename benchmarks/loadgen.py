@@ -1,170 +1,572 @@
-"""Closed-loop HTTP load: a fixed number of workers, each sending its next request as
-soon as the previous one has finished, and the statistics of what they measured.
+"""HTTP/1.1 load generator: closed loop (N connections, each sending its next request when
+the previous one is back) or open loop (requests due at a fixed rate), with latency
+histograms and errors by kind. Owns its minimal HTTP/1.1 client (asyncio Protocol +
+httptools, request bytes built once), scheduling, timeouts, splitting a run over
+processes and merging their results, and the CLI. It must never be what limits a
+benchmark, so the hot path is callbacks, not tasks.
 
-Owns: driving one target (a URL and its headers) for a bounded time *and* a bounded
-request count, timing every request (total time, and time to the first body byte for
-streams), counting errors by status or exception, and summarising samples
-(percentiles, requests per second). Knows nothing about the proxy or how the servers
-under test were started.
+Open loop avoids coordinated omission: one scheduler sends each request when due, and
+``latency`` counts from the due time, so a stalled server is charged for every request
+queued behind it (timer lateness, < 1 ms, too); ``service`` counts from the send. A run
+is bounded by its duration, request budget, per-request timeout, and a grace after which
+requests still out count as ``timeout``.
 
-Must not import ``proxy``, ``control_plane`` or ``devstack``.
+Must not import ``proxy`` or ``control_plane`` (it measures them from outside).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import math
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import dataclasses
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import cast
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
+import orjson
+import uvloop
 
-_DONE = b"data: [DONE]\n\n"
-# A request that takes longer than this is an error, so a stuck server cannot stall the
-# benchmark past its duration by more than this.
-REQUEST_TIMEOUT = 30.0
+from benchmarks.histogram import HISTOGRAMS, LoadResult
+
+__all__ = ["LoadResult", "LoadSpec", "Progress", "build_request", "run", "run_processes"]
+
+Progress = Callable[[int, float], None]  # (measured requests done, seconds since start)
+_RECONNECT_DELAY = 0.05  # closed loop against a refusing server: do not spin
+_BATCH = 256  # an open-loop scheduler that falls behind still yields this often
+_SPIN_BELOW = 0.0005  # uvloop rounds timers to whole ms; shorter waits re-check instead
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    name: str  # "direct" or "proxy"
-    url: str  # the full chat-completions URL
-    headers: Mapping[str, str]
+class LoadSpec:
+    """One run against one URL; the fields mirror the command-line flags."""
 
+    url: str
+    body: bytes = b""  # empty: a GET
+    headers: tuple[tuple[str, str], ...] = ()
+    concurrency: int | None = None  # closed loop
+    rate: float | None = None  # open loop, requests per second
+    connections: int = 4096  # open loop: most connections it may open
+    duration: float = 10.0  # seconds measured, after the warmup
+    warmup: float = 0.0
+    max_requests: int | None = None  # measured requests, at most
+    stream: bool = False
+    end_marker: str = "data: [DONE]"  # a stream without it is `truncated`; "" = no check
+    processes: int = 1
+    cpus: str | None = None  # e.g. "1", "0,2" or "2-3"
+    timeout: float = 30.0
+    grace: float = 5.0  # after the duration, how long outstanding requests may finish
 
-@dataclass(frozen=True, slots=True)
-class Load:
-    concurrency: int
-    duration: float  # seconds; no request is *started* after this
-    max_requests: int  # and no more than this many are started
-    body: bytes
-    stream: bool
-
-
-@dataclass
-class Samples:
-    """What one or more runs against one target measured. Latencies are in seconds."""
-
-    latencies: list[float] = field(default_factory=list)
-    ttfb: list[float] = field(default_factory=list)  # streams only: first body byte
-    errors: Counter[str] = field(default_factory=Counter)
-    elapsed: float = 0.0  # wall time from the first request to the last response
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("give exactly one of concurrency (closed loop) or rate (open)")
+        if urlsplit(self.url).scheme != "http":
+            raise ValueError(f"only http:// URLs are supported: {self.url}")
+        if (self.concurrency or 1) < 1 or (self.rate or 1) <= 0 or self.processes < 1:
+            raise ValueError("concurrency, rate and processes must be positive")
 
     @property
-    def ok(self) -> int:
-        return len(self.latencies)
-
-    @property
-    def rps(self) -> float:
-        """Successful requests per second."""
-        return self.ok / self.elapsed if self.elapsed > 0 else 0.0
-
-    def extend(self, other: Samples) -> None:
-        self.latencies += other.latencies
-        self.ttfb += other.ttfb
-        self.errors.update(other.errors)
-        self.elapsed += other.elapsed
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "requests_ok": self.ok,
-            "errors": dict(self.errors),
-            "elapsed_s": round(self.elapsed, 4),
-            "rps": round(self.rps, 2),
-            "latency_ms": distribution(self.latencies),
-            "ttfb_ms": distribution(self.ttfb) if self.ttfb else None,
-        }
+    def mode(self) -> str:
+        return "closed" if self.concurrency is not None else "open"
 
 
-def distribution(values: Sequence[float]) -> dict[str, float] | None:
-    """Nearest-rank p50/p90/p99, mean and max of seconds ``values``, in milliseconds."""
-    if not values:
-        return None
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] * 1000, 3)
-
-    return {
-        "p50": at(50),
-        "p90": at(90),
-        "p99": at(99),
-        "mean": round(sum(ordered) / len(ordered) * 1000, 3),
-        "max": round(ordered[-1] * 1000, 3),
-    }
+def build_request(spec: LoadSpec) -> bytes:
+    """The request's bytes, once for the whole run."""
+    url = urlsplit(spec.url)
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    names = {name.lower() for name, _ in spec.headers}
+    lines = [f"{'POST' if spec.body else 'GET'} {target} HTTP/1.1"]
+    if "host" not in names:
+        lines.append(f"Host: {url.netloc.rpartition('@')[2]}")
+    if spec.body and "content-type" not in names:
+        lines.append("Content-Type: application/json")
+    if spec.body:
+        lines.append(f"Content-Length: {len(spec.body)}")
+    lines += [f"{name}: {value}" for name, value in spec.headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + spec.body
 
 
-def new_session(max_connections: int) -> aiohttp.ClientSession:
-    """One session for the whole benchmark: keep-alive connections to both targets."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections),
-        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-    )
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection with at most one request in flight."""
 
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None  # while connecting
+        self.retired = self.busy = self.measured = self.found = False
+        self.due = self.sent = self.first = self.last = self.arrived = 0.0
+        self.tail = b""  # a stream's last bytes, for an end marker split across reads
 
-class _Budget:
-    """Shared by a run's workers: whether another request may start."""
+    def send(self, due: float, now: float) -> None:
+        self.busy, self.due, self.measured = True, due, due >= self.run.measure_from
+        self.first, self.found, self.tail = 0.0, False, b""
+        if self.transport is not None:
+            self.sent = now
+            self.transport.write(self.run.request)
 
-    def __init__(self, load: Load) -> None:
-        self.deadline = perf_counter() + load.duration
-        self.left = load.max_requests
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.run.transports += 1
+        if self.busy:
+            self.sent = perf_counter()
+            self.transport.write(self.run.request)
 
-    def take(self) -> bool:
-        if self.left <= 0 or perf_counter() >= self.deadline:
-            return False
-        self.left -= 1
-        return True
-
-
-async def run(session: aiohttp.ClientSession, target: Target, load: Load) -> Samples:
-    """Drive ``target`` with ``load.concurrency`` closed-loop workers; return the samples."""
-    samples = Samples()
-    budget = _Budget(load)
-    start = perf_counter()
-    workers = [_worker(session, target, load, budget, samples) for _ in range(load.concurrency)]
-    await asyncio.gather(*workers)
-    samples.elapsed = perf_counter() - start
-    return samples
-
-
-async def _worker(
-    session: aiohttp.ClientSession, target: Target, load: Load, budget: _Budget, samples: Samples
-) -> None:
-    while budget.take():
-        started = perf_counter()
+    def data_received(self, data: bytes) -> None:
+        self.arrived = perf_counter()  # for on_body; cheaper here than in a subclass copy
         try:
-            async with session.post(target.url, data=load.body, headers=target.headers) as resp:
-                status = resp.status
-                if load.stream:
-                    first, complete = await _read_stream(resp)
-                else:
-                    await resp.read()
-                    first, complete = None, True
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            samples.errors[type(exc).__name__] += 1
-            continue
-        finished = perf_counter()
-        if status != 200:
-            samples.errors[f"HTTP {status}"] += 1
-        elif not complete:
-            samples.errors["truncated stream"] += 1
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            raise  # our own bug in a callback, not the server's
+        except httptools.HttpParserError:
+            self.run.lost(self, "reset")
+
+    def on_message_complete(self) -> None:
+        self.run.complete(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.run.lost(self, "truncated" if self.first and self.run.stream else "reset")
+        self.run.closed_one()
+
+
+class _StreamConnection(_Connection):
+    """Also times the body's arrivals and looks for the end marker (httptools calls
+    ``on_body`` only on protocols that define it, so non-stream runs skip all this)."""
+
+    def on_body(self, body: bytes) -> None:
+        arrived = self.arrived
+        if not self.first:
+            self.first = arrived
+        elif arrived != self.last and self.measured:
+            self.run.gap.record(arrived - self.last)
+        self.last = arrived
+        if not self.found:
+            marker = self.run.marker
+            keep = len(marker) - 1
+            if marker in body or (keep and marker in self.tail + body[:keep]):
+                self.found = True
+            elif keep:
+                self.tail = (self.tail + body)[-keep:] if len(body) < keep else body[-keep:]
+
+
+class _Run:
+    """The state of one run in one process; the connections' callbacks land here."""
+
+    def __init__(self, spec: LoadSpec, progress: Progress | None) -> None:
+        url = urlsplit(spec.url)
+        self.spec, self.progress, self.loop = spec, progress, asyncio.get_running_loop()
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.request, self.stream = build_request(spec), spec.stream
+        self.marker = spec.end_marker.encode()
+        self.closed_loop = spec.concurrency is not None
+        self.factory = _StreamConnection if spec.stream else _Connection
+        self.result = LoadResult(spec.mode, spec.concurrency, spec.rate, 1, spec.duration)
+        self.latency, self.service, self.ttft, self.gap, self.total = (
+            self.result.histograms[name] for name in HISTOGRAMS)
+        self.conns: set[_Connection] = set()  # open or connecting, not retired
+        self.idle: list[_Connection] = []
+        self.pending: deque[float] = deque()  # open loop: due times waiting for a connection
+        self.tasks: set[asyncio.Task[None]] = set()  # connecting; held so none is collected
+        self.statuses: dict[int, str] = {}
+        self.transports = self.inflight = self.done = 0
+        self.budget = spec.max_requests if spec.max_requests is not None else 1 << 62
+        self.start = perf_counter()
+        self.measure_from = self.start + spec.warmup
+        self.stop_at = self.measure_from + spec.duration
+        self.last_outcome = 0.0
+        self.sending = True
+        self.quiet: asyncio.Future[None] = self.loop.create_future()  # all sent and back
+        self.all_closed: asyncio.Future[None] | None = None  # once tearing down
+
+    def dispatch(self, conn: _Connection | None, due: float, now: float) -> None:
+        """Send a request due at ``due`` on ``conn``, an idle connection or a new one."""
+        if due >= self.measure_from:
+            self.result.sent += 1
+            self.budget -= 1
+        if conn is None and self.idle:
+            conn = self.idle.pop()
+        if conn is not None or self.closed_loop or len(self.conns) < self.spec.connections:
+            self.place(conn, due, now)
         else:
-            samples.latencies.append(finished - started)
-            if first is not None:
-                samples.ttfb.append(first - started)
+            self.pending.append(due)
+
+    def place(self, conn: _Connection | None, due: float, now: float) -> None:
+        """Send on ``conn``, or on a new connection when None."""
+        self.inflight += 1
+        if conn is not None:
+            conn.send(due, now)
+            return
+        conn = self.factory(self)
+        conn.send(due, due)
+        self.conns.add(conn)
+        conn.task = self.loop.create_task(self._connect(conn))
+        self.tasks.add(conn.task)
+        conn.task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, conn: _Connection) -> None:
+        try:
+            await self.loop.create_connection(lambda: conn, self.host, self.port)
+        except OSError:
+            if not conn.retired:
+                self.retire(conn)
+                self.finish(conn, "connect")
+                if self.closed_loop:
+                    self.loop.call_later(_RECONNECT_DELAY, self.next, None)
+                else:
+                    self.next(None)
+        finally:
+            conn.task = None
+
+    def next(self, conn: _Connection | None) -> None:
+        """``conn`` (or, when None, a connection that is gone) is free: what comes next."""
+        now = perf_counter()
+        if self.closed_loop:
+            if self.sending and (now >= self.stop_at
+                                 or (now >= self.measure_from and self.budget <= 0)):
+                self.sending = False
+            if self.sending:
+                self.dispatch(conn, now, now)
+                return
+        elif self.pending:
+            self.place(conn, self.pending.popleft(), now)
+            return
+        if conn is not None:
+            self.idle.append(conn)
+        self.check_quiet()
+
+    def complete(self, conn: _Connection) -> None:
+        if not conn.busy:  # a response nobody asked for
+            self.retire(conn)
+            return
+        status = conn.parser.get_status_code()
+        if 200 <= status < 300:
+            error = None if conn.found or not self.stream or not self.marker else "truncated"
+        else:
+            error = self.statuses.setdefault(status, f"HTTP {status}")
+        self.finish(conn, error)
+        if conn.parser.should_keep_alive():
+            self.next(conn)
+        else:
+            self.retire(conn)
+            self.next(None)
+
+    def lost(self, conn: _Connection, error: str) -> None:
+        """The connection closed, or sent what is not HTTP."""
+        if conn.retired:
+            return
+        busy = conn.busy
+        self.retire(conn)
+        if busy:
+            self.finish(conn, error)
+            self.next(None)
+        elif conn in self.idle:
+            self.idle.remove(conn)
+
+    def finish(self, conn: _Connection, error: str | None) -> None:
+        """Record the outcome of ``conn``'s request."""
+        conn.busy = False
+        self.inflight -= 1
+        if not conn.measured:
+            return
+        now = self.last_outcome = perf_counter()
+        self.done += 1
+        if error is not None:
+            self.result.errors[error] = self.result.errors.get(error, 0) + 1
+            return
+        self.result.ok += 1
+        latency = now - conn.due
+        self.latency.record(latency)
+        self.service.record(now - conn.sent)
+        if self.stream:
+            self.total.record(latency)
+            if conn.first:
+                self.ttft.record(conn.first - conn.due)
+
+    def expire(self, dues: list[float]) -> None:
+        """Requests that waited for a connection past their timeout, or the end."""
+        count = sum(due >= self.measure_from for due in dues)
+        if count:
+            self.last_outcome = perf_counter()
+            self.done += count
+            self.result.errors["timeout"] = self.result.errors.get("timeout", 0) + count
+
+    def retire(self, conn: _Connection) -> None:
+        """Stop using ``conn`` and close it: abruptly if a request is still in flight."""
+        conn.retired = True
+        self.conns.discard(conn)
+        if conn.transport is not None:
+            if conn.busy:
+                conn.transport.abort()
+            else:
+                conn.transport.close()
+        elif conn.task is not None:
+            conn.task.cancel()
+
+    def closed_one(self) -> None:
+        self.transports -= 1
+        if not self.transports and self.all_closed is not None and not self.all_closed.done():
+            self.all_closed.set_result(None)
+
+    def check_quiet(self) -> None:
+        if not (self.sending or self.inflight or self.pending or self.quiet.done()):
+            self.quiet.set_result(None)
+
+    async def ticking(self) -> None:
+        """Time out requests past their deadline; report progress."""
+        limit = self.spec.timeout
+        while True:
+            await asyncio.sleep(min(0.25, limit / 4))
+            now = perf_counter()
+            for conn in [c for c in self.conns if c.busy and now - (c.sent or c.due) > limit]:
+                self.retire(conn)
+                self.finish(conn, "timeout")
+                self.next(None)
+            expired = []
+            while self.pending and now - self.pending[0] > limit:
+                expired.append(self.pending.popleft())
+            self.expire(expired)
+            self.check_quiet()
+            if self.progress is not None:
+                self.progress(self.done, now - self.start)
+
+    async def schedule(self, rate: float) -> None:
+        """Open loop: send request i at start + i / rate until the duration or the budget
+        runs out. A late wake-up sends everything already due, stamped with its due time."""
+        interval, i, batch = 1.0 / rate, 0, 0
+        while self.sending:
+            due = self.start + i * interval
+            if due >= self.stop_at or (due >= self.measure_from and self.budget <= 0):
+                break
+            now = perf_counter()
+            if due > now:
+                batch = 0
+                await asyncio.sleep(due - now if due - now >= _SPIN_BELOW else 0)
+                continue
+            self.dispatch(None, due, now)
+            i, batch = i + 1, batch + 1
+            if batch >= _BATCH:
+                batch = 0
+                await asyncio.sleep(0)
+        self.sending = False
+        self.check_quiet()
+
+    async def drive(self) -> LoadResult:
+        ticker = self.loop.create_task(self.ticking())
+        try:
+            if self.spec.concurrency is not None:
+                for _ in range(self.spec.concurrency):
+                    self.next(None)
+                await asyncio.wait([self.quiet], timeout=self.stop_at - perf_counter())
+                self.sending = False
+                self.check_quiet()
+            else:
+                await self.schedule(cast(float, self.spec.rate))
+            await asyncio.wait([self.quiet], timeout=min(self.spec.grace, self.spec.timeout))
+        finally:
+            ticker.cancel()
+            await asyncio.wait([ticker])
+            await self.teardown()
+        if self.progress is not None:
+            self.progress(self.done, perf_counter() - self.start)
+        if self.last_outcome:
+            self.result.elapsed_s = self.last_outcome - self.measure_from
+        return self.result
+
+    async def teardown(self) -> None:
+        """What is still out timed out; close every connection and wait until each is
+        closed, so that no socket outlives the run."""
+        self.sending = False
+        self.expire(list(self.pending))
+        self.pending.clear()
+        for conn in list(self.conns):
+            self.retire(conn)
+            if conn.busy:
+                self.finish(conn, "timeout")
+        self.idle.clear()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=2.0)
+        if self.transports:
+            self.all_closed = self.loop.create_future()
+            await asyncio.wait([self.all_closed], timeout=2.0)
 
 
-async def _read_stream(resp: aiohttp.ClientResponse) -> tuple[float | None, bool]:
-    """Read an SSE body to its end: (when its first byte came, whether it ended in [DONE])."""
-    first: float | None = None
-    tail = b""
-    async for chunk in resp.content.iter_any():
-        if first is None:
-            first = perf_counter()
-        tail = (tail + chunk)[-len(_DONE) :]
-    return first, tail == _DONE
+async def run(spec: LoadSpec, progress: Progress | None = None) -> LoadResult:
+    """Run ``spec`` in this process, on the running event loop (``processes`` and
+    ``cpus`` are ignored here: see ``run_processes``)."""
+    raise_nofile_limit()
+    return await _Run(spec, progress).drive()
+
+
+def raise_nofile_limit() -> None:
+    """Thousands of connections need thousands of file descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def parse_cpus(text: str) -> list[int]:
+    """``"1"``, ``"0,2"``, ``"2-3"`` → sorted CPU numbers."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return sorted(cpus)
+
+
+def split(spec: LoadSpec) -> list[LoadSpec]:
+    """The per-process shares of ``spec``: concurrency, rate, connections and the
+    request budget divided as evenly as they go; processes with nothing to do dropped."""
+    n = spec.processes if spec.concurrency is None else min(spec.processes, spec.concurrency)
+
+    def share(total: int, i: int) -> int:
+        return total // n + (1 if i < total % n else 0)
+
+    parts = [dataclasses.replace(
+        spec, processes=1, cpus=None, connections=max(1, share(spec.connections, i)),
+        concurrency=None if spec.concurrency is None else share(spec.concurrency, i),
+        rate=None if spec.rate is None else spec.rate / n,
+        max_requests=None if spec.max_requests is None else share(spec.max_requests, i),
+    ) for i in range(n)]
+    return [part for part in parts if part.max_requests != 0]
+
+
+def run_processes(spec: LoadSpec, progress: Progress | None = None) -> LoadResult:
+    """Run ``spec`` to its end and return what it measured: in child processes when
+    ``processes`` > 1 or ``cpus`` is set (each child pinned to its own CPU of the set,
+    or to the whole set when there is one child), else on a fresh uvloop in this thread.
+    The children start together, on a word from here, once all are ready."""
+    if spec.processes == 1 and spec.cpus is None:
+        return uvloop.run(run(spec, progress))
+    parts = split(spec)
+    cpus = parse_cpus(spec.cpus) if spec.cpus else []
+    context = multiprocessing.get_context("spawn")  # never fork a process with a loop
+    pipes = [context.Pipe() for _ in parts]
+    children = [context.Process(target=_child, daemon=True, args=(
+        part, cpus if len(parts) == 1 or not cpus else [cpus[i % len(cpus)]], pipes[i][1]))
+        for i, part in enumerate(parts)]
+    limit = time.monotonic() + spec.warmup + spec.duration + spec.grace + 60.0
+    try:
+        for child in children:
+            child.start()
+        for _, theirs in pipes:
+            theirs.close()
+        return _collect([ours for ours, _ in pipes], limit, progress)
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
+            child.join()
+        for ours, _ in pipes:
+            ours.close()
+
+
+def _collect(pipes: list[Connection], limit: float, progress: Progress | None) -> LoadResult:
+    """The children's messages: ("ready",), ("progress", done, elapsed), ("result", json)."""
+    waiting, ready = list(pipes), 0
+    reports: dict[Connection, tuple[int, float]] = {}
+    results: list[LoadResult] = []
+    while waiting:
+        if time.monotonic() > limit:
+            raise RuntimeError("load generator children did not finish in time")
+        for pipe in cast(list[Connection], wait(waiting, timeout=1.0)):
+            try:
+                kind, *payload = pipe.recv()
+            except EOFError:
+                raise RuntimeError("a load generator child exited without a result") from None
+            if kind == "ready":
+                ready += 1
+                for each in pipes if ready == len(pipes) else ():
+                    each.send("go")
+            elif kind == "progress":
+                reports[pipe] = (payload[0], payload[1])
+                if progress is not None:
+                    progress(sum(d for d, _ in reports.values()),
+                             max(e for _, e in reports.values()))
+            else:
+                results.append(LoadResult.from_json(payload[0]))
+                waiting.remove(pipe)
+    for other in results[1:]:
+        results[0].merge(other)
+    return results[0]
+
+
+def _child(spec: LoadSpec, cpus: list[int], pipe: Connection) -> None:
+    """One process of a multi-process run."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    pipe.send(("ready",))
+    if pipe.recv() == "go":
+        result = uvloop.run(run(spec, lambda done, elapsed: pipe.send(
+            ("progress", done, elapsed))))
+        pipe.send(("result", result.to_json()))
+    pipe.close()
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--body-file", type=Path, help="POST this file (else GET)")
+    parser.add_argument("--header", type=_header, action="append", default=[],
+                        metavar="'NAME: VALUE'")
+    loop = parser.add_mutually_exclusive_group(required=True)
+    loop.add_argument("--concurrency", type=int, help="closed loop: connections")
+    loop.add_argument("--rate", type=float, help="open loop: requests per second")
+    parser.add_argument("--duration", type=float, required=True, help="seconds measured")
+    parser.add_argument("--stream", action="store_true", help="time SSE: ttft, gaps")
+    for flag, kind, default, text in (
+        ("--connections", int, 4096, "open loop: most connections"),
+        ("--warmup", float, 0.0, "seconds not measured, before the duration"),
+        ("--max-requests", int, None, "measured requests, at most"),
+        ("--end-marker", str, "data: [DONE]", "a stream without it is truncated; '' = none"),
+        ("--processes", int, 1, "split the load over this many processes"),
+        ("--cpus", str, None, "pin to these CPUs, e.g. 1 or 2-3"),
+        ("--timeout", float, 30.0, "per request, seconds"),
+        ("--grace", float, 5.0, "seconds requests still out may finish after the duration"),
+        ("--output", str, "-", "result JSON file; '-' = stdout"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} ({default})")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    flags = ("concurrency", "rate", "connections", "duration", "warmup", "max_requests",
+             "stream", "end_marker", "processes", "cpus", "timeout", "grace")
+    spec = LoadSpec(url=args.url, body=args.body_file.read_bytes() if args.body_file else b"",
+                    headers=tuple(args.header), **{flag: getattr(args, flag) for flag in flags})
+    if spec.processes == 1 and spec.cpus:  # this process is the load generator: pin it
+        os.sched_setaffinity(0, parse_cpus(spec.cpus))
+        spec = dataclasses.replace(spec, cpus=None)
+    result = run_processes(spec)
+    data = orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2)
+    if args.output == "-":
+        sys.stdout.buffer.write(data + b"\n")
+    else:
+        Path(args.output).write_bytes(data)
+    latency = result.histograms["latency"].summary_ms()
+    print(f"{result.mode} loop: {result.ok} ok of {result.sent} in {result.elapsed_s:.2f} s, "
+          f"{result.rps:.0f} req/s, latency p50 {latency['p50']} ms p99 {latency['p99']} ms, "
+          f"errors {result.errors or 'none'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
