@@ -11,7 +11,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -19,6 +18,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.admission import Admission, AdmissionConfig
 from proxy.auth import Authenticator
+from proxy.connections import ConnectionPool
 from proxy.emitter import EventEmitter
 from proxy.handlers import ROUTES, ChatHandler, Endpoint
 from proxy.metrics import Metrics
@@ -149,20 +149,17 @@ async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-        ),
-        auto_decompress=False,  # bytes pass through as the upstream sent them
-        skip_auto_headers=("User-Agent",),
-        # aiohttp's default (256 KiB, paused at twice that) would let each stream whose
-        # client reads slowly park ~1.5 MB here; 64 KiB keeps it well under 1 MB.
-        read_bufsize=2**16,
+    pool = ConnectionPool(
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        keepalive=30.0,
+        # A stream whose client reads slowly parks at most this much here (the socket
+        # is not read meanwhile), keeping each such stream well under 1 MB.
+        buffer_limit=2**16,
     )
-    app[UPSTREAM] = UpstreamClient(session, first_byte_timeout=settings.first_byte_timeout)
+    app[UPSTREAM] = UpstreamClient(pool, first_byte_timeout=settings.first_byte_timeout)
     yield
-    await session.close()
+    pool.close()
 
 
 def build_app(settings: Settings) -> web.Application:

@@ -22,13 +22,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from proxy import errors
 from proxy.admission import Admission
 from proxy.auth import Authenticator, bearer_token
 from proxy.catalog import Catalog, Deployment, Model
+from proxy.connections import Response, UpstreamIOError
 from proxy.emitter import EventEmitter
 from proxy.metrics import Metrics
 from proxy.providers.base import BYTES_PER_TOKEN, Chat, Wire
@@ -92,7 +92,7 @@ ROUTES: tuple[tuple[str, Endpoint], ...] = (
 @dataclass(frozen=True, slots=True)
 class _Attempt:
     deployment: Deployment
-    resp: aiohttp.ClientResponse
+    resp: Response
     first: bytes
 
 
@@ -163,7 +163,7 @@ class ChatHandler:
         except errors.ProxyError as e:
             facts.fail(e)
             return _error_response(wire, e, headers)
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (UpstreamIOError, TimeoutError) as e:
             # The upstream failed while its body was being read (non-stream).
             err: errors.ProxyError = (
                 errors.UpstreamTimeout() if isinstance(e, TimeoutError)
@@ -207,7 +207,7 @@ class ChatHandler:
             finally:
                 # An unfinished upstream body (client gone, error) closes the connection,
                 # so the upstream stops generating; a finished one goes back to the pool.
-                if attempt.resp.content.at_eof():
+                if attempt.resp.at_eof():
                     attempt.resp.release()
                 else:
                     attempt.resp.close()
@@ -255,7 +255,7 @@ class ChatHandler:
             else:
                 facts.finished = True
             return out
-        raw = attempt.first + await attempt.resp.content.read()
+        raw = attempt.first + await attempt.resp.read()
         facts.reply_bytes = len(raw)
         body, facts.usage = translate_reply(wire, upstream_wire, raw, chat.model)
         facts.status, facts.finished = 200, True

@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
+from proxy.connections import Response, UpstreamIOError
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from proxy.providers.base import Relay, Wire
 
@@ -40,7 +40,7 @@ class Outcome:
 
 async def pump(
     out: web.StreamResponse,
-    resp: aiohttp.ClientResponse,
+    resp: Response,
     first: bytes,
     stream: Relay,
     wire: Wire,
@@ -54,7 +54,7 @@ async def pump(
             if chunk:
                 await out.write(chunk)
             async with asyncio.timeout(idle_timeout):
-                data = await resp.content.readany()
+                data = await resp.readany()
         tail = stream.finish()
         if tail:
             await out.write(tail)
@@ -64,7 +64,7 @@ async def pump(
         raise ClientGone() from None
     except TimeoutError:
         err = StreamIdle()
-    except (aiohttp.ClientError, OSError):
+    except (UpstreamIOError, OSError):
         err = UpstreamUnavailable()
     # Headers are gone: the error travels inside the stream, in the client's format.
     try:

@@ -1,4 +1,4 @@
-"""The upstream HTTP client: one pooled aiohttp session, timeouts, error mapping.
+"""The upstream HTTP client: the connection pool's requests, timeouts, error mapping.
 
 ``send()`` sends a request and returns once the upstream's status line and headers
 are in, within the first-byte budget; ``first_chunk()`` waits for the body's first
@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
-
+from proxy.connections import ConnectionPool, Response, UpstreamIOError
 from proxy.errors import UpstreamFailed, UpstreamRefused, UpstreamTimeout, UpstreamUnavailable
 from proxy.providers.base import UpstreamRequest
 
@@ -29,15 +28,15 @@ _MAX_ERROR_BODY = 64 * 1024
 class UpstreamClient:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: ConnectionPool,
         *,
         first_byte_timeout: float,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._first_byte = first_byte_timeout
 
     async def send(self, req: UpstreamRequest, provider: str
-                   ) -> tuple[aiohttp.ClientResponse, float]:
+                   ) -> tuple[Response, float]:
         """POST ``req`` upstream; (response with status 200, first-byte deadline).
 
         The deadline (loop time) is when the first body byte must have arrived.
@@ -46,35 +45,35 @@ class UpstreamClient:
         deadline = loop.time() + self._first_byte
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(req.url, data=req.body, headers=req.headers)
-        except TimeoutError:  # aiohttp's connect timeout included
+                resp = await self._pool.post(req.url, req.headers, req.body)
+        except TimeoutError:  # the pool's connect timeout included
             raise UpstreamTimeout() from None
-        except (aiohttp.ClientError, OSError) as e:
+        except (UpstreamIOError, OSError) as e:
             log.warning("upstream %s unreachable: %s", provider, type(e).__name__)
             raise UpstreamUnavailable() from None
         if resp.status != 200:
             await self._refuse(resp, provider)
         return resp, deadline
 
-    async def _refuse(self, resp: aiohttp.ClientResponse, provider: str) -> None:
+    async def _refuse(self, resp: Response, provider: str) -> None:
         status = resp.status
         try:
-            body = await resp.content.read(_MAX_ERROR_BODY)
-        except (aiohttp.ClientError, OSError, TimeoutError):
+            body = await resp.read(_MAX_ERROR_BODY)
+        except (UpstreamIOError, OSError, TimeoutError):
             body = b""
         finally:
             resp.release()
         if status in _CLIENT_STATUSES and body:
-            raise UpstreamRefused(status, body, resp.headers.get("Retry-After"))
+            raise UpstreamRefused(status, body, resp.headers.get("retry-after"))
         log.warning("upstream %s answered %d", provider, status)
         raise UpstreamFailed()
 
     @staticmethod
-    async def first_chunk(resp: aiohttp.ClientResponse, deadline: float) -> bytes:
+    async def first_chunk(resp: Response, deadline: float) -> bytes:
         try:
             async with asyncio.timeout_at(deadline):
-                return await resp.content.readany()
+                return await resp.readany()
         except TimeoutError:
             raise UpstreamTimeout() from None
-        except (aiohttp.ClientError, OSError):
+        except (UpstreamIOError, OSError):
             raise UpstreamUnavailable() from None
