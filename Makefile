@@ -2,7 +2,8 @@
 #   make run    the whole gateway, demo account and demo upstream included
 #   make test   the full test suite (starts its own PostgreSQL and Redis if needed)
 #   make lint   ruff + mypy --strict
-#   make bench  the spine benchmark (proxy vs. calling the upstream directly)
+#   make bench  the benchmark suite: direct vs passthrough vs our proxy (~20 min with
+#               the 10-minute soak; make bench BENCH_ARGS="--quick" for a 1-minute run)
 # Each installs what it needs into .venv on first use; nothing else is assumed
 # but Python 3.11+ with pip and venv.
 
@@ -12,6 +13,7 @@ BIN    := $(VENV)/bin
 DEV    := $(VENV)/.installed-dev
 TEST   := $(VENV)/.installed-test
 BENCH  := $(VENV)/.installed-bench
+BENCH_ARGS ?=
 
 .PHONY: run test lint bench clean
 
@@ -41,7 +43,7 @@ lint: $(TEST)
 	$(BIN)/mypy --strict proxy control_plane shared
 
 bench: $(BENCH)
-	$(BIN)/python -m benchmarks.spine
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,12 +1,13 @@
-"""The system under test for the benchmarks: Redis, the mock upstream and two proxies.
+"""The system under test: Redis, the mock upstream, the reference passthrough and our
+proxy, started as pinned subprocesses on 127.0.0.1, plus any external targets.
 
-Owns: starting the mock OpenAI upstream and two proxies as subprocesses on free
-127.0.0.1 ports (and a throwaway Redis unless a URL is given), publishing one API key
-and its account's state the way the control plane does, and on exit stopping exactly
-the processes it started, by their pid, and deleting every Redis key it wrote (its own
-unique prefix). The two proxies share Redis, the key and the catalog and differ only in
-admission (``proxy`` has it on, as in production; ``proxy-noadmit`` runs with
-``QNP_ADMISSION=off``), so the difference between them is what admission costs.
+Owns: starting each server on a free port (the mock's may be fixed with ``--mock-port``
+so a user can point another gateway at it first), pinning it to the "proxy" or the
+"load" CPUs, publishing one API key and its account's state the way the control plane
+does (ample credit AND high limits, so admission runs its full sliding-window logic
+without ever refusing), counting the events the proxies add to the Redis stream, and on
+every exit path (Ctrl-C included) stopping exactly the processes it started, by pid, in
+reverse order, and deleting every Redis key under its own prefix.
 
 Must not import ``proxy`` or ``control_plane``: the proxy is measured from outside.
 """
@@ -14,23 +15,24 @@ Must not import ``proxy`` or ``control_plane``: the proxy is measured from outsi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import resource
 import secrets
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import Counter
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import bcrypt
-import orjson
 import redis
 
 from devstack.servers import start_redis
@@ -39,26 +41,27 @@ from shared.apikeys import KeyRecord
 from shared.redis_names import RedisNames
 
 HOST = "127.0.0.1"
-MODEL = "bench-mini"  # the name clients use at the proxy
-UPSTREAM_MODEL = "gpt-4o-mini"  # the name the proxy sends upstream, and direct calls use
 UPSTREAM_KEY = "sk-bench-upstream"
-_ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
+DIRECT, PASSTHROUGH, PROXY, NOADMIT = "direct", "passthrough", "proxy", "proxy-noadmit"
+# The warning a proxy logs when it admits an account with no published state: it then
+# runs the degraded local policy, which is not what production measures.
+UNPUBLISHED_WARNING = "no published state"
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
-# Far more credit than any run spends, so admission never refuses for want of it.
-_BALANCE_MICROS = 10**15
-# The warning a proxy logs when it admits an account with no published state (under
-# the degraded local policy, which is not what production measures).
-UNPUBLISHED_WARNING = "no published state"
+_PR_SET_PDEATHSIG = 1
+# Far more than any run spends or sends, so admission does all its work and never refuses.
+ACCOUNT_STATE = {"bal": 10**15, "status": "active", "rpm": 10**9, "tpm": 10**12, "conc": 10**6}
 
-_CATALOG = f"""
-[providers.mock]
-base_url = "{{base_url}}"
+_PROVIDER = """[providers.mock]
+kind = "openai"
+base_url = "{base_url}"
 api_key_env = "BENCH_UPSTREAM_KEY"
-
-[models."{MODEL}"]
+"""
+_MODEL = """
+[models."{name}"]
 provider = "mock"
-upstream_model = "{UPSTREAM_MODEL}"
+upstream_model = "{name}"
 prompt_price = 0.15
 completion_price = 0.60
 """
@@ -68,73 +71,87 @@ class StackError(RuntimeError):
     """A server under test did not start; the message carries the end of its log."""
 
 
+def parse_cpus(text: str) -> frozenset[int]:
+    """``"1"``, ``"0,2"`` or ``"0-3"`` → CPU numbers."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    if not cpus:
+        raise ValueError(f"no CPUs in {text!r}")
+    return frozenset(cpus)
+
+
+def cpu_list(cpus: Iterable[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 @dataclass(frozen=True, slots=True)
-class Proxy:
-    """One proxy process under test."""
+class Pinning:
+    """Which CPUs the servers under test and the load side run on (None: not pinned)."""
 
-    name: str  # the benchmark target it is measured as
-    url: str  # base URL, ends in /v1
-    node_id: str  # its QNP_NODE_ID, stamped on every event it emits
-    admission: bool
-    log: Path  # its stdout and stderr (warnings and errors only); gone after the run
+    proxy: frozenset[int] | None
+    load: frozenset[int] | None
+    note: str
 
-    def log_lines(self) -> list[str]:
-        return self.log.read_text(errors="replace").splitlines()
+    @property
+    def both(self) -> frozenset[int] | None:
+        return None if self.proxy is None or self.load is None else self.proxy | self.load
 
-
-@dataclass(frozen=True, slots=True)
-class Stack:
-    upstream_url: str  # base URL, ends in /v1
-    proxies: tuple[Proxy, ...]  # admission on first, then off
-    api_key: str  # a qnp_ key both proxies accept
-    account_id: str  # the key's account, its state published with ample credit
-    redis_url: str
-    redis_is_ours: bool  # False when REDIS_URL was given
-    names: RedisNames
-    proxy_workers: int
-
-    def event_counts(self) -> Counter[str]:
-        """Entries on the shared event stream, by the node id of the proxy that wrote them."""
-        counts: Counter[str] = Counter()
-        with contextlib.closing(redis.Redis.from_url(self.redis_url)) as client:
-            start = "-"
-            while True:
-                page = client.xrange(self.names.events, min=start, count=10_000)
-                for _, entry in page:
-                    counts[orjson.loads(entry[b"e"])["node_id"]] += 1
-                if len(page) < 10_000:
-                    return counts
-                start = "(" + page[-1][0].decode()
+    @staticmethod
+    def choose(proxy: str | None, load: str | None) -> Pinning:
+        """The issue's set-up by default: proxy on the first CPU we may use, load on the
+        next; on a one-CPU machine nothing is pinned (and the report says so)."""
+        allowed = sorted(os.sched_getaffinity(0))
+        if proxy is None and load is None and len(allowed) < 2:
+            return Pinning(None, None, f"not pinned: only {len(allowed)} CPU available")
+        p = parse_cpus(proxy) if proxy else frozenset(allowed[:1])
+        rest = [c for c in allowed if c not in p] or allowed
+        ld = parse_cpus(load) if load else frozenset(rest[:1])
+        return Pinning(p, ld, f"proxy and passthrough on CPU {cpu_list(p)}; mock, load "
+                              f"generator and Redis on CPU {cpu_list(ld)}")
 
 
-class _Child:
-    """One subprocess we started, with its output in a log file; stopped by its pid."""
+def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
+    """Runs in the child before exec: pin it (its own children inherit the mask) and have
+    the kernel SIGTERM it if we die, even by SIGKILL, so nothing outlives the suite."""
+    libc = ctypes.CDLL(None, use_errno=True)
 
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log: Path) -> None:
-        self.name, self.log = name, log
+    def setup() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return setup
+
+
+class Child:
+    """One subprocess we started, output in a log file; stopped by its pid only."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log: Path,
+                 cpus: frozenset[int] | None) -> None:
+        self.name, self.argv, self.log, self.cpus = name, argv, log, cpus
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(env),
-                cwd=_ROOT,
-                # Our own session: Ctrl-C in a terminal reaches only us, and we stop the
-                # children in order instead of them racing us to exit.
-                start_new_session=True,
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=dict(env), cwd=ROOT,
+                # Our own session: a terminal's Ctrl-C reaches only us, and we stop the
+                # children in order instead of them racing us to exit. (preexec_fn is
+                # safe here: the suite runs no threads.)
+                start_new_session=True, preexec_fn=_child_setup(cpus),
             )
 
-    def wait_ready(self, url: str, headers: Mapping[str, str]) -> None:
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, ready: Callable[[], bool]) -> None:
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise StackError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            request = urllib.request.Request(url, headers=dict(headers))
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(request, timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return
+            if ready():
+                return
             time.sleep(0.05)
         raise StackError(f"{self.name} not ready within {_START_TIMEOUT:.0f} s:\n{self.tail()}")
 
@@ -149,110 +166,219 @@ class _Child:
                 self.proc.kill()
         self.proc.wait()
 
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
     def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+        return self.log_text()[-3000:]
 
 
-def _free_port() -> int:
+def http_ok(url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                return bool(resp.status == 200)
+        return False
+
+    return ready
+
+
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return int(probe.getsockname()[1])
 
 
-@contextlib.contextmanager
-def _child(
-    name: str, argv: list[str], env: Mapping[str, str], log: Path, ready_url: str,
-    headers: Mapping[str, str],
-) -> Iterator[_Child]:
-    child = _Child(name, argv, env, log)
-    try:
-        child.wait_ready(ready_url, headers)
-        yield child
-    finally:
-        child.stop()
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One thing the load generator is pointed at."""
+
+    name: str
+    base_url: str  # ends in /v1
+    headers: Mapping[str, str]
+    role: str  # "direct", "reference", "proxy" or "external"
+    pids: tuple[int, ...] = ()  # roots of the process trees whose CPU and RSS we sample
+    log: Path | None = None  # our proxies' output (they log at WARNING)
+    cpus: str | None = None  # what it is pinned to, for the report
+
+    @property
+    def is_ours(self) -> bool:
+        return self.role == "proxy"
 
 
-def _publish_key(redis_url: str, names: RedisNames) -> tuple[str, str]:
-    """Issue a key as the control plane does: bcrypt hash in Redis, and its account's
-    live state (active, ample credit) so admission runs its real script rather than the
-    degraded local policy. Returns the key's secret and the account id."""
+@dataclass
+class Stack:
+    redis_url: str
+    redis_pid: int | None  # None: REDIS_URL given, not ours to sample
+    names: RedisNames
+    api_key: str
+    account_id: str
+    mock_url: str  # ends in /v1
+    mock_pid: int
+    pinning: Pinning
+    tmp: Path
+    env: Mapping[str, str]
+    catalog: Path
+    targets: list[Target] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def load_pids(self) -> tuple[int, ...]:
+        """The load side we sample (the load generator is counted separately)."""
+        return (self.mock_pid,) if self.redis_pid is None else (self.mock_pid, self.redis_pid)
+
+    def commands(self) -> dict[str, dict[str, Any]]:
+        """Every server we started: its command line, pid and pinning."""
+        return {c.name: {"argv": c.argv, "pid": c.pid,
+                         "cpus": cpu_list(c.cpus) if c.cpus else None} for c in self.children}
+
+    def events_added(self) -> int:
+        """Entries ever added to the event stream; unlike its length, trimming (MAXLEN)
+        does not lower it."""
+        with contextlib.closing(redis.Redis.from_url(self.redis_url)) as client:
+            try:
+                info = client.xinfo_stream(self.names.events)
+            except redis.ResponseError:  # no event yet: no stream
+                return 0
+        return int(info.get("entries-added", info["length"]))
+
+    def proxy_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
+
+    @contextlib.contextmanager
+    def proxy(self, name: str, *, workers: int, cpus: frozenset[int] | None,
+              admission: bool = True) -> Iterator[Target]:
+        """Our proxy as ``python -m proxy``; its ``--workers`` children inherit its pinning."""
+        port = free_port()
+        env = {**self.env, "REDIS_URL": self.redis_url, "QNP_REDIS_PREFIX": self.names.prefix,
+               "QNP_NODE_ID": f"bench-{name}", "QNP_LOG_LEVEL": "WARNING",
+               "QNP_EVENT_STREAM_MAXLEN": "200000", "QNP_SHUTDOWN_GRACE": "2",
+               "QNP_ADMISSION": "on" if admission else "off",
+               "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
+               "QNP_SPOOL_DIR": str(self.tmp / f"spool-{name}")}
+        argv = [sys.executable, "-m", "proxy", "--catalog", str(self.catalog), "--host", HOST,
+                "--port", str(port), "--workers", str(workers)]
+        with self._child(name, argv, env, cpus, http_ok(f"http://{HOST}:{port}/readyz")) as c:
+            yield Target(name, f"http://{HOST}:{port}/v1", self.proxy_headers(), "proxy",
+                         (c.pid,), c.log, cpu_list(cpus) if cpus else None)
+
+    @contextlib.contextmanager
+    def _child(self, name: str, argv: list[str], env: Mapping[str, str],
+               cpus: frozenset[int] | None, ready: Callable[[], bool]) -> Iterator[Child]:
+        child = Child(name, argv, env, self.tmp / f"{name}.log", cpus)
+        self.children.append(child)
+        try:
+            child.wait_ready(ready)
+            yield child
+        finally:
+            child.stop()
+
+
+def _log_says(child_log: Path, line: str) -> Callable[[], bool]:
+    return lambda: child_log.exists() and line in child_log.read_text(errors="replace")
+
+
+def _publish_key(client: redis.Redis, names: RedisNames) -> tuple[str, str]:
+    """Issue a key as the control plane does (bcrypt hash in Redis) and publish its
+    account's live state. Returns the key's secret and the account id."""
     key, parts = apikeys.generate()
     account_id = str(uuid.uuid4())
     record = KeyRecord(
-        key_id=parts.key_id,
-        account_id=account_id,
-        status="active",
+        key_id=parts.key_id, account_id=account_id, status="active",
         secret_hash=bcrypt.hashpw(parts.secret.encode(), bcrypt.gensalt(4)).decode(),
         limits={},
     )
-    with contextlib.closing(redis.Redis.from_url(redis_url)) as client:
-        client.set(names.key_record(parts.key_id), record.encode())
-        client.hset(names.account_state(account_id),
-                    mapping={"bal": _BALANCE_MICROS, "status": "active"})
+    client.set(names.key_record(parts.key_id), record.encode())
+    client.hset(names.account_state(account_id), mapping=ACCOUNT_STATE)
     return key, account_id
 
 
 def _delete_prefix(redis_url: str, names: RedisNames) -> None:
-    """Every key under our prefix (key record, account state, admission's keys, the
-    event stream) goes."""
+    """Every key under our prefix goes: key record, account state, admission's logs and
+    the event stream."""
     with contextlib.closing(redis.Redis.from_url(redis_url)) as client:
         keys = list(client.scan_iter(match=f"{names.prefix}:*", count=1000))
         for i in range(0, len(keys), 500):
             client.unlink(*keys[i : i + 500])
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one: thousands of streams need two sockets each
+    in a proxy, and every child inherits the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass(frozen=True, slots=True)
+class StackSpec:
+    models: Sequence[str]  # every model name a scenario sends
+    pinning: Pinning
+    redis_url: str | None  # None: a throwaway one
+    mock_port: int | None
+    mock_processes: int
+    with_noadmit: bool
+    externals: Mapping[str, tuple[str, str | None, int | None]]  # name → (url, key, pid)
+
+
 @contextlib.contextmanager
-def running_stack(
-    *, redis_url: str | None, workers: int, chunks: int, base_env: Mapping[str, str]
-) -> Iterator[Stack]:
+def running_stack(spec: StackSpec, env: Mapping[str, str], tmp: Path) -> Iterator[Stack]:
     """Start everything; on exit stop it in reverse order and delete our Redis keys."""
-    with contextlib.ExitStack() as stack:
-        redis_is_ours = not redis_url
+    pin = spec.pinning
+    with contextlib.ExitStack() as exits:
+        redis_pid = None
+        redis_url = spec.redis_url
         if not redis_url:
-            redis_url = stack.enter_context(start_redis()).url
+            server = exits.enter_context(start_redis())
+            redis_url, redis_pid = server.url, server.pid
+            if redis_pid is not None and pin.load is not None:
+                os.sched_setaffinity(redis_pid, pin.load)
         names = RedisNames(prefix=f"qnpbench{secrets.token_hex(6)}")
-        stack.callback(_delete_prefix, redis_url, names)
-        api_key, account_id = _publish_key(redis_url, names)
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qnp-bench-")))
+        exits.callback(_delete_prefix, redis_url, names)
+        with contextlib.closing(redis.Redis.from_url(redis_url)) as client:
+            api_key, account_id = _publish_key(client, names)
 
-        up_port = _free_port()
-        upstream_url = f"http://{HOST}:{up_port}/v1"
-        up_argv = [sys.executable, "-m", "devstack.upstream_openai", "--host", HOST,
-                   "--port", str(up_port), "--api-key", UPSTREAM_KEY, "--chunks", str(chunks)]
-        up_auth = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
-        upstream = _child("mock upstream", up_argv, base_env, tmp / "upstream.log",
-                          f"{upstream_url}/models", up_auth)
-        stack.enter_context(upstream)
-
+        mock_port = spec.mock_port or free_port()
+        mock_argv = [sys.executable, "-m", "benchmarks.mock_upstream", "--host", HOST,
+                     "--port", str(mock_port), "--processes", str(spec.mock_processes),
+                     "--api-key", UPSTREAM_KEY]
+        if pin.load is not None:
+            mock_argv += ["--cpus", cpu_list(pin.load)]
         catalog = tmp / "catalog.toml"
-        catalog.write_text(_CATALOG.format(base_url=upstream_url))
-        proxy_env = {
-            **base_env,
-            "REDIS_URL": redis_url,
-            "QNP_REDIS_PREFIX": names.prefix,
-            "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
-            "QNP_LOG_LEVEL": "WARNING",
-            "QNP_SHUTDOWN_GRACE": "2",
-        }
-        proxies = []
-        for name, node_id, admission in (("proxy", "bench", True),
-                                         ("proxy-noadmit", "bench-noadmit", False)):
-            port = _free_port()
-            env = {**proxy_env, "QNP_NODE_ID": node_id,
-                   "QNP_ADMISSION": "on" if admission else "off"}
-            argv = [sys.executable, "-m", "proxy", "--catalog", str(catalog), "--host", HOST,
-                    "--port", str(port), "--workers", str(workers)]
-            log = tmp / f"{name}.log"
-            stack.enter_context(_child(name, argv, env, log, f"http://{HOST}:{port}/readyz", {}))
-            proxies.append(Proxy(name, f"http://{HOST}:{port}/v1", node_id, admission, log))
+        mock_url = f"http://{HOST}:{mock_port}/v1"
+        catalog.write_text(_PROVIDER.format(base_url=mock_url)
+                           + "".join(_MODEL.format(name=m) for m in sorted(set(spec.models))))
+        stack = Stack(redis_url, redis_pid, names, api_key, account_id, mock_url, 0, pin, tmp,
+                      env, catalog)
+        mock_log = tmp / "mock.log"
+        mock = exits.enter_context(stack._child(
+            "mock", mock_argv, env, pin.load, _log_says(mock_log, "mock_upstream ready on")))
+        stack.mock_pid = mock.pid
+        upstream_auth = {"Authorization": f"Bearer {UPSTREAM_KEY}",
+                         "Content-Type": "application/json"}
+        stack.targets.append(Target(DIRECT, mock_url, upstream_auth, "direct", (mock.pid,),
+                                    cpus=cpu_list(pin.load) if pin.load else None))
 
-        yield Stack(
-            upstream_url=upstream_url,
-            proxies=tuple(proxies),
-            api_key=api_key,
-            account_id=account_id,
-            redis_url=redis_url,
-            redis_is_ours=redis_is_ours,
-            names=names,
-            proxy_workers=workers,
-        )
+        port = free_port()
+        pt_argv = [sys.executable, "-m", "benchmarks.passthrough", "--host", HOST, "--port",
+                   str(port), "--upstream", f"http://{HOST}:{mock_port}"]
+        if pin.proxy is not None:
+            pt_argv += ["--cpus", cpu_list(pin.proxy)]
+        pt_log = tmp / f"{PASSTHROUGH}.log"
+        pt = exits.enter_context(stack._child(PASSTHROUGH, pt_argv, env, pin.proxy,
+                                              _log_says(pt_log, "passthrough ready on")))
+        stack.targets.append(Target(PASSTHROUGH, f"http://{HOST}:{port}/v1", upstream_auth,
+                                    "reference", (pt.pid,), pt.log,
+                                    cpu_list(pin.proxy) if pin.proxy else None))
+
+        stack.targets.append(exits.enter_context(stack.proxy(PROXY, workers=1, cpus=pin.proxy)))
+        if spec.with_noadmit:
+            stack.targets.append(exits.enter_context(
+                stack.proxy(NOADMIT, workers=1, cpus=pin.proxy, admission=False)))
+        for name, (url, key, pid) in spec.externals.items():
+            headers = {"Content-Type": "application/json"}
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            stack.targets.append(Target(name, url.rstrip("/"), headers, "external",
+                                        (pid,) if pid else ()))
+        yield stack

@@ -1,0 +1,119 @@
+"""Smoke test of ``make bench``: the whole suite runs end to end with tiny settings.
+
+One run of ``python -m benchmarks --quick`` (every scenario, a 6-second soak) shared by
+every test here. No wall-clock thresholds: only what a user of the suite would notice
+if it broke — a target not measured or measured with errors, a missing file or figure,
+our proxy not emitting one event per request or running degraded admission, keys left
+in Redis, servers left running.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from tests.support import ROOT, wait_until_gone
+
+TARGETS = ["direct", "passthrough", "proxy"]
+CLOSED = ["nonstream", "stream", "latency", "latency-stream", "paced", "paced-capacity"]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
+        tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]]:
+    folder = tmp_path_factory.mktemp("bench") / "results"
+    argv = [sys.executable, "-m", "benchmarks", "--quick", "--duration", "0.5",
+            "--warmup", "0", "--concurrency", "4", "--paced-streams", "50",
+            "--paced-model", "mock-ttft50-chunks10-delay20", "--capacity-streams", "100",
+            "--sweep-rates", "100,200", "--soak-minutes", "0.1", "--output-dir", str(folder)]
+    result = subprocess.run(argv, cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url},
+                            capture_output=True, text=True, timeout=110, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    yield result, orjson.loads((folder / "report.json").read_bytes()), folder
+
+
+def _scenario(report: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in report["scenarios"] if s["name"] == name)
+
+
+def test_every_target_is_measured_without_errors(suite: Any) -> None:
+    _, report, _ = suite
+    assert [s["name"] for s in report["scenarios"]] == [
+        *CLOSED, "sweep", "workers", "soak"]
+    for name in CLOSED:
+        targets = _scenario(report, name)["targets"]
+        assert list(targets) == TARGETS, name
+        for target, figures in targets.items():
+            assert figures["ok"] > 0 and figures["errors"] == {}, (name, target, figures)
+    sweep = _scenario(report, "sweep")
+    for target in TARGETS:
+        assert [row["rate"] for row in sweep["targets"][target]] == [100, 200]
+        assert all(row["ok"] > 0 and row["errors"] == {} for row in sweep["targets"][target])
+    workers = _scenario(report, "workers")
+    assert list(workers["targets"]) == ["proxy", "proxy-w2"]
+    assert all(t["ok"] > 0 and t["errors"] == {} for t in workers["targets"].values())
+    soak = _scenario(report, "soak")
+    assert soak["figures"]["ok"] > 0 and soak["figures"]["errors"] == {}
+    assert len(soak["rss_series_mb"]) >= 2
+
+
+def test_comparisons_are_reported(suite: Any) -> None:
+    _, report, _ = suite
+    nonstream = _scenario(report, "nonstream")["comparisons"]
+    assert nonstream["proxy"]["vs_direct"]["rps_ratio"] > 0
+    assert nonstream["proxy"]["vs_passthrough"]["rps_per_core_ratio"] > 0
+    assert nonstream["passthrough"]["vs_direct"]["rps_ratio"] > 0
+    assert _scenario(report, "nonstream")["targets"]["proxy"]["cpu_us_per_request"] > 0
+    stream = _scenario(report, "latency-stream")
+    assert set(stream["comparisons"]["proxy"]["vs_direct"]["added_ms"]["ttft"]) >= {"p50", "p99"}
+    assert stream["targets"]["proxy"]["cpu_us_per_chunk"] > 0
+    paced = _scenario(report, "paced")
+    assert "p99" in paced["comparisons"]["proxy"]["vs_direct"]["added_ms"]["gap"]
+    assert paced["targets"]["proxy"]["rss_peak_mb"] > 0
+    assert _scenario(report, "workers")["scaling"] > 0
+    assert _scenario(report, "sweep")["best_rate"]["proxy"] is not None
+    assert _scenario(report, "soak")["rss_growth_pct"] is not None
+    measured = [row for row in report["issue_targets"] if row["met"] != "not measured"]
+    assert len(measured) == len(report["issue_targets"]) == 6
+
+
+def test_files_are_written(suite: Any) -> None:
+    result, report, folder = suite
+    markdown = (folder / "report.md").read_text()
+    assert "## Targets from issue 6" in markdown and "| proxy |" in markdown
+    assert markdown in result.stdout
+    expected = {*(f"cdf-{name}.png" for name in CLOSED), "sweep.png", "soak-rss.png"}
+    assert set(report["plots"]) == expected
+    for name in expected:
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert report["machine"]["cpu_count"] > 0 and report["machine"]["packages"]["aiohttp"]
+    assert report["processes"]["proxy"]["argv"][1:3] == ["-m", "proxy"]
+
+
+def test_our_proxies_emit_one_event_per_request_and_admit_normally(suite: Any) -> None:
+    _, report, _ = suite
+    proxies = report["proxies"]
+    assert set(proxies) == {"proxy", "proxy-w2"}
+    for name, proxy in proxies.items():
+        assert proxy["events_emitted"] == proxy["requests"] > 0, name
+        # Admission found the published account state: not the degraded local policy.
+        assert proxy["unpublished_state_warnings"] == 0, proxy["log_head"]
+
+
+def test_nothing_is_left_behind(suite: Any, redis_url: str) -> None:
+    _, report, _ = suite
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"{report['redis']['prefix']}:*")) == []
+    finally:
+        client.close()
+    for name, process in report["processes"].items():
+        assert wait_until_gone(process["pid"], timeout=5), name
