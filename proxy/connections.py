@@ -95,12 +95,15 @@ class Response:
         return body if limit < 0 else body[:limit]
 
     async def _wait(self) -> None:
+        # A plain timer rather than asyncio.timeout: this runs once per chunk of every
+        # stream, and silence past the read timeout is the only thing it watches for.
         loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(self._read_timeout, _expire, waiter)
         try:
-            async with asyncio.timeout(self._read_timeout):
-                await self._waiter
+            await waiter
         finally:
+            timer.cancel()
             self._waiter = None
 
     def _wake(self) -> None:
@@ -134,6 +137,11 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.done(reusable=False)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class _Connection(asyncio.BufferedProtocol):

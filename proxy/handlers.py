@@ -218,6 +218,8 @@ class ChatHandler:
     async def _first_chunk(self, client: _ClientStream, wire: Wire, chat: Chat,
                            models: list[Model]) -> _Attempt | None:
         """The first attempt to send a first chunk; keep-alives while a stream waits."""
+        if not chat.stream:  # nothing to send meanwhile: no task needed
+            return await self._open(wire, chat, models, client.facts)
         opening = asyncio.ensure_future(self._open(wire, chat, models, client.facts))
         try:
             while chat.stream and not opening.done():
@@ -296,12 +298,7 @@ class ChatHandler:
 
     async def _attempt(self, wire: Wire, chat: Chat, dep: Deployment) -> _Attempt:
         req = dep.wire.request(chat, dep, same_format=dep.wire is wire)
-        resp, deadline = await self._upstream.send(req, dep.provider.name)
-        try:
-            first = await self._upstream.first_chunk(resp, deadline)
-        except BaseException:
-            resp.close()
-            raise
+        resp, first = await self._upstream.open(req, dep.provider.name)
         self._router.succeeded(dep)
         return _Attempt(dep, resp, first)
 

@@ -6,6 +6,8 @@ from what a client sent, so no content and no unbounded cardinality reach a labe
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (
@@ -58,6 +60,22 @@ class Metrics:
             "1 while Redis is unreachable and admission runs on the fallback policy.",
             registry=self.registry,
         )
+
+        # Label children looked up once per (model, status): ``labels()`` takes a lock
+        # and formats its arguments on every call, three times per request.
+        self._done: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+
+    def request_done(self, model: str, status: int, latency: float,
+                     ttft: float | None) -> None:
+        children = self._done.get((model, status))
+        if children is None:
+            children = self._done[(model, status)] = (
+                self.requests.labels(model, str(status)), self.latency.labels(model),
+                self.ttft.labels(model))
+        children[0].inc()
+        children[1].observe(latency)
+        if ttft is not None:
+            children[2].observe(ttft)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

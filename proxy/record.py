@@ -132,9 +132,9 @@ class Recorder:
                 cache_write_tokens=usage.cache_write_tokens,
             )
         )
-        label = model.name if model is not None else "-"
-        m = self._metrics
-        m.requests.labels(label, str(facts.status)).inc()
-        m.latency.labels(label).observe((done - facts.received_at_us) / 1e6)
-        if facts.first_byte_at_us is not None:
-            m.ttft.labels(label).observe((facts.first_byte_at_us - facts.received_at_us) / 1e6)
+        first = facts.first_byte_at_us
+        self._metrics.request_done(
+            model.name if model is not None else "-", facts.status,
+            (done - facts.received_at_us) / 1e6,
+            (first - facts.received_at_us) / 1e6 if first is not None else None,
+        )

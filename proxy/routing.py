@@ -67,6 +67,8 @@ class Router:
         return attempts
 
     def _shuffle(self, deployments: list[Deployment]) -> list[Deployment]:
+        if len(deployments) < 2:  # the common case: nothing to draw
+            return deployments
         order: list[Deployment] = []
         pool = list(deployments)
         while pool:

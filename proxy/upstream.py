@@ -1,10 +1,10 @@
 """The upstream HTTP client: the connection pool's requests, timeouts, error mapping.
 
-``send()`` sends a request and returns once the upstream's status line and headers
-are in, within the first-byte budget; ``first_chunk()`` waits for the body's first
-bytes within what is left of that budget. Connection failures, timeouts and upstream
-statuses become ``ProxyError``s here, so the handler reads as a straight line. Upstream
-error bodies are handed back only to the client they concern, never logged.
+``open()`` sends a request and returns once the upstream's status line, headers and
+first body bytes are in, all within the first-byte budget. Connection failures,
+timeouts and upstream statuses become ``ProxyError``s here, so the handler reads as a
+straight line. Upstream error bodies are handed back only to the client they concern,
+never logged.
 
 Must not import the handlers, auth or the emitter.
 """
@@ -35,25 +35,24 @@ class UpstreamClient:
         self._pool = pool
         self._first_byte = first_byte_timeout
 
-    async def send(self, req: UpstreamRequest, provider: str
-                   ) -> tuple[Response, float]:
-        """POST ``req`` upstream; (response with status 200, first-byte deadline).
-
-        The deadline (loop time) is when the first body byte must have arrived.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._first_byte
+    async def open(self, req: UpstreamRequest, provider: str) -> tuple[Response, bytes]:
+        """POST ``req`` upstream; the response (status 200) and its first body bytes,
+        both within the first-byte budget."""
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(self._first_byte):  # the pool's connect timeout inside
                 resp = await self._pool.post(req.url, req.headers, req.body)
-        except TimeoutError:  # the pool's connect timeout included
+                if resp.status != 200:
+                    await self._refuse(resp, provider)
+                try:
+                    return resp, await resp.readany()
+                except BaseException:
+                    resp.close()
+                    raise
+        except TimeoutError:
             raise UpstreamTimeout() from None
         except (UpstreamIOError, OSError) as e:
             log.warning("upstream %s unreachable: %s", provider, type(e).__name__)
             raise UpstreamUnavailable() from None
-        if resp.status != 200:
-            await self._refuse(resp, provider)
-        return resp, deadline
 
     async def _refuse(self, resp: Response, provider: str) -> None:
         status = resp.status
@@ -67,13 +66,3 @@ class UpstreamClient:
             raise UpstreamRefused(status, body, resp.headers.get("retry-after"))
         log.warning("upstream %s answered %d", provider, status)
         raise UpstreamFailed()
-
-    @staticmethod
-    async def first_chunk(resp: Response, deadline: float) -> bytes:
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await resp.readany()
-        except TimeoutError:
-            raise UpstreamTimeout() from None
-        except (UpstreamIOError, OSError):
-            raise UpstreamUnavailable() from None
