@@ -7,7 +7,7 @@ benchmark, so the hot path is callbacks, not tasks.
 
 Open loop avoids coordinated omission: one scheduler sends each request when due, and
 ``latency`` counts from the due time, so a stalled server is charged for every request
-queued behind it (timer lateness, < 1 ms, too); ``service`` counts from the send. A run
+queued behind it (timer lateness, ~50 µs, too); ``service`` counts from the send. A run
 is bounded by its duration, request budget, per-request timeout, and a grace after which
 requests still out count as ``timeout``.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import dataclasses
 import multiprocessing
 import os
@@ -37,14 +38,12 @@ import httptools
 import orjson
 import uvloop
 
-from benchmarks.histogram import HISTOGRAMS, LoadResult
-
-__all__ = ["LoadResult", "LoadSpec", "Progress", "build_request", "run", "run_processes"]
+from benchmarks.histogram import HISTOGRAMS
+from benchmarks.histogram import LoadResult as LoadResult  # part of this module's API
 
 Progress = Callable[[int, float], None]  # (measured requests done, seconds since start)
 _RECONNECT_DELAY = 0.05  # closed loop against a refusing server: do not spin
-_BATCH = 256  # an open-loop scheduler that falls behind still yields this often
-_SPIN_BELOW = 0.0005  # uvloop rounds timers to whole ms; shorter waits re-check instead
+_BATCH = 256  # an open-loop scheduler that falls behind still lets I/O in this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +186,8 @@ class _Run:
         self.sending = True
         self.quiet: asyncio.Future[None] = self.loop.create_future()  # all sent and back
         self.all_closed: asyncio.Future[None] | None = None  # once tearing down
+        self.timer: _Timer | None = None  # open loop
+        self.issued = 0  # open loop: requests the scheduler has sent
 
     def dispatch(self, conn: _Connection | None, due: float, now: float) -> None:
         """Send a request due at ``due`` on ``conn``, an idle connection or a new one."""
@@ -339,26 +340,23 @@ class _Run:
             if self.progress is not None:
                 self.progress(self.done, now - self.start)
 
-    async def schedule(self, rate: float) -> None:
-        """Open loop: send request i at start + i / rate until the duration or the budget
-        runs out. A late wake-up sends everything already due, stamped with its due time."""
-        interval, i, batch = 1.0 / rate, 0, 0
-        while self.sending:
-            due = self.start + i * interval
-            if due >= self.stop_at or (due >= self.measure_from and self.budget <= 0):
-                break
-            now = perf_counter()
+    def fire(self) -> None:
+        """Open loop: send every request now due (request i is due at start + i / rate),
+        then set the timer for the next one, until the duration or the budget runs out."""
+        now = perf_counter()
+        for _ in range(_BATCH):
+            due = self.start + self.issued / cast(float, self.spec.rate)
+            if not self.sending or due >= self.stop_at or (
+                    due >= self.measure_from and self.budget <= 0):
+                self.sending = False
+                self.check_quiet()
+                return
             if due > now:
-                batch = 0
-                await asyncio.sleep(due - now if due - now >= _SPIN_BELOW else 0)
-                continue
+                cast(_Timer, self.timer).at(due)
+                return
             self.dispatch(None, due, now)
-            i, batch = i + 1, batch + 1
-            if batch >= _BATCH:
-                batch = 0
-                await asyncio.sleep(0)
-        self.sending = False
-        self.check_quiet()
+            self.issued += 1
+        cast(_Timer, self.timer).at(now)  # behind: carry on once the loop has seen to I/O
 
     async def drive(self) -> LoadResult:
         ticker = self.loop.create_task(self.ticking())
@@ -366,14 +364,17 @@ class _Run:
             if self.spec.concurrency is not None:
                 for _ in range(self.spec.concurrency):
                     self.next(None)
-                await asyncio.wait([self.quiet], timeout=self.stop_at - perf_counter())
-                self.sending = False
-                self.check_quiet()
             else:
-                await self.schedule(cast(float, self.spec.rate))
+                self.timer = _Timer(self.loop, self.fire)
+                self.fire()
+            await asyncio.wait([self.quiet], timeout=self.stop_at - perf_counter())
+            self.sending = False
+            self.check_quiet()
             await asyncio.wait([self.quiet], timeout=min(self.spec.grace, self.spec.timeout))
         finally:
             ticker.cancel()
+            if self.timer is not None:
+                self.timer.close()
             await asyncio.wait([ticker])
             await self.teardown()
         if self.progress is not None:
@@ -400,18 +401,42 @@ class _Run:
             await asyncio.wait([self.all_closed], timeout=2.0)
 
 
+class _Timer:
+    """Calls back at an exact ``perf_counter()`` time, through a timerfd on the clock it
+    reads (CLOCK_MONOTONIC): asyncio's timers round to whole milliseconds, and waiting
+    less than that by polling would spin the CPU shared with the server under test."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create")
+        self.settime, self.loop, self.callback = libc.timerfd_settime, loop, callback
+        self.spec = (ctypes.c_long * 4)()  # struct itimerspec: no interval, then the time
+        loop.add_reader(self.fd, self._fired)
+
+    def at(self, when: float) -> None:
+        self.spec[2], self.spec[3] = int(when), int(when % 1 * 1e9)
+        self.settime(self.fd, 1, self.spec, None)  # 1 = TFD_TIMER_ABSTIME
+
+    def _fired(self) -> None:
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:  # disarmed or re-armed since it woke the loop
+            return
+        self.callback()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+        os.close(self.fd)
+
+
 async def run(spec: LoadSpec, progress: Progress | None = None) -> LoadResult:
     """Run ``spec`` in this process, on the running event loop (``processes`` and
     ``cpus`` are ignored here: see ``run_processes``)."""
-    raise_nofile_limit()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # a descriptor per connection
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return await _Run(spec, progress).drive()
-
-
-def raise_nofile_limit() -> None:
-    """Thousands of connections need thousands of file descriptors."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def parse_cpus(text: str) -> list[int]:
@@ -431,13 +456,12 @@ def split(spec: LoadSpec) -> list[LoadSpec]:
     def share(total: int, i: int) -> int:
         return total // n + (1 if i < total % n else 0)
 
-    parts = [dataclasses.replace(
+    return [part for part in (dataclasses.replace(
         spec, processes=1, cpus=None, connections=max(1, share(spec.connections, i)),
         concurrency=None if spec.concurrency is None else share(spec.concurrency, i),
         rate=None if spec.rate is None else spec.rate / n,
         max_requests=None if spec.max_requests is None else share(spec.max_requests, i),
-    ) for i in range(n)]
-    return [part for part in parts if part.max_requests != 0]
+    ) for i in range(n)) if part.max_requests != 0]
 
 
 def run_processes(spec: LoadSpec, progress: Progress | None = None) -> LoadResult:
@@ -561,10 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.buffer.write(data + b"\n")
     else:
         Path(args.output).write_bytes(data)
-    latency = result.histograms["latency"].summary_ms()
+    ms = result.histograms["latency"].summary_ms()
     print(f"{result.mode} loop: {result.ok} ok of {result.sent} in {result.elapsed_s:.2f} s, "
-          f"{result.rps:.0f} req/s, latency p50 {latency['p50']} ms p99 {latency['p99']} ms, "
-          f"errors {result.errors or 'none'}", file=sys.stderr)
+          f"{result.rps:.0f} req/s, latency p50 {ms['p50']} ms p99 {ms['p99']} ms, errors "
+          f"{result.errors or 'none'}", file=sys.stderr)
     return 0
 
 
