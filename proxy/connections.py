@@ -68,16 +68,25 @@ class Response:
         return self._eof and not self._chunks
 
     async def readany(self) -> bytes:
-        """The oldest bytes read and not yet taken (waiting for some); b"" at the end."""
+        """The bytes read and not yet taken (waiting for some); b"" at the end.
+
+        Raises TimeoutError after ``read_timeout`` of silence, ``UpstreamIOError`` if
+        the connection broke before the end of the body."""
         while not self._chunks:
             if self._eof:
                 return b""
             if self._error is not None:
                 raise self._error
             await self._wait()
-        data = self._chunks.popleft()  # one read's worth: writes to a slow client stay small
-        self._buffered -= len(data)
-        if self._conn is not None and self._buffered < self._conn.limit:
+        # Everything buffered, as one: a stream's HTTP chunks (one per SSE event) that
+        # arrived together go to the client in one write. At most about two reads'
+        # worth (reading pauses past ``buffer_limit``), so writes to a slow client stay
+        # small.
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._conn is not None:
             self._conn.resume()
         return data
 

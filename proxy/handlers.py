@@ -128,7 +128,6 @@ class ChatHandler:
         self._max_body = settings.max_body_bytes
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._keepalive = settings.keepalive_interval
-        self._idle = settings.read_timeout
         self._auth = auth
         self._admission = admission
         self._default_max_tokens = settings.default_max_tokens
@@ -249,7 +248,7 @@ class ChatHandler:
         if chat.stream:
             out = await client.response()
             facts.relay = stream_relay(wire, upstream_wire, chat)
-            ended = await pump(out, attempt.resp, attempt.first, facts.relay, wire, self._idle)
+            ended = await pump(out, attempt.resp, attempt.first, facts.relay, wire)
             if ended.error is not None:
                 facts.outcome, facts.error_code = ended.error.outcome, ended.error.code
             elif facts.relay.failed:

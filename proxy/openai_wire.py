@@ -60,6 +60,18 @@ class StreamScanner:
 
     def feed(self, data: bytes) -> bytes:
         buf = self._pending + data if self._pending else data
+        # The common case, in C: LF-framed events and no usage object among them (it
+        # comes once, at the end; "usage":null does not count). Anything else takes the
+        # exact path below, event by event.
+        if b"\r" not in buf and b"\n\n\n" not in buf:
+            start = buf.rfind(b"\n\n") + 2 if b"\n\n" in buf else 0
+            if _USAGE_OBJECT.search(buf, 0, start) is None:
+                self.events += buf.count(b"\n\n", 0, start)
+                self._pending = buf[start:]
+                return data if self._forward_usage else buf[:start]
+        return self._feed_exact(buf, data)
+
+    def _feed_exact(self, buf: bytes, data: bytes) -> bytes:
         start = 0
         cut: list[tuple[int, int]] = []
         for m in _EVENT_END.finditer(buf):

@@ -3,7 +3,8 @@
 ``pump`` relays upstream bytes through a ``Relay`` (pass-through scanner or
 translation) to the committed client response. Backpressure is aiohttp's: ``write``
 waits while the client's socket buffer is full, so a slow client pauses our reads from
-the upstream. Silence from the upstream longer than the idle timeout ends the stream
+the upstream. Silence from the upstream longer than the read timeout (the connection pool's
+``QNP_READ_TIMEOUT``, watched by ``Response.readany``) ends the stream
 with an error event in the client's format; so does an upstream connection that breaks.
 No total-duration cap. A client that leaves raises ``ClientGone``.
 
@@ -12,7 +13,6 @@ Must not import the handlers, auth or the emitter.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -44,7 +44,6 @@ async def pump(
     first: bytes,
     stream: Relay,
     wire: Wire,
-    idle_timeout: float,
 ) -> Outcome:
     data = first
     err: ProxyError
@@ -53,8 +52,7 @@ async def pump(
             chunk = stream.feed(data)
             if chunk:
                 await out.write(chunk)
-            async with asyncio.timeout(idle_timeout):
-                data = await resp.readany()
+            data = await resp.readany()  # TimeoutError after the pool's read timeout
         tail = stream.finish()
         if tail:
             await out.write(tail)

@@ -1,5 +1,7 @@
 """The SSE scanner passes bytes through untouched and reads usage on the way."""
 
+import random
+
 import pytest
 
 from proxy.openai_wire import StreamScanner, Usage
@@ -50,3 +52,33 @@ def test_stream_without_usage_leaves_usage_unknown() -> None:
     scanner = StreamScanner(forward_usage=False)
     assert scanner.feed(b"".join(CHUNKS) + DONE) == b"".join(CHUNKS) + DONE
     assert scanner.usage is None and scanner.events == 4
+
+
+class _ExactScanner(StreamScanner):
+    """The scanner with its fast path turned off: the reference it must agree with."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._pending + data if self._pending else data
+        return self._feed_exact(buf, data)
+
+
+@pytest.mark.parametrize("framing", [b"\n\n", b"\r\n\r\n", b"\n\n\n"])
+@pytest.mark.parametrize("forward_usage", [True, False])
+def test_fast_path_agrees_with_the_exact_scan_on_any_split(
+        framing: bytes, forward_usage: bool) -> None:
+    # Content that mentions "usage" (escaped, as JSON carries it) must not fool either.
+    stream = STREAM.replace(b"\n\n", framing).replace(
+        b'"Hi"', b'"say \\"usage\\": {1}"')
+    rng = random.Random(7)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 12)))
+        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        fast, exact = (StreamScanner(forward_usage=forward_usage),
+                       _ExactScanner(forward_usage=forward_usage))
+        out_fast = b"".join(fast.feed(p) for p in pieces) + fast.finish()
+        out_exact = b"".join(exact.feed(p) for p in pieces) + exact.finish()
+        assert out_fast == out_exact
+        assert (fast.usage, fast.events) == (exact.usage, exact.events)
+    assert fast.usage is not None
