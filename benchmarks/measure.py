@@ -59,6 +59,7 @@ class Load:
     duration: float
     concurrency: int | None = None
     rate: float | None = None
+    connections: int | None = None  # open loop: most connections (default: loadgen's)
 
     def estimate(self) -> float:
         """Seconds one run takes, for the ETA."""
@@ -152,6 +153,8 @@ class Runner:
             argv += ["--header", f"{name}: {value}"]
         if load.rate is not None:
             argv += ["--rate", f"{load.rate:g}"]
+            if load.connections:
+                argv += ["--connections", str(load.connections)]
         else:
             argv += ["--concurrency", str(load.concurrency)]
         argv += ["--duration", f"{load.duration:g}", "--warmup", "0",

@@ -102,7 +102,7 @@ def draw(report: dict[str, Any], folder: Path) -> list[str]:
     written = []
     for sc in report["scenarios"]:
         kind, path = sc["kind"], folder / f"{sc['name']}.png"
-        if kind == "closed":
+        if kind == "rounds":
             path = folder / f"cdf-{sc['name']}.png"
             drew = _cdf_plot(sc, path)
         elif kind == "sweep":

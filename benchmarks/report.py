@@ -66,7 +66,7 @@ def issue_targets(report: dict[str, Any]) -> list[dict[str, str]]:
         rows.append(_row("paced streams per worker, added gap p99", DASH,
                          "≥ 5,000 streams, ≤ 2 ms", "not measured"))
     else:
-        streams = cap["concurrency"]
+        streams = cap["open_streams"]
         errors = _get(cap, "targets", PROXY, "errors") or {}
         ok = streams >= 5000 and gap <= 2.0 and not errors
         rows.append(_row("paced streams per worker, added gap p99",
@@ -109,7 +109,7 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _closed_table(sc: dict[str, Any]) -> list[str]:
+def _rounds_table(sc: dict[str, Any]) -> list[str]:
     paced = sc["name"].startswith("paced")
     h = "gap" if paced else "ttft" if sc["stream"] else "latency"
     head = ["target", "rps", f"{h} p50 ms", f"{h} p99 ms", "added p50", "added p99",
@@ -205,8 +205,8 @@ def render(report: dict[str, Any]) -> str:
     for sc in report["scenarios"]:
         title = sc.get("description", "")
         lines += ["", f"## {sc['name']}" + (f": {title}" if title else ""), ""]
-        if sc["kind"] == "closed":
-            lines += _closed_table(sc)
+        if sc["kind"] == "rounds":
+            lines += _rounds_table(sc)
         elif sc["kind"] == "sweep":
             lines += _sweep_table(sc)
         elif sc["kind"] == "workers":

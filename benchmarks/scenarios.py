@@ -34,6 +34,7 @@ class Settings:
     paced_model: str
     capacity_streams: int
     capacity_model: str
+    paced_loop: str  # "open" or "closed"
     sweep_rates: tuple[float, ...]
     soak_minutes: float
     soak_rate: float | None
@@ -45,8 +46,8 @@ class Settings:
 
 
 @dataclass(frozen=True, slots=True)
-class Closed:
-    """A closed-loop scenario: every target, ``rounds`` times, alternating."""
+class Scenario:
+    """A scenario measured in rounds: every target, ``rounds`` times, alternating."""
 
     name: str
     description: str
@@ -55,32 +56,42 @@ class Closed:
     open_streams: int | None = None  # paced scenarios: report RSS per open stream
 
 
-def closed_scenarios(s: Settings) -> dict[str, list[Closed]]:
-    """Closed-loop scenarios by the ``--scenarios`` name that selects them."""
-    paced_d = max(s.duration, stream_lifetime(s.paced_model))
-    capacity_d = max(s.duration, stream_lifetime(s.capacity_model))
+def paced_load(model: str, streams: int, s: Settings) -> Load:
+    """``streams`` concurrent paced streams. Open loop by default: one starts every
+    lifetime/streams seconds, so their chunks are spread evenly over time as independent
+    clients' would be (a closed loop starts them all in the same millisecond and keeps
+    them in lockstep, every chunk of every stream in one burst, which measures the load
+    generator's burst queueing as much as the target). Twice a lifetime at least: one to
+    ramp up to ``streams`` open, one at that level."""
+    life = stream_lifetime(model)
+    if s.paced_loop == "closed":
+        return Load(model, True, max(s.duration, life), concurrency=streams)
+    return Load(model, True, max(s.duration, 2 * life), rate=round(streams / life, 3),
+                connections=streams + streams // 4 + 64)
+
+
+def scenarios_by_key(s: Settings) -> dict[str, list[Scenario]]:
+    """The round-based scenarios, by the ``--scenarios`` name that selects them."""
+    c = s.concurrency
     return {
-        "nonstream": [Closed("nonstream", f"non-stream, closed loop at concurrency "
-                             f"{s.concurrency}", Load("mock", False, s.duration, s.concurrency),
-                             ("latency",))],
-        "stream": [Closed("stream", f"20-chunk streams, no delay, concurrency {s.concurrency}",
-                          Load("mock-chunks20", True, s.duration, s.concurrency),
-                          ("ttft", "total"))],
+        "nonstream": [Scenario("nonstream", f"non-stream, closed loop at concurrency {c}",
+                               Load("mock", False, s.duration, c), ("latency",))],
+        "stream": [Scenario("stream", f"20-chunk streams, no delay, concurrency {c}",
+                            Load("mock-chunks20", True, s.duration, c), ("ttft", "total"))],
         "latency": [
-            Closed("latency", "non-stream, one request at a time",
-                   Load("mock", False, s.duration, 1), ("latency",)),
-            Closed("latency-stream", "20-chunk streams, one at a time",
-                   Load("mock-chunks20", True, s.duration, 1), ("ttft",)),
+            Scenario("latency", "non-stream, one request at a time",
+                     Load("mock", False, s.duration, 1), ("latency",)),
+            Scenario("latency-stream", "20-chunk streams, one at a time",
+                     Load("mock-chunks20", True, s.duration, 1), ("ttft",)),
         ],
-        "paced": [
-            Closed("paced", f"{s.paced_streams} concurrent paced streams ({s.paced_model})",
-                   Load(s.paced_model, True, paced_d, s.paced_streams), ("gap", "ttft"),
-                   s.paced_streams),
-            Closed("paced-capacity", f"{s.capacity_streams} concurrent paced streams "
-                   f"({s.capacity_model})",
-                   Load(s.capacity_model, True, capacity_d, s.capacity_streams),
-                   ("gap", "ttft"), s.capacity_streams),
-        ],
+        "paced": [Scenario("paced", f"{s.paced_streams} concurrent paced streams "
+                           f"({s.paced_model}, {s.paced_loop} loop)",
+                           paced_load(s.paced_model, s.paced_streams, s), ("gap", "ttft"),
+                           s.paced_streams)],
+        "capacity": [Scenario("paced-capacity", f"{s.capacity_streams} concurrent paced "
+                              f"streams ({s.capacity_model}, {s.paced_loop} loop)",
+                              paced_load(s.capacity_model, s.capacity_streams, s),
+                              ("gap", "ttft"), s.capacity_streams)],
     }
 
 
@@ -167,12 +178,13 @@ def comparisons(measured: dict[str, Measured]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_closed(runner: Runner, targets: Sequence[Target], sc: Closed,
+def run_rounds(runner: Runner, targets: Sequence[Target], sc: Scenario,
                s: Settings) -> tuple[dict[str, Any], dict[str, Measured]]:
     measured = alternate(runner, targets, sc.load, s, sc.name)
     entry = {
-        "name": sc.name, "kind": "closed", "description": sc.description,
+        "name": sc.name, "kind": "rounds", "description": sc.description,
         "model": sc.load.model, "stream": sc.load.stream, "concurrency": sc.load.concurrency,
+        "rate": sc.load.rate, "open_streams": sc.open_streams,
         "rounds": s.rounds, "duration_s": sc.load.duration,
         "targets": {n: target_figures(m, sc.load, s, sc.open_streams)
                     for n, m in measured.items()},
@@ -184,7 +196,7 @@ def run_closed(runner: Runner, targets: Sequence[Target], sc: Closed,
     return entry, measured
 
 
-def closed_estimate(sc: Closed, s: Settings, targets: int) -> float:
+def rounds_estimate(sc: Scenario, s: Settings, targets: int) -> float:
     warm = dataclasses.replace(sc.load, duration=s.warmup).estimate() if s.warmup > 0 else 0
     return targets * (warm + s.rounds * sc.load.estimate())
 

@@ -52,7 +52,7 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
     "rounds": (3, 1), "duration": (5.0, 1.0), "warmup": (1.0, 0.3), "concurrency": (64, 16),
     "paced_streams": (1000, 100), "capacity_streams": (5000, 200),
     "paced_model": ("mock-ttft200-chunks50-delay20", "mock-ttft200-chunks50-delay20"),
-    "capacity_model": ("mock-ttft200-chunks20-delay250", "mock-ttft100-chunks10-delay100"),
+    "capacity_model": ("mock-ttft200-chunks10-delay500", "mock-ttft100-chunks10-delay100"),
     "sweep_rates": ("250,500,1000,1500,2000,2500,3000,4000,5000,6000", "200,500"),
     "soak_minutes": (10.0, 0.0),
 }
@@ -85,7 +85,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--paced-streams", type=int, help="concurrent paced streams (default 1000)")
     a("--paced-model", help="mock model of the paced streams (mock-ttft200-chunks50-delay20)")
     a("--capacity-streams", type=int, help="concurrent streams of paced-capacity (5000)")
-    a("--capacity-model", help="mock model of paced-capacity (mock-ttft200-chunks20-delay250)")
+    a("--capacity-model", help="mock model of paced-capacity (mock-ttft200-chunks10-delay500)")
+    a("--paced-loop", choices=("open", "closed"), default="open", help="paced streams "
+      "started evenly spread (open, default) or all at once and kept in lockstep (closed)")
     a("--sweep-rates", help="open-loop rates/s, ascending (250,500,...,6000)")
     a("--soak-minutes", type=float, help="soak length, 0 skips it (default 10)")
     a("--soak-rate", type=float, help="soak rate/s (default: half the proxy's best sweep "
@@ -158,9 +160,9 @@ def machine_info() -> dict[str, Any]:
 
 def _plan(args: argparse.Namespace, s: Settings, n_targets: int) -> float:
     """Estimated seconds of the whole run, for the ETA."""
-    closed = scenarios.closed_scenarios(s)
-    total = sum(scenarios.closed_estimate(sc, s, n_targets)
-                for key in args.scenarios if key in closed for sc in closed[key])
+    by_key = scenarios.scenarios_by_key(s)
+    total = sum(scenarios.rounds_estimate(sc, s, n_targets)
+                for key in args.scenarios for sc in by_key.get(key, []))
     one = Load("mock", False, s.duration, s.concurrency)
     if "sweep" in args.scenarios:
         total += n_targets * len(s.sweep_rates) * one.estimate()
@@ -193,12 +195,12 @@ def measure(args: argparse.Namespace, s: Settings, pinning: Pinning,
         runner = Runner(stack, tmp, progress, loadgen_processes=args.loadgen_processes,
                         timeout=args.timeout, sample_every=0.1)
         ours = [t for t in targets if t.is_ours]
-        closed = scenarios.closed_scenarios(s)
+        by_key = scenarios.scenarios_by_key(s)
         best = None
         try:
             for key in args.scenarios:
-                for sc in closed.get(key, []):
-                    entries.append(scenarios.run_closed(runner, targets, sc, s)[0])
+                for sc in by_key.get(key, []):
+                    entries.append(scenarios.run_rounds(runner, targets, sc, s)[0])
                 if key == "sweep":
                     entries.append(sweep := scenarios.run_sweep(runner, targets, s))
                     best = sweep["best_rate"].get(PROXY)
@@ -239,7 +241,8 @@ def run(args: argparse.Namespace) -> Path:
         rounds=args.rounds, duration=args.duration, warmup=args.warmup,
         concurrency=args.concurrency, paced_streams=args.paced_streams,
         paced_model=args.paced_model, capacity_streams=args.capacity_streams,
-        capacity_model=args.capacity_model, sweep_rates=args.sweep_rates,
+        capacity_model=args.capacity_model, paced_loop=args.paced_loop,
+        sweep_rates=args.sweep_rates,
         soak_minutes=args.soak_minutes if "soak" in args.scenarios else 0.0,
         soak_rate=args.soak_rate,
         load_cpus=len(pinning.load) if pinning.load else os.cpu_count() or 1)
@@ -253,7 +256,8 @@ def run(args: argparse.Namespace) -> Path:
         "settings": {"rounds": s.rounds, "duration_s": s.duration, "warmup_s": s.warmup,
                      "concurrency": s.concurrency, "paced_streams": s.paced_streams,
                      "paced_model": s.paced_model, "capacity_streams": s.capacity_streams,
-                     "capacity_model": s.capacity_model, "sweep_rates": list(s.sweep_rates),
+                     "capacity_model": s.capacity_model, "paced_loop": s.paced_loop,
+                     "sweep_rates": list(s.sweep_rates),
                      "soak_minutes": s.soak_minutes, "scenarios": args.scenarios,
                      "loadgen_processes": args.loadgen_processes,
                      "mock_processes": args.mock_processes},

@@ -33,6 +33,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     argv = [sys.executable, "-m", "benchmarks", "--quick", "--duration", "0.5",
             "--warmup", "0", "--concurrency", "4", "--paced-streams", "50",
             "--paced-model", "mock-ttft50-chunks10-delay20", "--capacity-streams", "100",
+            "--capacity-model", "mock-ttft50-chunks5-delay50",
             "--sweep-rates", "100,200", "--soak-minutes", "0.1", "--output-dir", str(folder)]
     result = subprocess.run(argv, cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url},
                             capture_output=True, text=True, timeout=110, check=False)
