@@ -277,5 +277,8 @@ class Measured:
         return [t.rss_peak - t.rss_before for r in self.runs if (t := r.target_track)]
 
     def summary(self, name: str) -> dict[str, float] | None:
+        """p50 ... max in ms of the merged rounds; None when nothing was recorded."""
         hist = self.histogram(name)
-        return hist.summary_ms() if hist.count else None
+        if not hist.count:
+            return None
+        return {k: float(v) for k, v in hist.summary_ms().items() if v is not None}

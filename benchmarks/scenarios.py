@@ -181,7 +181,7 @@ def comparisons(measured: dict[str, Measured]) -> dict[str, dict[str, Any]]:
 def run_rounds(runner: Runner, targets: Sequence[Target], sc: Scenario,
                s: Settings) -> tuple[dict[str, Any], dict[str, Measured]]:
     measured = alternate(runner, targets, sc.load, s, sc.name)
-    entry = {
+    entry: dict[str, Any] = {
         "name": sc.name, "kind": "rounds", "description": sc.description,
         "model": sc.load.model, "stream": sc.load.stream, "concurrency": sc.load.concurrency,
         "rate": sc.load.rate, "open_streams": sc.open_streams,

@@ -50,8 +50,6 @@ UNPUBLISHED_WARNING = "no published state"
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
 _PR_SET_PDEATHSIG = 1
-# Far more than any run spends or sends, so admission does all its work and never refuses.
-ACCOUNT_STATE = {"bal": 10**15, "status": "active", "rpm": 10**9, "tpm": 10**12, "conc": 10**6}
 
 _PROVIDER = """[providers.mock]
 kind = "openai"
@@ -289,7 +287,10 @@ def _publish_key(client: redis.Redis, names: RedisNames) -> tuple[str, str]:
         limits={},
     )
     client.set(names.key_record(parts.key_id), record.encode())
-    client.hset(names.account_state(account_id), mapping=ACCOUNT_STATE)
+    # Far more than any run spends or sends: admission does all its work (sliding
+    # windows, in-flight sets, credit) and never refuses.
+    client.hset(names.account_state(account_id), mapping={
+        "bal": 10**15, "status": "active", "rpm": 10**9, "tpm": 10**12, "conc": 10**6})
     return key, account_id
 
 
