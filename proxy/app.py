@@ -1,15 +1,17 @@
-"""Builds the proxy's aiohttp application and owns every resource with a lifetime.
+"""Owns every resource with a lifetime, and which request goes where.
 
-Redis pool, upstream HTTP session, emitter task and key-change watcher are opened and
-closed in ``cleanup_ctx`` generators and kept in typed ``AppKey``s; there is no module
-state. Response bodies that never vary (model list, health) are encoded here, once.
+Redis pool, upstream connection pool, emitter task and key-change watcher are opened
+and closed in aiohttp ``cleanup_ctx`` generators and kept in typed ``AppKey``s (the
+``web.Application`` is only their container: requests are served by
+``proxy.http_server``); there is no module state. ``dispatcher`` routes requests;
+response bodies that never vary (model list, health) are encoded there, once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import orjson
 import redis.asyncio as aioredis
@@ -21,6 +23,7 @@ from proxy.auth import Authenticator
 from proxy.connections import ConnectionPool
 from proxy.emitter import EventEmitter
 from proxy.handlers import ROUTES, ChatHandler, Endpoint
+from proxy.http_server import Handler, Reply, Request, StreamReply
 from proxy.metrics import Metrics
 from proxy.routing import Router
 from proxy.settings import Settings
@@ -40,7 +43,6 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 WATCHING = web.AppKey("watching", asyncio.Event)
 _HANDLER = web.AppKey("handler", ChatHandler)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _OK = b'{"status":"ok"}'
 _NOT_READY = b'{"status":"unavailable","reason":"redis"}'
@@ -163,10 +165,53 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    """The resources (opened by ``app.startup()``, closed by ``app.cleanup()``); the
+    HTTP server (``proxy.http_server``) serves ``dispatcher(app)`` in front of them."""
+    app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([_redis_ctx, _emitter_ctx, _auth_ctx, _admission_ctx, _upstream_ctx])
+
+    async def handler_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[_HANDLER] = ChatHandler(settings, app[AUTH], app[ADMISSION], app[UPSTREAM],
+                                    app[EMITTER], app[METRICS], Router(settings.routing))
+        yield
+
+    app.cleanup_ctx.append(handler_ctx)
+    return app
+
+
+_PREFIX_ROUTE = "/{call}"  # a route ending in this matches any one path segment after it
+
+
+class _Endpoints:
+    """The public API routes, compiled once: exact paths, then one-segment prefixes."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, Endpoint] = {}
+        self._prefixed: list[tuple[str, Endpoint]] = []
+        for path, endpoint in ROUTES:
+            if path.endswith(_PREFIX_ROUTE):
+                self._prefixed.append((path[: -len(_PREFIX_ROUTE)] + "/", endpoint))
+            else:
+                self._exact[path] = endpoint
+
+    def find(self, request: Request) -> Endpoint | None:
+        endpoint = self._exact.get(request.path)
+        if endpoint is not None:
+            return endpoint
+        for prefix, candidate in self._prefixed:
+            rest = request.path[len(prefix):]
+            if request.path.startswith(prefix) and rest and "/" not in rest:
+                request.match_info["call"] = rest
+                return candidate
+        return None
+
+
+def dispatcher(app: web.Application) -> Handler:
+    """Every request's answer: the public APIs, the model list, health and metrics;
+    405 for a known path and another method, 404 in the OpenAI format for the rest."""
+    settings, chat, endpoints = app[SETTINGS], app[_HANDLER], _Endpoints()
     models_body = orjson.dumps(
         {
             "object": "list",
@@ -177,50 +222,35 @@ def build_app(settings: Settings) -> web.Application:
         }
     )
 
-    def serve(endpoint: Endpoint) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await request.app[_HANDLER].serve(request, endpoint)
+    async def models() -> Reply:
+        return Reply(200, models_body)
 
-        return handle
+    async def healthz() -> Reply:
+        return Reply(200, _OK)
 
-    async def models(_request: web.Request) -> web.Response:
-        return web.Response(body=models_body, content_type=errors.JSON)
-
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.Response(body=_OK, content_type=errors.JSON)
-
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz() -> Reply:
         # Exercise the admission script itself, not just PING: a Redis that answers
         # but cannot run it (no scripting, wrong server) is not ready for traffic.
-        if not await request.app[ADMISSION].ready():
-            return web.Response(status=503, body=_NOT_READY, content_type=errors.JSON)
-        return web.Response(body=_OK, content_type=errors.JSON)
+        if not await app[ADMISSION].ready():
+            return Reply(503, _NOT_READY)
+        return Reply(200, _OK)
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(
-            body=request.app[METRICS].render(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-        )
+    async def metrics() -> Reply:
+        return Reply(200, app[METRICS].render(),
+                     content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def wrong_method(_request: web.Request) -> web.Response:
-        return errors.error_response(errors.MethodNotAllowed(), {})
+    gets = {"/v1/models": models, "/healthz": healthz, "/readyz": readyz,
+            "/metrics": metrics}
 
-    async def unknown(_request: web.Request) -> web.Response:
+    async def dispatch(request: Request) -> Reply | StreamReply:
+        endpoint = endpoints.find(request)
+        if endpoint is not None:
+            if request.method == "POST":
+                return await chat.serve(request, endpoint)
+            return errors.error_response(errors.MethodNotAllowed(), {})
+        get = gets.get(request.path)
+        if get is not None and request.method in ("GET", "HEAD"):
+            return await get()
         return errors.error_response(errors.RouteNotFound(), {})
 
-    async def handler_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[_HANDLER] = ChatHandler(settings, app[AUTH], app[ADMISSION], app[UPSTREAM],
-                                    app[EMITTER], app[METRICS], Router(settings.routing))
-        yield
-
-    app.cleanup_ctx.append(handler_ctx)
-    for path, endpoint in ROUTES:
-        app.router.add_post(path, serve(endpoint))
-        app.router.add_route("*", path, wrong_method)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_route("*", "/{tail:.*}", unknown)
-    return app
-
+    return dispatch

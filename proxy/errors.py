@@ -9,7 +9,8 @@ message never varies are encoded once, at import.
 from __future__ import annotations
 
 import orjson
-from aiohttp import web
+
+from proxy.http_server import Reply
 
 JSON = "application/json"
 
@@ -204,21 +205,14 @@ _STATIC: dict[type[ProxyError], bytes] = {
 }
 
 
-def error_response(err: ProxyError, headers: dict[str, str]) -> web.Response:
+def error_response(err: ProxyError, headers: dict[str, str]) -> Reply:
     """The OpenAI-style error JSON for ``err``, with ``headers`` (request id and the like)."""
     if err.headers:
         headers.update(err.headers)
     if isinstance(err, UpstreamRefused):
         if err.retry_after is not None:
             headers["Retry-After"] = err.retry_after
-        return web.Response(
-            status=err.status, body=err.upstream_body, content_type=JSON, headers=headers
-        )
+        return Reply(err.status, err.upstream_body, headers, JSON)
     body = _STATIC.get(type(err)) if err.param is None and err.message == type(err).message \
         else None
-    return web.Response(
-        status=err.status,
-        body=body if body is not None else err.body(),
-        content_type=JSON,
-        headers=headers,
-    )
+    return Reply(err.status, body if body is not None else err.body(), headers, JSON)

@@ -22,14 +22,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from proxy import errors
 from proxy.admission import Admission
 from proxy.auth import Authenticator, bearer_token
 from proxy.catalog import Catalog, Deployment, Model
 from proxy.connections import Response, UpstreamIOError
 from proxy.emitter import EventEmitter
+from proxy.http_server import Reply, Request, StreamReply
 from proxy.metrics import Metrics
 from proxy.providers.base import BYTES_PER_TOKEN, Chat, Wire
 from proxy.providers.registry import WIRES, refusal_for, stream_relay, translate_reply
@@ -51,10 +50,10 @@ _CLIENT_GONE = 499  # nginx's convention: the client closed the request
 # Failures worth another deployment: the next one may well answer.
 _RETRYABLE = (errors.UpstreamUnavailable, errors.UpstreamFailed)
 
-UrlArgs = Callable[[web.Request], tuple[str | None, bool | None]]
+UrlArgs = Callable[[Request], tuple[str | None, bool | None]]
 
 
-def _no_url_args(_request: web.Request) -> tuple[str | None, bool | None]:
+def _no_url_args(_request: Request) -> tuple[str | None, bool | None]:
     return None, None
 
 
@@ -68,7 +67,7 @@ class Endpoint:
     url_args: UrlArgs = _no_url_args
 
 
-def _gemini_url_args(request: web.Request) -> tuple[str | None, bool | None]:
+def _gemini_url_args(request: Request) -> tuple[str | None, bool | None]:
     model, _, action = request.match_info.get("call", "").partition(":")
     if action not in ("generateContent", "streamGenerateContent") or not model:
         raise errors.RouteNotFound()
@@ -100,14 +99,14 @@ class _Attempt:
 class _ClientStream:
     """The client's response: committed (status 200, SSE headers) on first use."""
 
-    request: web.Request
+    request: Request
     headers: dict[str, str]
     facts: Facts
-    out: web.StreamResponse | None = None
+    out: StreamReply | None = None
 
-    async def response(self) -> web.StreamResponse:
+    async def response(self) -> StreamReply:
         if self.out is None:
-            self.out = web.StreamResponse(headers={**_SSE_HEADERS, **self.headers})
+            self.out = StreamReply(200, {**_SSE_HEADERS, **self.headers})
             await self.out.prepare(self.request)
             self.facts.status = 200
         return self.out
@@ -135,7 +134,7 @@ class ChatHandler:
         self._router = router
         self._recorder = Recorder(settings.node_id, admission, emitter, metrics)
 
-    async def serve(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    async def serve(self, request: Request, endpoint: Endpoint) -> Reply | StreamReply:
         facts = Facts(str(uuid7()), endpoint.path, now_us(), self._client_ip(request))
         headers = {"x-request-id": facts.id}
         wire = endpoint.wire
@@ -193,9 +192,9 @@ class ChatHandler:
             models.append(model)
         return models
 
-    async def _respond(self, request: web.Request, wire: Wire, chat: Chat,
+    async def _respond(self, request: Request, wire: Wire, chat: Chat,
                        models: list[Model], facts: Facts,
-                       headers: dict[str, str]) -> web.StreamResponse:
+                       headers: dict[str, str]) -> Reply | StreamReply:
         client = _ClientStream(request, headers, facts)
         try:
             attempt = await self._first_chunk(client, wire, chat, models)
@@ -241,7 +240,7 @@ class ChatHandler:
                     await opening
 
     async def _deliver(self, client: _ClientStream, wire: Wire, chat: Chat,
-                       attempt: _Attempt) -> web.StreamResponse:
+                       attempt: _Attempt) -> Reply | StreamReply:
         facts = client.facts
         facts.first_byte_at_us = now_us()
         upstream_wire = attempt.deployment.wire
@@ -260,7 +259,7 @@ class ChatHandler:
         facts.reply_bytes = len(raw)
         body, facts.usage = translate_reply(wire, upstream_wire, raw, chat.model)
         facts.status, facts.finished = 200, True
-        return web.Response(body=body, content_type=errors.JSON, headers=client.headers)
+        return Reply(200, body, client.headers, errors.JSON)
 
     async def _open(self, wire: Wire, chat: Chat, models: list[Model],
                     facts: Facts) -> _Attempt:
@@ -301,18 +300,15 @@ class ChatHandler:
         self._router.succeeded(dep)
         return _Attempt(dep, resp, first)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
         length = request.content_length
-        if length is not None and length > self._max_body:
+        if request.too_large or (length is not None and length > self._max_body):
             raise errors.BodyTooLarge()
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise errors.BodyTooLarge() from None
+        return await request.read()
 
-    def _client_ip(self, request: web.Request) -> str | None:
+    def _client_ip(self, request: Request) -> str | None:
         peer = request.remote
-        forwarded = request.headers.get("CF-Connecting-IP")
+        forwarded = request.headers.get("cf-connecting-ip")
         if forwarded is None or peer is None:
             return peer
         try:
@@ -322,15 +318,15 @@ class ChatHandler:
             return peer
 
 
-def _presented_key(request: web.Request) -> str:
+def _presented_key(request: Request) -> str:
     """The key as each SDK sends it: Bearer, ``x-api-key`` (Anthropic), or Gemini's
     ``x-goog-api-key`` / ``?key=``."""
     h = request.headers
     other = h.get("x-api-key") or h.get("x-goog-api-key") or request.query.get("key")
-    return bearer_token(h.get("Authorization"), other)
+    return bearer_token(h.get("authorization"), other)
 
 
-def _parse(request: web.Request, endpoint: Endpoint, body: bytes) -> Chat:
+def _parse(request: Request, endpoint: Endpoint, body: bytes) -> Chat:
     if endpoint.operation != "chat":
         return endpoint.wire.parse_operation(body, endpoint.operation)
     model, stream = endpoint.url_args(request)
@@ -338,7 +334,7 @@ def _parse(request: web.Request, endpoint: Endpoint, body: bytes) -> Chat:
 
 
 def _error_response(wire: Wire, err: errors.ProxyError,
-                    headers: dict[str, str]) -> web.Response:
+                    headers: dict[str, str]) -> Reply:
     resp = errors.error_response(err, headers)  # status and headers (Retry-After …)
     resp.body = wire.error_body(err)
     return resp

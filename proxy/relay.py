@@ -1,7 +1,7 @@
 """Streaming to the client once the upstream's first chunk is in.
 
 ``pump`` relays upstream bytes through a ``Relay`` (pass-through scanner or
-translation) to the committed client response. Backpressure is aiohttp's: ``write``
+translation) to the committed client response. Backpressure is the server's: ``write``
 waits while the client's socket buffer is full, so a slow client pauses our reads from
 the upstream. Silence from the upstream longer than the read timeout (the connection pool's
 ``QNP_READ_TIMEOUT``, watched by ``Response.readany``) ends the stream
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from proxy.connections import Response, UpstreamIOError
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from proxy.http_server import StreamReply
 from proxy.providers.base import Relay, Wire
 
 
@@ -39,7 +38,7 @@ class Outcome:
 
 
 async def pump(
-    out: web.StreamResponse,
+    out: StreamReply,
     resp: Response,
     first: bytes,
     stream: Relay,
@@ -73,7 +72,7 @@ async def pump(
     return Outcome(err)
 
 
-async def keepalive(out: web.StreamResponse, wire: Wire) -> None:
+async def keepalive(out: StreamReply, wire: Wire) -> None:
     try:
         await out.write(wire.keepalive)
     except ConnectionResetError:

@@ -14,42 +14,68 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.app import build_app
+from proxy import errors
+from proxy.app import build_app, dispatcher
+from proxy.http_server import HttpServer
 from proxy.settings import Settings
 
 log = logging.getLogger("qnp.proxy")
 
 
-async def start(settings: Settings) -> web.AppRunner:
-    """Build the app and start listening; the caller ends it with ``runner.cleanup()``."""
-    runner = web.AppRunner(
-        build_app(settings),
-        handle_signals=False,
-        shutdown_timeout=settings.shutdown_grace,
-        handler_cancellation=True,  # a client that leaves cancels its upstream request
-        access_log=None,  # one event per request is the record; no per-request log line
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=4096)
-    await site.start()
-    return runner
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A started proxy: its resources (``app``), server and bound port."""
+
+    app: web.Application
+    server: HttpServer
+    port: int
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let requests in flight finish for ``grace`` seconds, then
+        close the resources (events flushed or spooled)."""
+        try:
+            await self.server.shutdown(grace)
+        finally:
+            await self.app.cleanup()
+
+
+async def start(settings: Settings) -> Running:
+    """Open the resources and start listening; the caller ends it with ``stop()``."""
+    app = build_app(settings)
+    # As aiohttp's AppRunner does: its startup signal frozen, then the app once started.
+    app.on_startup.freeze()
+    await app.startup()  # Redis, emitter, auth, admission, upstream pool: see app.py
+    app.freeze()
+    try:
+        server = HttpServer(
+            dispatcher(app),
+            max_body=settings.max_body_bytes,
+            bad_request=errors.error_response(errors.BadRequest("Malformed HTTP request."), {}),
+            internal_error=errors.error_response(errors.Internal(), {}),
+        )
+        port = await server.start(settings.host, settings.port)
+    except BaseException:
+        await app.cleanup()
+        raise
+    return Running(app, server, port)
 
 
 async def serve(settings: Settings) -> None:
-    runner = await start(settings)
+    running = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("proxy listening on http://%s:%d (node %s)", settings.host, settings.port,
+    log.info("proxy listening on http://%s:%d (node %s)", settings.host, running.port,
              settings.node_id)
     await stop.wait()
     log.info("shutting down: no new connections; open requests have %.0fs",
              settings.shutdown_grace)
-    await runner.cleanup()
+    await running.stop(settings.shutdown_grace)
     log.info("proxy stopped")
 
 

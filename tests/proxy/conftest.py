@@ -18,14 +18,13 @@ import bcrypt
 import openai
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from devstack.mock_server import MockBehaviour
 from devstack.upstream_anthropic import MockAnthropicUpstream
 from devstack.upstream_gemini import MockGeminiUpstream
 from devstack.upstream_openai import MockOpenAIUpstream
 from proxy import server
-from proxy.app import WATCHING
+from proxy.app import SETTINGS, WATCHING
 from proxy.settings import Settings, load
 from shared import apikeys
 from shared.apikeys import KeyRecord
@@ -83,7 +82,7 @@ reasoning_price = 0.70
 class Gateway:
     base_url: str
     settings: Settings
-    runner: web.AppRunner
+    running: server.Running
     redis: aioredis.Redis
     names: RedisNames
 
@@ -177,21 +176,21 @@ async def start_gateway(
 ) -> AsyncIterator[GatewayFactory]:
     """Start a proxy in this process with extra settings (and catalog entries appended
     with ``catalog_extra``); stopped at teardown."""
-    runners: list[web.AppRunner] = []
+    started: list[server.Running] = []
 
     async def start(catalog_extra: str = "", **extra: str) -> Gateway:
         catalog = write_catalog(tmp_path, mock_upstream.base_url, mock_anthropic.base_url,
                                 mock_gemini.base_url, catalog_extra)
         settings = load(proxy_env(redis_url, redis_names, catalog, **extra))
-        runner = await server.start(settings)
-        runners.append(runner)
-        await runner.app[WATCHING].wait()  # subscribed to key changes before the test acts
-        port = runner.addresses[0][1]
-        return Gateway(f"http://127.0.0.1:{port}/v1", settings, runner, redis, redis_names)
+        running = await server.start(settings)
+        started.append(running)
+        await running.app[WATCHING].wait()  # subscribed to key changes before the test acts
+        return Gateway(f"http://127.0.0.1:{running.port}/v1", settings, running, redis,
+                       redis_names)
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for running in started:
+        await running.stop(running.app[SETTINGS].shutdown_grace)
 
 
 @pytest.fixture
