@@ -60,16 +60,23 @@ class StreamScanner:
 
     def feed(self, data: bytes) -> bytes:
         buf = self._pending + data if self._pending else data
-        # The common case, in C: LF-framed events and no usage object among them (it
-        # comes once, at the end; "usage":null does not count). Anything else takes the
-        # exact path below, event by event.
-        if b"\r" not in buf and b"\n\n\n" not in buf:
-            start = buf.rfind(b"\n\n") + 2 if b"\n\n" in buf else 0
-            if _USAGE_OBJECT.search(buf, 0, start) is None:
-                self.events += buf.count(b"\n\n", 0, start)
-                self._pending = buf[start:]
-                return data if self._forward_usage else buf[:start]
-        return self._feed_exact(buf, data)
+        if b"\r" in buf or b"\n\n\n" in buf:  # unusual framing: event by event
+            return self._feed_exact(buf, data)
+        # The common case, in C: LF-framed events passed through and counted up to the
+        # event that carries a usage object (it comes once, near the end; "usage":null
+        # does not count); only from that event on is the read scanned event by event.
+        end = buf.rfind(b"\n\n") + 2 if b"\n\n" in buf else 0
+        usage = _USAGE_OBJECT.search(buf, 0, end)
+        head = end
+        if usage is not None:
+            before = buf.rfind(b"\n\n", 0, usage.start())
+            head = before + 2 if before >= 0 else 0
+        self.events += buf.count(b"\n\n", 0, head)
+        if usage is None:
+            self._pending = buf[end:]
+            return data if self._forward_usage else buf[:end]
+        tail = self._feed_exact(buf[head:], b"")
+        return data if self._forward_usage else buf[:head] + tail
 
     def _feed_exact(self, buf: bytes, data: bytes) -> bytes:
         start = 0
