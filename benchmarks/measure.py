@@ -74,6 +74,11 @@ def body(model: str, stream: bool) -> bytes:
     return orjson.dumps(payload)
 
 
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
 class Progress:
     """One line on stderr (rewritten in place on a terminal): what runs, elapsed, ETA."""
 
@@ -84,11 +89,11 @@ class Progress:
 
     def show(self, text: str) -> None:
         elapsed = time.monotonic() - self.started
-        eta = "?"
-        if self.done > 0:
+        if self.done > 0:  # scale what is left by how far off the estimates were so far
             left = max(self.planned - self.done, 0.0) * elapsed / self.done
-            eta = f"{left // 60:.0f}:{left % 60:02.0f}"
-        line = f"[{elapsed // 60:.0f}:{elapsed % 60:02.0f} elapsed, ~{eta} left] {text}"
+        else:
+            left = max(self.planned - elapsed, 0.0)
+        line = f"[{_clock(elapsed)} elapsed, ~{_clock(left)} left] {text}"
         sys.stderr.write(f"\r\x1b[K{line}" if self.tty else line + "\n")
         sys.stderr.flush()
 

@@ -214,10 +214,14 @@ def render(report: dict[str, Any]) -> str:
         elif sc["kind"] == "soak":
             lines += _soak_table(sc)
     lines += ["", "## Our proxies", "", *_table(
-        ["proxy", "requests", "events emitted", "no-published-state warnings", "log lines"],
+        ["proxy", "requests", "events emitted", "one event per request?",
+         "no-published-state warnings", "degraded admission", "log lines"],
         [[n, _num(p["requests"]), _num(p["events_emitted"]),
-          str(p["unpublished_state_warnings"]), str(p["log_lines"])]
-         for n, p in report["proxies"].items()])]
+          _yes(p["requests"] == p["events_emitted"]), str(p["unpublished_state_warnings"]),
+          str(p["degraded_admission_errors"]), str(p["log_lines"])]
+         for n, p in report["proxies"].items()]),
+        "", "Our proxies log at WARNING, so any log line is worth a look: the first few "
+        "are in `report.json` (`proxies.<name>.log_head`)."]
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"])]
     return "\n".join(lines) + "\n"

@@ -96,17 +96,16 @@ def scenarios_by_key(s: Settings) -> dict[str, list[Scenario]]:
 
 
 def alternate(runner: Runner, targets: Sequence[Target], load: Load, s: Settings,
-              name: str, rounds: int | None = None) -> dict[str, Measured]:
-    """A discarded warm-up per target, then ``rounds`` rounds visiting every target."""
+              name: str) -> dict[str, Measured]:
+    """A discarded warm-up per target, then ``s.rounds`` rounds visiting every target."""
     measured = {t.name: Measured() for t in targets}
     if s.warmup > 0:
         for t in targets:
             runner.run(t, dataclasses.replace(load, duration=s.warmup),
                        f"{name}: warm-up, {t.name}")
-    rounds = rounds or s.rounds
-    for r in range(1, rounds + 1):
+    for r in range(1, s.rounds + 1):
         for t in targets:
-            run = runner.run(t, load, f"{name}: round {r}/{rounds}, {t.name}")
+            run = runner.run(t, load, f"{name}: round {r}/{s.rounds}, {t.name}")
             measured[t.name].add(run)
     return measured
 

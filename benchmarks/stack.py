@@ -47,6 +47,8 @@ DIRECT, PASSTHROUGH, PROXY, NOADMIT = "direct", "passthrough", "proxy", "proxy-n
 # The warning a proxy logs when it admits an account with no published state: it then
 # runs the degraded local policy, which is not what production measures.
 UNPUBLISHED_WARNING = "no published state"
+# What it logs when Redis does not answer in time: admission runs the local fallback.
+DEGRADED_ERROR = "admission degraded"
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
 _PR_SET_PDEATHSIG = 1

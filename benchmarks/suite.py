@@ -34,6 +34,7 @@ from benchmarks import plots, report, scenarios
 from benchmarks.measure import Load, Progress, Runner
 from benchmarks.scenarios import Settings
 from benchmarks.stack import (
+    DEGRADED_ERROR,
     PROXY,
     ROOT,
     UNPUBLISHED_WARNING,
@@ -179,6 +180,7 @@ def _proxy_report(target: Target, runner: Runner) -> dict[str, Any]:
         "requests": runner.requests[target.name],  # warm-ups included
         "events_emitted": runner.events[target.name],
         "unpublished_state_warnings": sum(UNPUBLISHED_WARNING in line for line in log),
+        "degraded_admission_errors": sum(DEGRADED_ERROR in line for line in log),
         "log_lines": len(log), "log_head": log[:5],  # it logs at WARNING: all worth a look
     }
 

@@ -105,8 +105,10 @@ def test_our_proxies_emit_one_event_per_request_and_admit_normally(suite: Any) -
     assert set(proxies) == {"proxy", "proxy-w2"}
     for name, proxy in proxies.items():
         assert proxy["events_emitted"] == proxy["requests"] > 0, name
-        # Admission found the published account state: not the degraded local policy.
+        # Admission found the published account state and Redis answered in time: it
+        # never fell back to the degraded local policy.
         assert proxy["unpublished_state_warnings"] == 0, proxy["log_head"]
+        assert proxy["degraded_admission_errors"] == 0, proxy["log_head"]
 
 
 def test_nothing_is_left_behind(suite: Any, redis_url: str) -> None:
