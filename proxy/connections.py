@@ -67,17 +67,18 @@ class Response:
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
-    async def readany(self) -> bytes:
+    async def readany(self, deadline: float | None = None) -> bytes:
         """The bytes read and not yet taken (waiting for some); b"" at the end.
 
-        Raises TimeoutError after ``read_timeout`` of silence, ``UpstreamIOError`` if
-        the connection broke before the end of the body."""
+        Raises TimeoutError after ``read_timeout`` of silence (or at ``deadline``, loop
+        time, when given), ``UpstreamIOError`` if the connection broke before the end
+        of the body."""
         while not self._chunks:
             if self._eof:
                 return b""
             if self._error is not None:
                 raise self._error
-            await self._wait()
+            await self._wait(deadline)
         # Everything buffered, as one: a stream's HTTP chunks (one per SSE event) that
         # arrived together go to the client in one write. At most about two reads'
         # worth (reading pauses past ``buffer_limit``), so writes to a slow client stay
@@ -90,12 +91,12 @@ class Response:
             self._conn.resume()
         return data
 
-    async def read(self, limit: int = -1) -> bytes:
+    async def read(self, limit: int = -1, deadline: float | None = None) -> bytes:
         """The rest of the body (at most ``limit`` bytes when given)."""
         parts: list[bytes] = []
         size = 0
         while limit < 0 or size < limit:
-            data = await self.readany()
+            data = await self.readany(deadline)
             if not data:
                 break
             parts.append(data)
@@ -103,12 +104,13 @@ class Response:
         body = b"".join(parts)
         return body if limit < 0 else body[:limit]
 
-    async def _wait(self) -> None:
+    async def _wait(self, deadline: float | None) -> None:
         # A plain timer rather than asyncio.timeout: this runs once per chunk of every
         # stream, and silence past the read timeout is the only thing it watches for.
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(self._read_timeout, _expire, waiter)
+        timer = loop.call_at(loop.time() + self._read_timeout if deadline is None
+                             else deadline, _expire, waiter)
         try:
             await waiter
         finally:
@@ -273,23 +275,29 @@ class ConnectionPool:
         self._tls: ssl.SSLContext | None = None
         self._closed = False
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> Response:
-        """Send a POST; return once the response's status and headers are in."""
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes,
+                   deadline: float) -> Response:
+        """Send a POST; return once the response's status and headers are in. Raises
+        TimeoutError if they are not in by ``deadline`` (loop time)."""
         target = self._target(url)
-        conn = await self._acquire(target.origin)
+        conn = await self._acquire(target.origin, deadline)
         assert conn.transport is not None
         response = conn.response = Response(conn, self._read_timeout)
-        conn.headers_in = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        headers_in = conn.headers_in = loop.create_future()
         conn.framed = False
         head = [target.start, b"Content-Length: %d\r\n" % len(body)]
         head += [f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items()]
         head.append(b"\r\n")
         conn.transport.write(b"".join(head) + body)
+        timer = loop.call_at(deadline, _expire, headers_in)  # cheaper than asyncio.timeout
         try:
-            await conn.headers_in
+            await headers_in
         except BaseException:
             response.close()
             raise
+        finally:
+            timer.cancel()
         return response
 
     def _target(self, url: str) -> _Target:
@@ -310,7 +318,7 @@ class ConnectionPool:
                 (parts.scheme, parts.hostname, port), start.encode("latin-1"))
         return target
 
-    async def _acquire(self, origin: tuple[str, str, int]) -> _Connection:
+    async def _acquire(self, origin: tuple[str, str, int], deadline: float) -> _Connection:
         idle = self._idle.get(origin)
         now = time.monotonic()
         while idle:
@@ -318,9 +326,9 @@ class ConnectionPool:
             if not conn.closed and now - conn.idle_since < self._keepalive:
                 return conn
             conn.abort()
-        return await self._connect(origin)
+        return await self._connect(origin, deadline)
 
-    async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
+    async def _connect(self, origin: tuple[str, str, int], deadline: float) -> _Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         tls = None
@@ -328,7 +336,7 @@ class ConnectionPool:
             if self._tls is None:
                 self._tls = ssl.create_default_context()
             tls = self._tls
-        async with asyncio.timeout(self._connect_timeout):
+        async with asyncio.timeout_at(min(deadline, loop.time() + self._connect_timeout)):
             _, conn = await loop.create_connection(
                 lambda: _Connection(self, origin), host, port, ssl=tls,
                 server_hostname=host if tls else None,

@@ -37,7 +37,7 @@ from proxy.relay import ClientGone, keepalive, pump
 from proxy.routing import Router
 from proxy.settings import Network, Settings
 from proxy.upstream import UpstreamClient
-from shared.events import uuid7
+from shared.events import uuid7_str
 
 log = logging.getLogger("qnp.proxy")
 
@@ -135,7 +135,7 @@ class ChatHandler:
         self._recorder = Recorder(settings.node_id, admission, emitter, metrics)
 
     async def serve(self, request: Request, endpoint: Endpoint) -> Reply | StreamReply:
-        facts = Facts(str(uuid7()), endpoint.path, now_us(), self._client_ip(request))
+        facts = Facts(uuid7_str(), endpoint.path, now_us(), self._client_ip(request))
         headers = {"x-request-id": facts.id}
         wire = endpoint.wire
         try:

@@ -38,26 +38,26 @@ class UpstreamClient:
     async def open(self, req: UpstreamRequest, provider: str) -> tuple[Response, bytes]:
         """POST ``req`` upstream; the response (status 200) and its first body bytes,
         both within the first-byte budget."""
+        deadline = asyncio.get_running_loop().time() + self._first_byte
         try:
-            async with asyncio.timeout(self._first_byte):  # the pool's connect timeout inside
-                resp = await self._pool.post(req.url, req.headers, req.body)
-                if resp.status != 200:
-                    await self._refuse(resp, provider)
-                try:
-                    return resp, await resp.readany()
-                except BaseException:
-                    resp.close()
-                    raise
-        except TimeoutError:
+            resp = await self._pool.post(req.url, req.headers, req.body, deadline)
+            if resp.status != 200:
+                await self._refuse(resp, provider, deadline)
+            try:
+                return resp, await resp.readany(deadline)
+            except BaseException:
+                resp.close()
+                raise
+        except TimeoutError:  # the pool's connect timeout included
             raise UpstreamTimeout() from None
         except (UpstreamIOError, OSError) as e:
             log.warning("upstream %s unreachable: %s", provider, type(e).__name__)
             raise UpstreamUnavailable() from None
 
-    async def _refuse(self, resp: Response, provider: str) -> None:
+    async def _refuse(self, resp: Response, provider: str, deadline: float) -> None:
         status = resp.status
         try:
-            body = await resp.read(_MAX_ERROR_BODY)
+            body = await resp.read(_MAX_ERROR_BODY, deadline)
         except (UpstreamIOError, OSError, TimeoutError):
             body = b""
         finally:

@@ -10,6 +10,7 @@ encoding of ``Event.to_dict()``.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 import uuid
@@ -52,6 +53,15 @@ def uuid7() -> uuid.UUID:
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
     return uuid.UUID(int=value)
+
+
+def uuid7_str() -> str:
+    """``str(uuid7())`` at a third of the cost: one per request on the proxy's hot path."""
+    value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(
+        os.urandom(10))
+    value = (value & ~(0xF << 76 | 0x3 << 62)) | (0x7 << 76) | (0x2 << 62)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(slots=True)

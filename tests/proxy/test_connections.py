@@ -67,8 +67,14 @@ async def pool() -> AsyncIterator[ConnectionPool]:
     p.close()
 
 
+def _soon(seconds: float = 5.0) -> float:
+    """A deadline in loop time."""
+    return asyncio.get_running_loop().time() + seconds
+
+
 async def _post(pool: ConnectionPool, url: str) -> tuple[int, bytes]:
-    resp = await pool.post(url, {"Content-Type": "application/json"}, b'{"model":"m"}')
+    resp = await pool.post(url, {"Content-Type": "application/json"}, b'{"model":"m"}',
+                           _soon())
     body = await resp.read()
     resp.release()
     return resp.status, body
@@ -100,7 +106,7 @@ async def test_a_body_cut_short_is_an_error_not_a_short_success(
         upstream: Upstream, pool: ConnectionPool) -> None:
     upstream.close_after = True
     upstream.answer = lambda _req: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this"
-    resp = await pool.post(upstream.url, {}, b"{}")
+    resp = await pool.post(upstream.url, {}, b"{}", _soon())
     with pytest.raises(UpstreamIOError):
         await resp.read()
     resp.close()
@@ -110,14 +116,14 @@ async def test_garbage_instead_of_http_fails_the_request(
         upstream: Upstream, pool: ConnectionPool) -> None:
     upstream.answer = lambda _req: b"SSH-2.0-OpenSSH_9.2\r\n\r\n"
     with pytest.raises(UpstreamIOError):
-        await pool.post(upstream.url, {}, b"{}")
+        await pool.post(upstream.url, {}, b"{}", _soon())
 
 
 async def test_an_abandoned_response_closes_its_connection(
         upstream: Upstream, pool: ConnectionPool) -> None:
     upstream.answer = lambda _req: (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                     b"5\r\nfirst\r\n")  # and then nothing more
-    resp = await pool.post(upstream.url, {}, b"{}")
+    resp = await pool.post(upstream.url, {}, b"{}", _soon())
     assert await resp.readany() == b"first"
     resp.close()  # the client left mid-stream
     upstream.answer = lambda _req: _ok(b"fresh")
@@ -139,9 +145,20 @@ async def test_silence_mid_body_times_out(upstream: Upstream) -> None:
     pool = ConnectionPool(connect_timeout=2.0, read_timeout=0.2)
     upstream.answer = lambda _req: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"
     try:
-        resp = await pool.post(upstream.url, {}, b"{}")
+        resp = await pool.post(upstream.url, {}, b"{}", _soon())
         with pytest.raises(TimeoutError):
             await resp.read()
         resp.close()
     finally:
         pool.close()
+
+
+async def test_no_headers_by_the_deadline_is_a_timeout(
+        upstream: Upstream, pool: ConnectionPool) -> None:
+    upstream.answer = lambda _req: b""  # reads the request, never answers
+    with pytest.raises(TimeoutError):
+        await pool.post(upstream.url, {}, b"{}", _soon(0.2))
+    upstream.answer = lambda _req: _ok(b"next")
+    # The timed-out connection is not reused: its late answer would go to the next one.
+    assert await _post(pool, upstream.url) == (200, b"next")
+    assert upstream.connections == 2

@@ -5,7 +5,7 @@ import uuid
 import orjson
 import pytest
 
-from shared.events import Event, EventDecodeError, decode, uuid7
+from shared.events import Event, EventDecodeError, decode, uuid7, uuid7_str
 
 
 def _event(**kw: object) -> Event:
@@ -31,6 +31,15 @@ def test_uuid7_is_version_7_and_time_ordered() -> None:
     assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
     # Millisecond prefix is monotonic across calls.
     assert [u.int >> 80 for u in ids] == sorted(u.int >> 80 for u in ids)
+
+
+def test_uuid7_str_is_the_canonical_form_of_a_uuid7() -> None:
+    texts = [uuid7_str() for _ in range(200)]
+    ids = [uuid.UUID(t) for t in texts]
+    assert texts == [str(u) for u in ids]  # what Postgres and the event schema expect
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
+    assert [u.int >> 80 for u in ids] == sorted(u.int >> 80 for u in ids)
+    assert len(set(texts)) == len(texts)
 
 
 @pytest.mark.parametrize(
