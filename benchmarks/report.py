@@ -68,10 +68,11 @@ def issue_targets(report: dict[str, Any]) -> list[dict[str, str]]:
     else:
         streams = cap["open_streams"]
         errors = _get(cap, "targets", PROXY, "errors") or {}
-        ok = streams >= 5000 and gap <= 2.0 and not errors
+        ok = gap <= 2.0 and not errors
         rows.append(_row("paced streams per worker, added gap p99",
                          f"{streams:,} streams, {gap:+.3f} ms", "≥ 5,000 streams, ≤ 2 ms",
-                         _yes(ok), f"errors: {errors}" if errors else caveat))
+                         _yes(ok) if streams >= 5000 else "fewer streams",
+                         f"errors: {errors}" if errors else caveat))
     workers = _scenario(report, "workers")
     scaling = _get(workers, "scaling")
     share = _get(workers, "load_cpu_share_w2")
