@@ -51,7 +51,7 @@ class Response:
     through ``readany`` / ``read``; ``release`` or ``close`` when done."""
 
     __slots__ = ("status", "headers", "_conn", "_chunks", "_buffered", "_eof", "_error",
-                 "_waiter", "_read_timeout")
+                 "_waiter", "_read_timeout", "_silent_since", "_watch")
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self.status = 0
@@ -63,6 +63,8 @@ class Response:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._read_timeout = read_timeout
+        self._silent_since = 0.0  # loop time the current wait for bytes began
+        self._watch: asyncio.TimerHandle | None = None  # the read-timeout watch
 
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
@@ -105,17 +107,45 @@ class Response:
         return body if limit < 0 else body[:limit]
 
     async def _wait(self, deadline: float | None) -> None:
-        # A plain timer rather than asyncio.timeout: this runs once per chunk of every
-        # stream, and silence past the read timeout is the only thing it watches for.
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_at(loop.time() + self._read_timeout if deadline is None
-                             else deadline, _expire, waiter)
+        if deadline is not None:  # the first bytes: a timer of their own
+            timer = loop.call_at(deadline, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            return
+        # Silence past the read timeout, watched by one timer per response that re-arms
+        # itself, rather than a timer per wait: this runs once per chunk of every open
+        # stream, and thousands of timers churning through the loop's heap showed in
+        # the paced-stream profile.
+        self._silent_since = loop.time()
+        if self._watch is None:
+            self._watch = loop.call_at(self._silent_since + self._read_timeout, self._check)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _check(self) -> None:
+        waiter, loop = self._waiter, asyncio.get_running_loop()
+        if waiter is None:  # not waiting now: look again a read timeout from now
+            done = self._conn is None or self._eof or self._error is not None
+            self._watch = None if done else loop.call_later(self._read_timeout, self._check)
+            return
+        quiet_until = self._silent_since + self._read_timeout
+        if loop.time() >= quiet_until:
+            self._watch = None
+            _expire(waiter)
+        else:
+            self._watch = loop.call_at(quiet_until, self._check)
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -130,21 +160,25 @@ class Response:
 
     def _finish(self) -> None:
         self._eof = True
+        self._unwatch()
         self._wake()
 
     def _fail(self, error: BaseException) -> None:
         if not self._eof:
             self._error = error
+            self._unwatch()
             self._wake()
 
     def release(self) -> None:
         """Done with a body read to its end: the connection goes back to the pool."""
+        self._unwatch()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.done(reusable=self._eof)
 
     def close(self) -> None:
         """Done before the end: the connection is closed."""
+        self._unwatch()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.done(reusable=False)

@@ -73,6 +73,7 @@ class Settings:
     degraded_fraction: float = 0.5
     # SSE comments while a stream waits for its first token (Cloudflare cuts at 100 s).
     keepalive_interval: float = 15.0
+    gc_threshold: int = 50_000  # youngest generation's; 0 keeps Python's own (700)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
 
 
@@ -188,6 +189,7 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         fleet_processes=_int(env, "QNP_FLEET_PROCESSES", 1, minimum=1),
         degraded_fraction=_num(env, "QNP_DEGRADED_FRACTION", 0.5, minimum=0.0),
         keepalive_interval=_num(env, "QNP_KEEPALIVE_INTERVAL", 15.0, minimum=0.01),
+        gc_threshold=_int(env, "QNP_GC_THRESHOLD", 50_000),
         routing=RoutingPolicy(
             eject_after=_int(env, "QNP_EJECT_AFTER", 3, minimum=1),
             base_ejection=_num(env, "QNP_EJECT_BASE_SECONDS", 5.0, minimum=0.001),

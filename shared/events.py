@@ -10,7 +10,6 @@ encoding of ``Event.to_dict()``.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import uuid
@@ -58,7 +57,7 @@ def uuid7() -> uuid.UUID:
 def uuid7_str() -> str:
     """``str(uuid7())`` at a third of the cost: one per request on the proxy's hot path."""
     value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(
-        os.urandom(10))
+        secrets.token_bytes(10))
     value = (value & ~(0xF << 76 | 0x3 << 62)) | (0x7 << 76) | (0x2 << 62)
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

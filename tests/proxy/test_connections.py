@@ -162,3 +162,28 @@ async def test_no_headers_by_the_deadline_is_a_timeout(
     # The timed-out connection is not reused: its late answer would go to the next one.
     assert await _post(pool, upstream.url) == (200, b"next")
     assert upstream.connections == 2
+
+
+async def test_a_slow_steady_body_outlives_the_read_timeout() -> None:
+    """The read timeout is for silence, not for the whole body: bytes every 0.1 s for
+    about 0.8 s against a 0.25 s read timeout must all arrive."""
+    pool = ConnectionPool(connect_timeout=2.0, read_timeout=0.25)
+    server = await asyncio.start_server(_trickle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    try:
+        async with server:
+            resp = await pool.post(url, {}, b"{}", _soon())
+            assert await resp.read() == b"x" * 8
+            resp.release()
+    finally:
+        pool.close()
+
+
+async def _trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n{}")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n")
+    for _ in range(8):
+        await asyncio.sleep(0.1)
+        writer.write(b"x")
+        await writer.drain()
+    writer.close()
