@@ -127,7 +127,7 @@ def target_figures(m: Measured, load: Load, s: Settings,
         "rps_per_core": _per(m.ok, cpu),
         "load_cpu_share": _per(m.load_cpu_s(), m.elapsed * s.load_cpus),
         "cpu_busy": m.cpu_busy(),
-        "loadgen_commands": [r.argv for r in m.runs],
+        "loadgen_commands": [redacted(r.argv) for r in m.runs],
     }
     tracks = [r.target_track for r in m.runs if r.target_track]
     if tracks:
@@ -307,3 +307,19 @@ def run_soak(runner: Runner, proxy: Target, rate: float, s: Settings) -> dict[st
         "figures": target_figures(Measured([run]), load, s),
         "rss_series_mb": series, "rss_growth_pct": soak_growth(series, window),
     }
+
+
+_SECRET_HEADERS = ("authorization:", "x-api-key:", "x-goog-api-key:")
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """A command line fit for a report: API keys (ours or a target's) blanked out."""
+    out = list(argv)
+    for i in range(1, len(out)):
+        if out[i - 1] == "--header" and out[i].lower().startswith(_SECRET_HEADERS):
+            out[i] = out[i].split(":", 1)[0] + ": <redacted>"
+        elif out[i - 1] == "--target-key" and "=" in out[i]:
+            out[i] = out[i].split("=", 1)[0] + "=<redacted>"
+        elif out[i].startswith("--target-key="):
+            out[i] = "--target-key=<redacted>"
+    return out

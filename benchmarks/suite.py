@@ -32,7 +32,7 @@ import psutil
 
 from benchmarks import plots, report, scenarios
 from benchmarks.measure import Load, Progress, Runner
-from benchmarks.scenarios import Settings
+from benchmarks.scenarios import Settings, redacted
 from benchmarks.stack import (
     DEGRADED_ERROR,
     PROXY,
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> Path:
     out: dict[str, Any] = {
         "suite": "qnp-bench", "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": [sys.executable, *sys.orig_argv[1:]],
+        "command": redacted([sys.executable, *sys.orig_argv[1:]]),
         "settings": {"rounds": s.rounds, "duration_s": s.duration, "warmup_s": s.warmup,
                      "concurrency": s.concurrency, "paced_streams": s.paced_streams,
                      "paced_model": s.paced_model, "capacity_streams": s.capacity_streams,

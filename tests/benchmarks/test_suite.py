@@ -97,6 +97,10 @@ def test_files_are_written(suite: Any) -> None:
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert report["machine"]["cpu_count"] > 0 and report["machine"]["packages"]["aiohttp"]
     assert report["processes"]["proxy"]["argv"][1:3] == ["-m", "proxy"]
+    # Reports get shared: the API key the suite issued (or a target's) is not in them.
+    for text in ((folder / "report.json").read_text(), markdown):
+        assert "qnp_" not in text and "Bearer <redacted>" not in text
+    assert "Authorization: <redacted>" in (folder / "report.json").read_text()
 
 
 def test_our_proxies_emit_one_event_per_request_and_admit_normally(suite: Any) -> None:
