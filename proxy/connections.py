@@ -14,7 +14,8 @@ stops being read until the relay has taken them, so a slow client slows the upst
 instead of filling memory. A response not read to its end closes its connection (the
 upstream then stops generating); one read to its end returns it to the pool. Pooled
 connections idle longer than ``keepalive`` are closed rather than reused, to stay
-under upstreams' own idle timeouts. Requests ask for ``Accept-Encoding: identity``:
+under upstreams' own idle timeouts. Host names are resolved once per five minutes, and
+each of a host's addresses is tried in turn. Requests ask for ``Accept-Encoding: identity``:
 bytes are relayed and scanned as sent, so they must not be compressed.
 
 Must not import the handlers, auth, admission or the emitter.
@@ -23,6 +24,7 @@ Must not import the handlers, auth, admission or the emitter.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections import deque
@@ -32,6 +34,8 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
+
+_DNS_TTL = 300.0  # seconds an upstream host's addresses are reused
 
 
 class UpstreamIOError(Exception):
@@ -307,6 +311,7 @@ class ConnectionPool:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
+        self._addresses: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._closed = False
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes,
@@ -371,11 +376,33 @@ class ConnectionPool:
                 self._tls = ssl.create_default_context()
             tls = self._tls
         async with asyncio.timeout_at(min(deadline, loop.time() + self._connect_timeout)):
-            _, conn = await loop.create_connection(
-                lambda: _Connection(self, origin), host, port, ssl=tls,
-                server_hostname=host if tls else None,
-            )
-        return conn
+            error: OSError = OSError(f"no address for {host}")
+            for address in await self._resolve(host, port):
+                try:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(self, origin), address, port, ssl=tls,
+                        server_hostname=host if tls else None,
+                    )
+                    return conn
+                except OSError as e:  # the next address may answer
+                    error = e
+            self._addresses.pop((host, port), None)
+            raise error
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        """The host's addresses, looked up at most once per ``_DNS_TTL`` (a lookup per
+        new connection would put the resolver on the path whenever load grows)."""
+        cached = self._addresses.get((host, port))
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if len(self._addresses) > 1_000:
+            self._addresses.clear()
+        self._addresses[(host, port)] = (now + _DNS_TTL, addresses)
+        return addresses
 
     def put_back(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.origin, [])

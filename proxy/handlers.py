@@ -220,7 +220,7 @@ class ChatHandler:
             return await self._open(wire, chat, models, client.facts)
         opening = asyncio.ensure_future(self._open(wire, chat, models, client.facts))
         try:
-            while chat.stream and not opening.done():
+            while not opening.done():
                 await asyncio.wait({opening}, timeout=self._keepalive)
                 if not opening.done():
                     await keepalive(await client.response(), wire)

@@ -3,10 +3,10 @@
 ``pump`` relays upstream bytes through a ``Relay`` (pass-through scanner or
 translation) to the committed client response. Backpressure is the server's: ``write``
 waits while the client's socket buffer is full, so a slow client pauses our reads from
-the upstream. Silence from the upstream longer than the read timeout (the connection pool's
-``QNP_READ_TIMEOUT``, watched by ``Response.readany``) ends the stream
-with an error event in the client's format; so does an upstream connection that breaks.
-No total-duration cap. A client that leaves raises ``ClientGone``.
+the upstream. Silence from the upstream longer than the read timeout
+(``QNP_READ_TIMEOUT``, watched by the connection pool's ``Response.readany``) ends the
+stream with an error event in the client's format; so does an upstream connection that
+breaks. No total-duration cap. A client that leaves raises ``ClientGone``.
 
 Must not import the handlers, auth or the emitter.
 """

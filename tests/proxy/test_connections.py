@@ -9,8 +9,10 @@ broken upstream reported as success, an abandoned stream whose connection is reu
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -187,3 +189,26 @@ async def _trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         writer.write(b"x")
         await writer.drain()
     writer.close()
+
+
+async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn(
+        upstream: Upstream, pool: ConnectionPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    real = loop.getaddrinfo
+
+    async def counting(host: str, *args: Any, **kw: Any) -> Any:
+        lookups.append(host)
+        # An address nothing listens on first: the pool must go on to the next one.
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", 1)),
+                *await real("127.0.0.1", *args, **kw)]
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    url = upstream.url.replace("127.0.0.1", "upstream.test")
+    upstream.close_after = True  # every request needs a new connection
+    for _ in range(3):
+        assert await _post(pool, url) == (200, b'{"ok":true}')
+        await asyncio.sleep(0.05)  # the close reaches us
+    assert lookups == ["upstream.test"]
+    assert upstream.connections == 3
+    assert b"\r\nHost: upstream.test:" in upstream.requests[0]
