@@ -121,7 +121,8 @@ class StreamReply:
         assert conn is not None, "write before prepare"
         if data:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        await conn.drain()
+        if conn.write_paused or conn.closed:  # the common case costs no coroutine
+            await conn.drain()
 
     async def write_eof(self) -> None:
         if not self.ended and self._conn is not None:
