@@ -40,6 +40,7 @@ from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = bytes | str | int
+_CONFIRM = 0.05  # seconds: a timed-out wait is confirmed after the loop has polled once
 
 
 def bulk(value: Arg) -> bytes:
@@ -253,15 +254,20 @@ class _Link(asyncio.Protocol):
         # redis-py's own protocol resolves its close waiter here (client.aclose awaits it).
         self._inner.connection_lost(exc)
 
-    def _check(self) -> None:
+    def _check(self, confirming: bool = False) -> None:
         self._timer = None
         if not self._waiters or self._timeout is None:
             return
         late = self.loop.time() - self._progress
-        if late >= self._timeout:
-            self.die(RedisTimeoutError(f"Timeout reading from {self._where}"))
-        else:
+        if late < self._timeout:
             self._timer = self.loop.call_later(self._timeout - late, self._check)
+        elif not confirming:
+            # The loop runs due timers before it polls sockets: after a stall of our
+            # own (a long GC pass, a starved CPU) the replies may be sitting unread.
+            # Look again once they have had a poll, before calling Redis dead.
+            self._timer = self.loop.call_later(_CONFIRM, self._check, True)
+        else:
+            self.die(RedisTimeoutError(f"Timeout reading from {self._where}"))
 
 
 def _reply_error(message: str) -> Exception:

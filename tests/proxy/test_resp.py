@@ -9,11 +9,14 @@ so admission can degrade.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from pathlib import Path
 
 import hiredis
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -195,6 +198,39 @@ async def test_a_stalled_redis_fails_calls_with_a_timeout_and_is_dropped() -> No
             transport.close()
         server.close()
         await server.wait_closed()
+
+
+def test_a_stall_of_our_own_loop_is_not_taken_for_a_dead_redis(redis_url: str) -> None:
+    """Replies that arrived while this process was stalled (a long GC pass, a starved
+    CPU) are read, not timed out. Run on uvloop, as the proxy is: libuv runs due timers
+    before it polls sockets (asyncio's own loop polls first and would not show this)."""
+
+    async def stall_while_redis_answers() -> bytes:
+        client = aioredis.Redis.from_url(redis_url, socket_timeout=0.2)
+        try:
+            pipe = resp.Pipe.of(client)
+            assert pipe is not None
+            assert await pipe.call(resp.command("PING")) == b"PONG"  # connected
+            # The stall, in another connection's I/O callback (where a long GC pass
+            # would strike): Redis answers meanwhile, and when the stall ends the pipe's
+            # timeout check is due, and libuv runs due timers before it polls again.
+            ours, theirs = socket.socketpair()
+            await asyncio.get_running_loop().connect_accepted_socket(_Staller, ours)
+            theirs.send(b"stall")  # read at the loop's next poll, after the write below
+            call = pipe.call(resp.command("ECHO", "still here"))
+            try:
+                return await asyncio.wait_for(call, 5)  # type: ignore[no-any-return]
+            finally:
+                theirs.close()
+        finally:
+            await client.aclose()
+
+    assert uvloop.run(stall_while_redis_answers()) == b"still here"
+
+
+class _Staller(asyncio.Protocol):
+    def data_received(self, data: bytes) -> None:
+        time.sleep(0.5)  # this process stalls past the pipe's 0.2 s timeout
 
 
 async def _closed_by_peer(transport: asyncio.Transport) -> bool:
