@@ -124,7 +124,6 @@ class ChatHandler:
         router: Router,
     ) -> None:
         self._catalog: Catalog = settings.catalog
-        self._max_body = settings.max_body_bytes
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._keepalive = settings.keepalive_interval
         self._auth = auth
@@ -141,7 +140,9 @@ class ChatHandler:
         try:
             key = await self._auth.authenticate(_presented_key(request))
             facts.key_id, facts.account_id = key.key_id, key.account_id
-            body = await self._read_body(request)
+            if request.too_large:  # the server read none of it (QNP_MAX_BODY_BYTES)
+                raise errors.BodyTooLarge()
+            body = request.body
             facts.body_bytes = len(body)
             chat = _parse(request, endpoint, body)
             facts.chat, facts.requested_model, facts.stream = chat, chat.model, chat.stream
@@ -299,12 +300,6 @@ class ChatHandler:
         resp, first = await self._upstream.open(req, dep.provider.name)
         self._router.succeeded(dep)
         return _Attempt(dep, resp, first)
-
-    async def _read_body(self, request: Request) -> bytes:
-        length = request.content_length
-        if request.too_large or (length is not None and length > self._max_body):
-            raise errors.BodyTooLarge()
-        return await request.read()
 
     def _client_ip(self, request: Request) -> str | None:
         peer = request.remote

@@ -66,14 +66,6 @@ class Request:
             self._query = dict(parse_qsl(self.query_string, keep_blank_values=True))
         return self._query
 
-    @property
-    def content_length(self) -> int | None:
-        raw = self.headers.get("content-length")
-        return int(raw) if raw is not None and raw.isdigit() else None
-
-    async def read(self) -> bytes:
-        return self.body
-
 
 class Reply:
     """A complete response, written as one buffer once the handler returns it."""
