@@ -22,7 +22,6 @@ import ctypes
 import dataclasses
 import multiprocessing
 import os
-import resource
 import sys
 import time
 from collections import deque
@@ -40,6 +39,7 @@ import uvloop
 
 from benchmarks.histogram import HISTOGRAMS
 from benchmarks.histogram import LoadResult as LoadResult  # part of this module's API
+from benchmarks.processes import parse_cpus, raise_fd_limit
 
 Progress = Callable[[int, float], None]  # (measured requests done, seconds since start)
 _RECONNECT_DELAY = 0.05  # closed loop against a refusing server: do not spin
@@ -434,18 +434,8 @@ class _Timer:
 async def run(spec: LoadSpec, progress: Progress | None = None) -> LoadResult:
     """Run ``spec`` in this process, on the running event loop (``processes`` and
     ``cpus`` are ignored here: see ``run_processes``)."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # a descriptor per connection
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()  # a descriptor per connection
     return await _Run(spec, progress).drive()
-
-
-def parse_cpus(text: str) -> list[int]:
-    """``"1"``, ``"0,2"``, ``"2-3"`` → sorted CPU numbers."""
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return sorted(cpus)
 
 
 def split(spec: LoadSpec) -> list[LoadSpec]:

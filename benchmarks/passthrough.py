@@ -23,7 +23,7 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-from benchmarks.mock_upstream import prepare_process, supervise, watch_parent
+from benchmarks.processes import prepare_process, supervise, watch_parent
 
 _READY = "passthrough ready on http://{host}:{port}"
 _FORWARDED = ("Authorization", "x-api-key", "x-goog-api-key", "anthropic-version",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import resource
 import secrets
 import signal
 import socket
@@ -35,6 +34,7 @@ from typing import Any
 import bcrypt
 import redis
 
+from benchmarks.processes import parse_cpus
 from devstack.servers import start_redis
 from shared import apikeys
 from shared.apikeys import KeyRecord
@@ -71,17 +71,6 @@ class StackError(RuntimeError):
     """A server under test did not start; the message carries the end of its log."""
 
 
-def parse_cpus(text: str) -> frozenset[int]:
-    """``"1"``, ``"0,2"`` or ``"0-3"`` → CPU numbers."""
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    if not cpus:
-        raise ValueError(f"no CPUs in {text!r}")
-    return frozenset(cpus)
-
-
 def cpu_list(cpus: Iterable[int]) -> str:
     return ",".join(str(c) for c in sorted(cpus))
 
@@ -105,9 +94,9 @@ class Pinning:
         allowed = sorted(os.sched_getaffinity(0))
         if proxy is None and load is None and len(allowed) < 2:
             return Pinning(None, None, f"not pinned: only {len(allowed)} CPU available")
-        p = parse_cpus(proxy) if proxy else frozenset(allowed[:1])
+        p = frozenset(parse_cpus(proxy)) if proxy else frozenset(allowed[:1])
         rest = [c for c in allowed if c not in p] or allowed
-        ld = parse_cpus(load) if load else frozenset(rest[:1])
+        ld = frozenset(parse_cpus(load)) if load else frozenset(rest[:1])
         return Pinning(p, ld, f"proxy and passthrough on CPU {cpu_list(p)}; mock, load "
                               f"generator and Redis on CPU {cpu_list(ld)}")
 
@@ -303,14 +292,6 @@ def _delete_prefix(redis_url: str, names: RedisNames) -> None:
         keys = list(client.scan_iter(match=f"{names.prefix}:*", count=1000))
         for i in range(0, len(keys), 500):
             client.unlink(*keys[i : i + 500])
-
-
-def raise_fd_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard one: thousands of streams need two sockets each
-    in a proxy, and every child inherits the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @dataclass(frozen=True, slots=True)

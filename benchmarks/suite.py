@@ -32,6 +32,7 @@ import psutil
 
 from benchmarks import plots, report, scenarios
 from benchmarks.measure import Load, Progress, Runner
+from benchmarks.processes import raise_fd_limit
 from benchmarks.scenarios import Settings, redacted
 from benchmarks.stack import (
     DEGRADED_ERROR,
@@ -42,7 +43,6 @@ from benchmarks.stack import (
     StackSpec,
     Target,
     cpu_list,
-    raise_fd_limit,
     running_stack,
 )
 
