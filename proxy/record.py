@@ -3,8 +3,9 @@
 Owns ``Facts`` (filled in by the hot path as the request goes), the choice of the usage
 to bill (the upstream's report, or an estimate from what passed through; never silently
 zero once anything was generated), its price, the settlement of the request's
-admission ticket, the request's single event, and its metrics. ``Recorder.record`` is
-called exactly once per request, from the handler's ``finally:``.
+admission ticket, the request's single event (client-chosen strings in it bounded and
+cleaned: ``shared.events.clean_text``), and its metrics. ``Recorder.record`` is called
+exactly once per request, from the handler's ``finally:``.
 
 Must not import the handlers, relay, routing, auth or the upstream client: it learns
 about a request only through ``Facts``.
@@ -21,7 +22,7 @@ from proxy.catalog import Deployment, Model
 from proxy.emitter import EventEmitter
 from proxy.metrics import Metrics
 from proxy.providers.base import BYTES_PER_TOKEN, Chat, Relay, Usage
-from shared.events import Event
+from shared.events import Event, clean_text
 
 
 def now_us() -> int:
@@ -104,6 +105,7 @@ class Recorder:
                 facts.ticket, usage.prompt_tokens + usage.completion_tokens, cost
             )
         served = dep or (model.deployments[0] if model is not None else None)
+        requested = facts.requested_model  # the client's choice: bounded and cleaned
         self._emitter.emit(
             Event(
                 id=facts.id,
@@ -116,7 +118,7 @@ class Recorder:
                 first_byte_at_us=facts.first_byte_at_us,
                 account_id=facts.account_id,
                 key_id=facts.key_id,
-                requested_model=facts.requested_model,
+                requested_model=clean_text(requested) if requested is not None else None,
                 served_model=served.upstream_model if served is not None else None,
                 provider=served.provider.name if served is not None else None,
                 stream=facts.stream,

@@ -6,10 +6,16 @@ error bodies. ``error_code`` is drawn from a fixed vocabulary chosen by the prox
 
 On the stream an event is one entry with a single field ``e`` holding the orjson
 encoding of ``Event.to_dict()``.
+
+Strings a client chose (the requested model, from a body or a URL) are bounded and
+cleaned with ``clean_text`` where the proxy builds the event, and again by ``decode``
+for every free-text field, so an event from an older proxy cannot poison ingest: no
+NUL (which Postgres ``text`` refuses), no control characters, no megabyte-long names.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
@@ -35,6 +41,26 @@ OUTCOMES = frozenset(
     }
 )
 USAGE_SOURCES = frozenset({"upstream", "estimated", "none"})
+
+
+# Longest client-chosen string an event keeps; real model names are far shorter.
+TEXT_MAX = 256
+# C0 and C1 control characters, DEL, and lone surrogates (not encodable as UTF-8).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Free-text fields cleaned on decode (ids and vocabularies are validated instead).
+_TEXT_FIELDS = frozenset(("key_id", "endpoint", "requested_model", "served_model",
+                          "provider", "node_id", "source_ip", "error_code"))
+
+
+def clean_text(value: str, limit: int = TEXT_MAX) -> str:
+    """``value`` without control characters and at most ``limit`` characters long.
+
+    Costs one ``isprintable`` scan for the usual short, clean name. A long one is cut
+    before it is cleaned, so the work is bounded by ``limit`` whatever its length.
+    """
+    if len(value) <= limit and value.isprintable():
+        return value
+    return _UNPRINTABLE.sub("", value[: 4 * limit])[:limit]
 
 
 class EventDecodeError(ValueError):
@@ -169,7 +195,8 @@ def decode(raw: bytes | str) -> Event:
         value = data[name]
         if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
             raise EventDecodeError(f"field {name} has the wrong type")
-        kwargs[name] = value
+        kwargs[name] = clean_text(value) if isinstance(value, str) and name in _TEXT_FIELDS \
+            else value
     event = Event(**kwargs)
     if event.outcome not in OUTCOMES:
         raise EventDecodeError(f"unknown outcome {event.outcome!r}")
