@@ -2,10 +2,14 @@
 
 ``admit`` runs ``admit.lua`` once: requests, tokens and concurrency per key and per
 account over a sliding window, and a credit reservation (estimated prompt + max
-tokens, priced by the catalog). ``settle`` runs ``settle.lua`` after the response with
-what was really used, off the request's path. Both scripts are idempotent and their
-keys share the account's hash tag, so they run unchanged on Redis Cluster; redis-py's
-``Script`` reloads them after a restart or failover flushed the script cache.
+tokens, priced by the catalog). ``count`` runs the same script in its count-only mode
+for a request refused before admission (unknown model, bad body): it takes its place
+in the request windows and reserves nothing, so refusals are not a free way past
+``rpm``; only refused requests pay that round trip. ``settle`` runs ``settle.lua``
+after the response with what was really used, off the request's path. Both scripts
+are idempotent and their keys share the account's hash tag, so they run unchanged on
+Redis Cluster; redis-py's ``Script`` reloads them after a restart or failover flushed
+the script cache.
 
 When Redis is unreachable (or has lost the account's state), admission degrades by
 policy (``QNP_DEGRADED_POLICY``): ``local`` (default) admits against this process's
@@ -64,7 +68,8 @@ def _duration(ms: int) -> str:
 class _Shape:
     """One key's script calls packed as RESP once: all but the per-request values."""
 
-    admit_head: bytes  # EVALSHA admit, keys, version 0
+    admit_head: bytes  # EVALSHA admit, keys, mode 0
+    count_head: bytes  # the same, mode 1 (count only)
     admit_mid: bytes  # key id, window, the key's limits
     admit_tail: bytes  # in-flight lifetime
     settle_head: bytes  # EVALSHA settle, keys, version 0
@@ -148,18 +153,51 @@ class Admission:
                 self._warn_unpublished(key.account_id)
         return self._admit_degraded(ticket, key)
 
-    async def _run_admit(self, ticket: Ticket, key: KeyRecord) -> list[object]:
+    async def count(self, key: KeyRecord, request_id: str) -> dict[str, str]:
+        """Count a request refused before admission against the request limits.
+
+        Returns the x-ratelimit-* headers, or raises RateLimited (the request was over
+        the limit: 429 rather than its own refusal) or AccountSuspended. Nothing is
+        reserved, so there is nothing to settle. While degraded it counts against the
+        local limiter (``local``) or not at all (``allow``, ``deny``: the request is
+        refused anyway).
+        """
+        ticket = Ticket(request_id, key.account_id, key.key_id, 0, 0, "redis")
+        if not self._cfg.enabled:
+            return ticket.headers
+        if not self._degraded:
+            try:
+                reply = await self._run_admit(ticket, key, count_only=True)
+            except _REDIS_DOWN as e:
+                self._degrade(f"admission failed ({type(e).__name__})")
+            else:
+                if reply[0] != 4:
+                    return _decide(ticket, reply).headers
+                self._warn_unpublished(key.account_id)
+        if self._cfg.policy == "local":  # requests only: a refusal holds no slot
+            scopes = [f"a:{key.account_id}", f"k:{key.key_id}"]
+            refusal = self._local.admit(
+                time.monotonic(),
+                [(scopes[0], 0, 0, 0), (scopes[1], key.limits.get("rpm", 0), 0, 0)], 0)
+            if refusal is not None:
+                raise errors.RateLimited(refusal.which, refusal.retry_after_ms, {})
+            self._local.release(scopes)
+        return ticket.headers
+
+    async def _run_admit(self, ticket: Ticket, key: KeyRecord, *,
+                         count_only: bool = False) -> list[object]:
         if self._pipe is None:  # Cluster: redis-py routes each call to its slot's node
             ticket.keys = self._names.admission_keys(key.account_id, key.key_id)
             reply: list[object] = await self._admit(keys=ticket.keys, args=[
-                0, ticket.request_id, key.key_id, self._cfg.window_ms,
+                int(count_only), ticket.request_id, key.key_id, self._cfg.window_ms,
                 key.limits.get("rpm", 0), key.limits.get("tpm", 0),
                 key.limits.get("conc", 0), ticket.tokens, ticket.cost,
                 self._cfg.in_flight_lifetime_ms,
             ])
             return reply
         shape = ticket.shape = self._shape(key)
-        packed = b"".join((shape.admit_head, resp.bulk(ticket.request_id), shape.admit_mid,
+        head = shape.count_head if count_only else shape.admit_head
+        packed = b"".join((head, resp.bulk(ticket.request_id), shape.admit_mid,
                            resp.bulk(ticket.tokens), resp.bulk(ticket.cost),
                            shape.admit_tail))
         try:
@@ -184,6 +222,9 @@ class Admission:
                 admit_head=b"".join((resp.header(13 + len(keys)), call,
                                      resp.bulk(self._admit.sha), resp.bulk(len(keys)),
                                      packed_keys, resp.bulk(0))),
+                count_head=b"".join((resp.header(13 + len(keys)), call,
+                                     resp.bulk(self._admit.sha), resp.bulk(len(keys)),
+                                     packed_keys, resp.bulk(1))),
                 admit_mid=b"".join(resp.bulk(v) for v in (
                     key.key_id, self._cfg.window_ms, *limits)),
                 admit_tail=resp.bulk(self._cfg.in_flight_lifetime_ms),

@@ -3,7 +3,7 @@
 -- KEYS (all under the account's hash tag, see shared/redis_names.admission_keys):
 --   1 state   2 req:a  3 req:k  4 tok:a  5 tok:k  6 toktot  7 conc:a  8 conc:k
 --   9 resv   10 settled
--- ARGV: 1 (unused)  2 request id  3 key id  4 window_ms  5 key rpm  6 key tpm
+-- ARGV: 1 mode: 0 admit, 1 count only  2 request id  3 key id  4 window_ms  5 key rpm  6 key tpm
 --       7 key conc  8 tokens to reserve  9 cost to reserve (micro-dollars)
 --       10 in-flight lifetime ms (a crashed proxy's slots free themselves after it)
 --
@@ -14,6 +14,11 @@
 -- admitted only if the window ending now holds fewer than `rpm` requests and at most
 -- `tpm` tokens with it. Token log members are "<id>:<tokens>" so an expired entry
 -- says what to subtract from the running total.
+--
+-- Count only (mode 1) is for a request refused before admission (unknown model, bad
+-- body) after its key authenticated: it takes a place in the request windows, so
+-- refusals are not free, and reserves nothing (no tokens, concurrency or credit), so
+-- there is nothing to settle.
 --
 -- Returns {0, rpm_limit, rpm_left, rpm_reset_ms, tpm_limit, tpm_left, tpm_reset_ms}
 --      or {1, which, retry_ms}   rate limited (which: "requests"|"tokens"|"concurrency")
@@ -26,6 +31,7 @@ local id, kid = ARGV[2], ARGV[3]
 local window = tonumber(ARGV[4])
 local cutoff = now - window
 local tokens, cost = tonumber(ARGV[8]), tonumber(ARGV[9])
+local count_only = ARGV[1] == '1'
 
 local st = redis.call('HMGET', KEYS[1], 'bal', 'status', 'rpm', 'tpm', 'conc')
 if not st[1] then return {4} end
@@ -69,9 +75,9 @@ expire_tokens(KEYS[5], 'k:' .. kid)
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now)
 
--- Concurrency.
+-- Concurrency (a counted refusal holds no slot).
 for _, c in ipairs({{KEYS[7], a_conc}, {KEYS[8], k_conc}}) do
-  if c[2] and redis.call('ZCARD', c[1]) >= c[2] then
+  if c[2] and not count_only and redis.call('ZCARD', c[1]) >= c[2] then
     return {1, 'concurrency', 1000}
   end
 end
@@ -106,29 +112,31 @@ local function tok_check(log, field, limit)
 end
 local tok_fields = {{KEYS[4], 'a', a_tpm}, {KEYS[5], 'k:' .. kid, k_tpm}}
 for _, c in ipairs(tok_fields) do
-  local wait = tok_check(c[1], c[2], c[3])
+  local wait = not count_only and tok_check(c[1], c[2], c[3])
   if wait then return {1, 'tokens', wait} end
 end
 
 -- Credit: the reservation must be covered by the live balance.
 if cost > 0 and bal < cost then return {2, bal} end
 
--- Admitted: record everything.
-local member = id .. ':' .. tokens
+-- Admitted: record everything (a counted refusal only its place in the windows).
 redis.call('ZADD', KEYS[2], now, id)
 redis.call('ZADD', KEYS[3], now, id)
-redis.call('ZADD', KEYS[4], now, member)
-redis.call('ZADD', KEYS[5], now, member)
-redis.call('HINCRBY', KEYS[6], 'a', tokens)
-redis.call('HINCRBY', KEYS[6], 'k:' .. kid, tokens)
-local lifetime = tonumber(ARGV[10])
-redis.call('ZADD', KEYS[7], now + lifetime, id)
-redis.call('ZADD', KEYS[8], now + lifetime, id)
-redis.call('PEXPIRE', KEYS[7], lifetime)
-redis.call('PEXPIRE', KEYS[8], lifetime)
-if cost > 0 then
-  redis.call('HINCRBY', KEYS[1], 'bal', 0 - cost)
-  redis.call('HSET', KEYS[9], id, cost)
+if not count_only then
+  local member = id .. ':' .. tokens
+  redis.call('ZADD', KEYS[4], now, member)
+  redis.call('ZADD', KEYS[5], now, member)
+  redis.call('HINCRBY', KEYS[6], 'a', tokens)
+  redis.call('HINCRBY', KEYS[6], 'k:' .. kid, tokens)
+  local lifetime = tonumber(ARGV[10])
+  redis.call('ZADD', KEYS[7], now + lifetime, id)
+  redis.call('ZADD', KEYS[8], now + lifetime, id)
+  redis.call('PEXPIRE', KEYS[7], lifetime)
+  redis.call('PEXPIRE', KEYS[8], lifetime)
+  if cost > 0 then
+    redis.call('HINCRBY', KEYS[1], 'bal', 0 - cost)
+    redis.call('HSET', KEYS[9], id, cost)
+  end
 end
 for _, k in ipairs({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}) do
   redis.call('PEXPIRE', k, window * 2)

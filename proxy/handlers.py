@@ -2,9 +2,11 @@
 
 authenticate → admit → route → stream → record. Each step is a call into a small
 collaborator (auth, admission, routing, upstream, the client's and the upstream's
-wires, relay, record); this module only sequences them, fills in the request's
-``Facts``, turns errors into responses in the client's own API format, and hands the
-facts to ``record`` exactly once, in a ``finally:``. Every endpoint (OpenAI, Anthropic,
+wires, relay, record); a request refused before admission once its key is known (bad
+body, unknown model) is still counted against the key's request limits. This module
+only sequences them, fills in the request's ``Facts``, turns errors into responses in
+the client's own API format, and hands the facts to ``record`` exactly once, in a
+``finally:``. Every endpoint (OpenAI, Anthropic,
 Gemini) runs the same straight line: what differs is data (an ``Endpoint``), never a
 branch per provider.
 
@@ -140,13 +142,20 @@ class ChatHandler:
         try:
             key = await self._auth.authenticate(_presented_key(request))
             facts.key_id, facts.account_id = key.key_id, key.account_id
-            if request.too_large:  # the server read none of it (QNP_MAX_BODY_BYTES)
-                raise errors.BodyTooLarge()
             body = request.body
-            facts.body_bytes = len(body)
-            chat = _parse(request, endpoint, body)
-            facts.chat, facts.requested_model, facts.stream = chat, chat.model, chat.stream
-            models = self._models(chat)
+            try:
+                if request.too_large:  # the server read none of it (QNP_MAX_BODY_BYTES)
+                    raise errors.BodyTooLarge()
+                facts.body_bytes = len(body)
+                chat = _parse(request, endpoint, body)
+                facts.chat, facts.requested_model = chat, chat.model
+                facts.stream = chat.stream
+                models = self._models(chat)
+            except errors.ProxyError as e:
+                # Refused before admission, but the key is known: it still counts
+                # against the request limits (429 instead, once over them).
+                headers.update(await self._admission.count(key, facts.id))
+                raise e from None
             facts.model = models[0]
             # Reserve the most this request can use: the whole body as prompt (an upper
             # bound on its text) + max tokens, at the dearest of the models it may use.

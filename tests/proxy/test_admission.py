@@ -134,7 +134,30 @@ async def check_script_cache_flush_is_survived(client: Client, names: RedisNames
     assert await adm.ready()
 
 
+async def check_counted_refusals_take_a_place_and_reserve_nothing(
+    client: Client, names: RedisNames,
+) -> None:
+    adm = Admission(client, names, AdmissionConfig(window_ms=60_000))
+    account = await _account(client, names, balance=5_000)
+    key = _key(account, rpm=3, tpm=100, conc=1)
+    held = await adm.admit(key, str(uuid.uuid4()), 100, 5_000)  # every slot and token
+    # Refusals hold no concurrency slot, tokens or credit: counted all the same.
+    headers = await adm.count(key, str(uuid.uuid4()))
+    assert headers["x-ratelimit-remaining-requests"] == "1"
+    await adm.count(key, str(uuid.uuid4()))
+    with pytest.raises(errors.RateLimited) as exc:  # 1 admitted + 2 refused + this: full
+        await adm.count(key, str(uuid.uuid4()))
+    assert "requests" in exc.value.message and "Retry-After" in exc.value.headers
+    adm.settle(held, 10, 100)
+    await adm.close(5)
+    with pytest.raises(errors.RateLimited):  # a real request finds the window full too
+        await adm.admit(key, str(uuid.uuid4()), 1, 0)
+    assert int(await client.hget(names.account_state(account), "bal")) == 4_900  # type: ignore[misc]
+    assert await client.hlen(names.account_reservations(account)) == 0  # type: ignore[misc]
+
+
 CHECKS = [
+    check_counted_refusals_take_a_place_and_reserve_nothing,
     check_requests_per_window_are_exact,
     check_tokens_reserve_and_settle,
     check_concurrency_slots,
