@@ -209,7 +209,7 @@ class _Endpoints:
 
 
 def dispatcher(app: web.Application) -> Handler:
-    """Every request's answer: the public APIs, the model list, health and metrics;
+    """Every request's answer: the public APIs, the model list and health;
     405 for a known path and another method, 404 in the OpenAI format for the rest."""
     settings, chat, endpoints = app[SETTINGS], app[_HANDLER], _Endpoints()
     models_body = orjson.dumps(
@@ -235,12 +235,9 @@ def dispatcher(app: web.Application) -> Handler:
             return Reply(503, _NOT_READY)
         return Reply(200, _OK)
 
-    async def metrics() -> Reply:
-        return Reply(200, app[METRICS].render(),
-                     content_type="text/plain; version=0.0.4; charset=utf-8")
-
-    gets = {"/v1/models": models, "/healthz": healthz, "/readyz": readyz,
-            "/metrics": metrics}
+    # /metrics is not here: it has a listener of its own (proxy.metrics_group), so the
+    # public port shows no traffic figures and costs no scrape CPU to strangers.
+    gets = {"/v1/models": models, "/healthz": healthz, "/readyz": readyz}
 
     async def dispatch(request: Request) -> Reply | StreamReply:
         endpoint = endpoints.find(request)

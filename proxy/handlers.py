@@ -133,6 +133,7 @@ class ChatHandler:
         self._default_max_tokens = settings.default_max_tokens
         self._upstream = upstream
         self._router = router
+        self._metrics = metrics
         self._recorder = Recorder(settings.node_id, admission, emitter, metrics)
 
     async def serve(self, request: Request, endpoint: Endpoint) -> Reply | StreamReply:
@@ -206,6 +207,8 @@ class ChatHandler:
                        models: list[Model], facts: Facts,
                        headers: dict[str, str]) -> Reply | StreamReply:
         client = _ClientStream(request, headers, facts)
+        if chat.stream:  # qnp_inflight_streams, for the autoscaler
+            self._metrics.streams_open += 1
         try:
             attempt = await self._first_chunk(client, wire, chat, models)
             if attempt is None:  # failed after keep-alives committed the stream
@@ -222,6 +225,9 @@ class ChatHandler:
         except ClientGone:
             facts.status, facts.outcome = _CLIENT_GONE, "client_cancelled"
             return await client.response()
+        finally:
+            if chat.stream:
+                self._metrics.streams_open -= 1
 
     async def _first_chunk(self, client: _ClientStream, wire: Wire, chat: Chat,
                            models: list[Model]) -> _Attempt | None:

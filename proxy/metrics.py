@@ -1,18 +1,39 @@
 """Prometheus metrics for one proxy process, in a registry of its own.
 
-Label values come from closed sets only (catalog model names, status codes), never
-from what a client sent, so no content and no unbounded cardinality reach a label.
+Label values come from closed sets only (catalog model names, status codes, the
+rejection reasons and throttle scopes below), never from what a client sent, so no
+content and no unbounded cardinality reach a label.
+
+The hot path updates plain in-process metrics (no files, no locks across processes);
+one scrape of a process group sums its workers' registries (``proxy.metrics_group``).
+Gauges summed that way must mean "how many, in this process"; those that are a state
+instead are listed in ``MAX_GAUGES`` and combined with ``max``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 )
+
+RejectReason = Literal[
+    "head_timeout", "body_rate", "url_too_long", "head_too_large", "too_many_headers",
+    "conn_limit_ip", "conn_limit_process", "body_buffer_full", "bad_request",
+    "pipeline_limit",
+]
+ThrottleScope = Literal["key_id", "client_ip"]
+REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
+THROTTLE_SCOPES: tuple[str, ...] = get_args(ThrottleScope)
+# Gauges that are a state (0/1), not a quantity: a process group reports the worst.
+MAX_GAUGES = frozenset({"qnp_admission_degraded"})
+
+
+class UnknownLabel(ValueError):
+    """A rejection reason or throttle scope outside its closed set (a caller's bug)."""
 
 
 class Metrics:
@@ -61,6 +82,27 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.inflight_streams = Gauge(
+            "qnp_inflight_streams",
+            "Streamed responses open now (admitted, first token awaited or relaying).",
+            registry=self.registry,
+        )
+        self.streams_open = 0  # a plain int on the hot path; the gauge reads it
+        self.inflight_streams.set_function(lambda: self.streams_open)
+        rejections = Counter(
+            "qnp_http_rejections",
+            "Connections or requests the HTTP server refused or closed, by reason.",
+            ["reason"], registry=self.registry,
+        )
+        throttled = Counter(
+            "qnp_auth_throttled",
+            "Key verifications refused by the failed-verification throttle, by scope.",
+            ["scope"], registry=self.registry,
+        )
+        # Every label of a closed set exists from the start (0 until it happens).
+        self._rejections = {r: rejections.labels(r) for r in REJECT_REASONS}
+        self._throttled = {s: throttled.labels(s) for s in THROTTLE_SCOPES}
+
         # Label children looked up once per (model, status): ``labels()`` takes a lock
         # and formats its arguments on every call, three times per request.
         self._done: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
@@ -76,6 +118,20 @@ class Metrics:
         children[1].observe(latency)
         if ttft is not None:
             children[2].observe(ttft)
+
+    def rejected(self, reason: RejectReason | str) -> None:
+        """Count one HTTP-level rejection (``reason`` from ``REJECT_REASONS``)."""
+        child = self._rejections.get(reason)
+        if child is None:
+            raise UnknownLabel(f"unknown rejection reason {reason!r}")
+        child.inc()
+
+    def auth_throttled(self, scope: ThrottleScope | str) -> None:
+        """Count one verification refused by the throttle (scope key_id | client_ip)."""
+        child = self._throttled.get(scope)
+        if child is None:
+            raise UnknownLabel(f"unknown throttle scope {scope!r}")
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

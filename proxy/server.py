@@ -3,37 +3,50 @@
 Workers are separate processes that each bind the same port with ``SO_REUSEPORT``,
 so the kernel spreads connections across them. SIGTERM (or Ctrl-C) stops accepting,
 lets open requests and streams finish for up to the grace period, then flushes events.
+
+Metrics are served on a listener of their own (``QNP_METRICS_HOST``/``_PORT``), never
+on the public port: by the worker itself when it runs alone, else by the supervisor,
+which sums its workers' registries (``proxy.metrics_group``) for each scrape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from proxy import errors
-from proxy.app import build_app, dispatcher
+from proxy.app import METRICS, build_app, dispatcher
 from proxy.http_server import HttpServer
-from proxy.settings import Settings
+from proxy.metrics_group import scrape_group, serve_socket, start_listener
+from proxy.settings import METRICS_SOCKET_DIR, Settings, environment
 
 log = logging.getLogger("qnp.proxy")
 
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """A started proxy: its resources (``app``), server and bound port."""
+    """A started proxy: its resources (``app``), server and bound port, and where its
+    metrics are served (``metrics_port`` None: off, or by the supervisor's listener)."""
 
     app: web.Application
     server: HttpServer
     port: int
+    metrics_server: HttpServer | None = None
+    metrics_port: int | None = None
+    metrics_socket: asyncio.Server | None = None
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let requests in flight finish for ``grace`` seconds, then
@@ -41,7 +54,13 @@ class Running:
         try:
             await self.server.shutdown(grace)
         finally:
-            await self.app.cleanup()
+            try:
+                if self.metrics_server is not None:
+                    await self.metrics_server.shutdown(0.5)
+                if self.metrics_socket is not None:
+                    self.metrics_socket.close()
+            finally:
+                await self.app.cleanup()
 
 
 async def start(settings: Settings) -> Running:
@@ -62,7 +81,23 @@ async def start(settings: Settings) -> Running:
     except BaseException:
         await app.cleanup()
         raise
-    return Running(app, server, port)
+    try:
+        render = app[METRICS].render
+        if settings.metrics_socket_dir is not None:  # a worker: the supervisor scrapes it
+            path = settings.metrics_socket_dir / f"{os.getpid()}.sock"
+            return Running(app, server, port, metrics_socket=await serve_socket(path, render))
+        if settings.metrics_port is None:
+            return Running(app, server, port)
+
+        async def own() -> bytes:
+            return render()
+
+        listener, metrics_port = await start_listener(settings.metrics_host,
+                                                      settings.metrics_port, own)
+        return Running(app, server, port, listener, metrics_port)
+    except BaseException:
+        await Running(app, server, port).stop(0)
+        raise
 
 
 async def serve(settings: Settings) -> None:
@@ -75,6 +110,9 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("proxy listening on http://%s:%d (node %s)", settings.host, running.port,
              settings.node_id)
+    if running.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
+                 running.metrics_port)
     await stop.wait()
     log.info("shutting down: no new connections; open requests have %.0fs",
              settings.shutdown_grace)
@@ -116,6 +154,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
 
     Each worker is ``python -m proxy <same arguments> --workers 1``; if one dies, the
     others are stopped too and the exit status says so, for the process manager to act.
+    The supervisor serves the group's metrics listener meanwhile.
     """
     if settings.workers == 1:
         run_worker(settings)
@@ -123,23 +162,61 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     if settings.port == 0:
         log.error("--workers > 1 needs a fixed --port")
         return 2
-    cmd = [sys.executable, "-m", "proxy", *argv, "--workers", "1"]
-    # Our own interpreter and our own command line: nothing untrusted is executed.
-    procs = [subprocess.Popen(cmd) for _ in range(settings.workers)]  # noqa: S603
-    stopping = False
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    # This instance's own folder, fresh: a scrape never reads another instance's workers.
+    sockets = Path(tempfile.mkdtemp(prefix="qnp-metrics-"))
+    try:
+        cmd = [sys.executable, "-m", "proxy", *argv, "--workers", "1"]
+        env = {**environment(), METRICS_SOCKET_DIR: str(sockets)}
+        # Our own interpreter and our own command line: nothing untrusted is executed.
+        procs = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]  # noqa: S603
+        return asyncio.run(_supervise(settings, procs, sockets))
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
 
-    def relay(_sig: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+
+async def _supervise(settings: Settings, procs: list[subprocess.Popen[bytes]],
+                     sockets: Path) -> int:
+    stopping = asyncio.Event()
+
+    def relay() -> None:
+        stopping.set()
         for p in procs:
             if p.poll() is None:
                 p.terminate()  # SIGTERM: each worker drains gracefully
 
-    signal.signal(signal.SIGTERM, relay)
-    signal.signal(signal.SIGINT, relay)
-    while not stopping and all(p.poll() is None for p in procs):
-        time.sleep(0.2)
-    if not stopping:
-        log.error("a worker exited; stopping the others")
-        relay(signal.SIGTERM, None)
-    return max(abs(p.wait()) for p in procs)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay)
+    listener: HttpServer | None = None
+    failed = 0
+    try:
+        if settings.metrics_port is not None:
+
+            async def group() -> bytes:
+                return await scrape_group([sockets / f"{p.pid}.sock" for p in procs])
+
+            listener, port = await start_listener(settings.metrics_host,
+                                                  settings.metrics_port, group)
+            log.info("metrics of %d workers on http://%s:%d/metrics", len(procs),
+                     settings.metrics_host, port)
+        while not stopping.is_set() and all(p.poll() is None for p in procs):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.2)
+    except OSError as e:  # the metrics port is taken: stop the workers, say so
+        log.error("cannot serve metrics on %s:%s: %s", settings.metrics_host,
+                  settings.metrics_port, e)
+        failed = 1
+    finally:
+        if not stopping.is_set():
+            if not failed:
+                log.error("a worker exited; stopping the others")
+            relay()
+        codes = await asyncio.gather(*(asyncio.to_thread(p.wait) for p in procs))
+        if listener is not None:
+            await listener.shutdown(0.5)
+    return max(failed, *(abs(c) for c in codes))

@@ -34,6 +34,8 @@ CLOUDFLARE_RANGES = (
 )
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Internal: the supervisor names its per-instance metrics folder to its workers here.
+METRICS_SOCKET_DIR = "QNP_METRICS_SOCKET_DIR"
 
 
 class SettingsError(ValueError):
@@ -75,6 +77,12 @@ class Settings:
     keepalive_interval: float = 15.0
     gc_threshold: int = 50_000  # youngest generation's; 0 keeps Python's own (700)
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    # /metrics and /healthz on a listener of their own, never the public port; None: off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9464
+    # Set by the supervisor for its workers only: each serves its registry on a Unix
+    # socket there, and the supervisor's metrics listener sums them.
+    metrics_socket_dir: Path | None = None
 
 
 def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -110,6 +118,16 @@ def _networks(env: Mapping[str, str]) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(r.strip()) for r in ranges)
     except ValueError as e:
         raise SettingsError(f"QNP_TRUSTED_PROXIES: {e}") from None
+
+
+def _metrics_port(env: Mapping[str, str]) -> int | None:
+    raw = env.get("QNP_METRICS_PORT", "")
+    if raw.strip().lower() == "off":
+        return None
+    port = _int(env, "QNP_METRICS_PORT", 9464)
+    if port > 65535:
+        raise SettingsError(f"QNP_METRICS_PORT={raw!r} must be a port (0 = any free), or off")
+    return port
 
 
 def _spool_dir(env: Mapping[str, str]) -> Path:
@@ -197,6 +215,9 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
             retry_budget=_num(env, "QNP_RETRY_BUDGET", 0.2),
             min_retry_concurrency=_int(env, "QNP_MIN_RETRY_CONCURRENCY", 3),
         ),
+        metrics_host=env.get("QNP_METRICS_HOST") or "127.0.0.1",
+        metrics_port=_metrics_port(env),
+        metrics_socket_dir=Path(raw_dir) if (raw_dir := env.get(METRICS_SOCKET_DIR)) else None,
     )
 
 

@@ -40,9 +40,10 @@ async def test_redis_killed_under_load_loses_and_doubles_nothing(
     client = aioredis.Redis.from_url(own_redis.url)
     key, _ = await publish_key(client, names, account_id=account)
     await client.aclose()
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = proxy_env(own_redis.url, names, write_catalog(tmp_path, mock_upstream.base_url),
-                    QNP_PROXY_PORT=str(port), QNP_SPOOL_DIR=str(tmp_path / "spool"),
+                    QNP_PROXY_PORT=str(port), QNP_METRICS_PORT=str(metrics_port),
+                    QNP_SPOOL_DIR=str(tmp_path / "spool"),
                     QNP_DEGRADED_POLICY="allow")
     settings = make_settings(migrated_url, own_redis.url, names)
     pool = await open_pool(settings, min_size=1, max_size=2)
@@ -62,14 +63,14 @@ async def test_redis_killed_under_load_loses_and_doubles_nothing(
             load.stop()
             await sending
             async with aiohttp.ClientSession() as s, \
-                    s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    s.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
                 text = await r.text()
             for _ in range(100):  # the replay has drained the spool
                 if _metric(text, "qnp_events_in_spool") == 0:
                     break
                 await asyncio.sleep(0.1)
                 async with aiohttp.ClientSession() as s, \
-                        s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                        s.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
                     text = await r.text()
             assert proxy.stop() == 0
         rows, distinct, debits = await rows_for(migrated_url, account, load.answered)

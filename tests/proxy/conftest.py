@@ -125,6 +125,7 @@ def proxy_env(redis_url: str, names: RedisNames, catalog: Path, **extra: str) ->
         "QNP_CATALOG": str(catalog),
         "MOCK_UPSTREAM_KEY": "sk-upstream-test",
         "QNP_PROXY_PORT": "0",
+        "QNP_METRICS_PORT": "0",  # any free port: tests run side by side
         "QNP_NODE_ID": "test-node",
         "QNP_EVENT_FLUSH_MS": "5",
         # The test's own folder: a killed proxy's spool must not outlive the test run.

@@ -73,6 +73,7 @@ class Valkey:
 @dataclass
 class Fleet:
     urls: list[str]
+    metrics_urls: list[str]
     procs: list[ModuleProcess]
     redis: aioredis.Redis
     names: RedisNames
@@ -87,7 +88,7 @@ class Fleet:
             return resp.status, dict(resp.headers)
 
     async def metric(self, session: aiohttp.ClientSession, i: int, name: str) -> float:
-        async with session.get(self.urls[i] + "/metrics") as resp:
+        async with session.get(self.metrics_urls[i] + "/metrics") as resp:
             for line in (await resp.text()).splitlines():
                 if line.startswith(name + " "):
                     return float(line.split()[1])
@@ -109,19 +110,21 @@ async def fleet(tmp_path: Path, valkey: Valkey, mock_upstream: MockOpenAIUpstrea
     names = RedisNames(f"qnpfleet{uuid.uuid4().hex[:8]}")
     extra = getattr(request, "param", {})
     catalog = write_catalog(tmp_path, mock_upstream.base_url)
-    procs, urls = [], []
+    procs, urls, metrics_urls = [], [], []
     for n in range(PROCESSES):
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         env = proxy_env(valkey.url, names, catalog, QNP_PROXY_PORT=str(port),
+                        QNP_METRICS_PORT=str(metrics_port),
                         QNP_FLEET_PROCESSES=str(PROCESSES), QNP_SHUTDOWN_GRACE="2", **extra)
         env["QNP_SPOOL_DIR"] = str(tmp_path / f"spool-{n}")
         procs.append(ModuleProcess("proxy", log_path=tmp_path / f"proxy-{n}.log", env=env))
         urls.append(f"http://127.0.0.1:{port}")
+        metrics_urls.append(f"http://127.0.0.1:{metrics_port}")
     redis = aioredis.Redis.from_url(valkey.url)
     try:
         for url in urls:
             await wait_for_http(url + "/readyz", expect_status=200)
-        yield Fleet(urls, procs, redis, names)
+        yield Fleet(urls, metrics_urls, procs, redis, names)
     finally:
         for p in procs:
             p.stop()

@@ -314,11 +314,20 @@ async def test_models_health_and_metrics(gateway: Gateway, api_key: str) -> None
         for path in ("/healthz", "/readyz"):
             async with s.get(root + path) as resp:
                 assert resp.status == 200
-        async with s.get(root + "/metrics") as resp:
-            text = await resp.text()
         async with s.get(root + "/v1/nothing-here") as resp:
             assert resp.status == 404
             assert (await resp.json())["error"]["code"] == "unknown_url"
+        # Metrics have a listener of their own; the public port does not show them.
+        async with s.get(root + "/metrics") as resp:
+            assert resp.status == 404
+        metrics_root = f"http://127.0.0.1:{gateway.running.metrics_port}"
+        async with s.get(metrics_root + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        async with s.get(metrics_root + "/healthz") as resp:
+            assert resp.status == 200
+        async with s.get(metrics_root + "/v1/models") as resp:
+            assert resp.status == 404
     assert 'qnp_requests_total{model="demo-mini",status="200"} 1.0' in text
     assert "qnp_time_to_first_token_seconds_bucket" in text
     assert "qnp_events_emitted_total" in text
