@@ -10,6 +10,7 @@ recorded bounded and cleaned, so its event still reaches Postgres.
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import aiohttp
@@ -119,3 +120,32 @@ async def test_gemini_model_from_the_url_is_bounded(gateway: Gateway, api_key: s
     assert status == 404
     [event] = await gateway.events(1)
     assert event.requested_model == "g" * TEXT_MAX
+
+
+async def test_an_admitted_request_still_costs_one_admission_call(
+    gateway: Gateway, redis: aioredis.Redis, redis_names: RedisNames,
+) -> None:
+    """Counting refusals adds no Redis round trip to an admitted request: one EVALSHA
+    to admit it and one, off its path, to settle it; a refusal adds only its count."""
+    key, _ = await publish_key(redis, redis_names, account_id="acct-rt", limits={"rpm": 10})
+    assert (await _post(gateway, key, _chat("demo-mini")))[0] == 200  # key now cached
+    await gateway.events(1)
+
+    async def evalshas() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    async def settled(before: int, expected: int) -> int:
+        for _ in range(200):  # settlement runs off the request's path
+            if await evalshas() - before >= expected:
+                break
+            await asyncio.sleep(0.01)
+        return await evalshas() - before
+
+    before = await evalshas()
+    for _ in range(3):
+        assert (await _post(gateway, key, _chat("demo-mini")))[0] == 200
+    assert await settled(before, 6) == 6  # 3 admissions + 3 settlements
+    before = await evalshas()
+    assert (await _post(gateway, key, _chat("no-such-model")))[0] == 404
+    assert await settled(before, 1) == 1  # the count, and nothing to settle
