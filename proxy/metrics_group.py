@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -142,9 +143,34 @@ def metrics_dispatcher(render: Callable[[], Awaitable[bytes]]) -> Handler:
     return dispatch
 
 
+class MetricsPortTaken(OSError):
+    """Another process already listens on the metrics port."""
+
+
+def _refuse_shared_port(host: str, port: int) -> None:
+    """Fail if anything listens on ``host:port`` already.
+
+    ``HttpServer`` binds with ``SO_REUSEPORT`` (workers share the public port), which
+    would let a second instance on this host join our metrics port silently, each
+    scrape then reaching one of them at random. A bind without it fails instead.
+    """
+    for family, kind, proto, _name, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise MetricsPortTaken(
+                    e.errno, f"metrics port {host}:{port} is in use (QNP_METRICS_PORT)"
+                ) from None
+
+
 async def start_listener(host: str, port: int,
                          render: Callable[[], Awaitable[bytes]]) -> tuple[HttpServer, int]:
     """The metrics listener, started; its server and bound port (``0``: any free)."""
+    if port != 0:
+        _refuse_shared_port(host, port)
     server = HttpServer(
         metrics_dispatcher(render),
         max_body=1024,  # it takes no bodies

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from devstack.upstream_openai import MockOpenAIUpstream
 from proxy.metrics import REJECT_REASONS, THROTTLE_SCOPES, Metrics, UnknownLabel
-from proxy.metrics_group import sum_expositions
+from proxy.metrics_group import MetricsPortTaken, sum_expositions
+from proxy.settings import SettingsError, _metrics_port
 from tests.proxy.conftest import Gateway, GatewayFactory
+from tests.support import free_port
 
 MESSAGES = [{"role": "user", "content": "Count slowly."}]
 
@@ -106,3 +109,27 @@ async def test_metrics_can_be_switched_off(start_gateway: GatewayFactory) -> Non
     async with aiohttp.ClientSession() as s, s.get(
             gateway.base_url.removesuffix("/v1") + "/metrics") as r:
         assert r.status == 404
+
+
+async def test_a_second_instance_cannot_share_the_metrics_port(
+    start_gateway: GatewayFactory, tmp_path: Path,
+) -> None:
+    """Workers share the public port on purpose; two instances sharing one metrics port
+    would answer scrapes at random, so the second one refuses to start."""
+    port = free_port()
+    first: Gateway = await start_gateway(QNP_METRICS_PORT=str(port))
+    assert first.running.metrics_port == port
+    with pytest.raises(MetricsPortTaken):  # (a spool of its own, as any instance has)
+        await start_gateway(QNP_METRICS_PORT=str(port), QNP_SPOOL_DIR=str(tmp_path / "2"))
+
+
+@pytest.mark.parametrize(("raw", "port"), [("", 9464), ("0", 0), ("9100", 9100),
+                                           ("off", None), ("OFF", None)])
+def test_metrics_port_setting(raw: str, port: int | None) -> None:
+    assert _metrics_port({"QNP_METRICS_PORT": raw}) == port
+
+
+@pytest.mark.parametrize("raw", ["-1", "70000", "metrics"])
+def test_metrics_port_setting_refuses_nonsense(raw: str) -> None:
+    with pytest.raises(SettingsError, match="QNP_METRICS_PORT"):
+        _metrics_port({"QNP_METRICS_PORT": raw})
