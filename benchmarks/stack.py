@@ -244,7 +244,7 @@ class Stack:
                "QNP_EVENT_STREAM_MAXLEN": "200000", "QNP_SHUTDOWN_GRACE": "2",
                "QNP_ADMISSION": "on" if admission else "off",
                "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
-               "QNP_SPOOL_DIR": str(self.tmp / f"spool-{name}")}
+               "QNP_SPOOL_DIR": str(self.tmp / f"spool-{name}"), "QNP_METRICS_PORT": "0"}
         argv = [sys.executable, "-m", "proxy", "--catalog", str(self.catalog), "--host", HOST,
                 "--port", str(port), "--workers", str(workers)]
         with self._child(name, argv, env, cpus, http_ok(f"http://{HOST}:{port}/readyz")) as c:

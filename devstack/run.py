@@ -169,6 +169,7 @@ def main() -> int:
             "QNP_ADMIN_TOKEN": os.environ.get("QNP_ADMIN_TOKEN") or secrets.token_urlsafe(24),
             "QNP_ADMIN_PORT": str(admin_port),
             "QNP_PROXY_PORT": str(proxy_port),
+            "QNP_METRICS_PORT": str(_port(9464)),  # its own listener; another run may hold 9464
         }
         try:
             subprocess.run([sys.executable, "-m", "control_plane", "migrate"], env=env, check=True)
