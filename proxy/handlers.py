@@ -6,9 +6,8 @@ wires, relay, record); a request refused before admission once its key is known 
 body, unknown model) is still counted against the key's request limits. This module
 only sequences them, fills in the request's ``Facts``, turns errors into responses in
 the client's own API format, and hands the facts to ``record`` exactly once, in a
-``finally:``. Every endpoint (OpenAI, Anthropic,
-Gemini) runs the same straight line: what differs is data (an ``Endpoint``), never a
-branch per provider.
+``finally:``. Every endpoint (OpenAI, Anthropic, Gemini) runs the same straight line:
+what differs is data (an ``Endpoint``), never a branch per provider.
 
 Must not import the control plane or Redis, nor build events itself: settlement, the
 event and metrics are ``proxy.record``'s.

@@ -30,7 +30,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.app import METRICS, build_app, dispatcher
 from proxy.http_server import HttpServer
-from proxy.metrics_group import scrape_group, serve_socket, start_listener
+from proxy.metrics_group import MetricsPortTaken, scrape_group, serve_socket, start_listener
 from proxy.settings import METRICS_SOCKET_DIR, Settings, environment
 
 log = logging.getLogger("qnp.proxy")
@@ -135,18 +135,23 @@ def _tune_gc(young: int) -> None:
     gc.set_threshold(young, 50, 1000)
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
         stream=sys.stderr,
     )
     try:
-        import uvloop
-    except ImportError:  # uvloop has no Windows build; asyncio's loop still works
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+        try:
+            import uvloop
+        except ImportError:  # uvloop has no Windows build; asyncio's loop still works
+            asyncio.run(serve(settings))
+        else:
+            uvloop.run(serve(settings))
+    except MetricsPortTaken as e:  # a configuration error: one line, not a traceback
+        log.error("%s", e.strerror)
+        return 1
+    return 0
 
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
@@ -157,8 +162,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     The supervisor serves the group's metrics listener meanwhile.
     """
     if settings.workers == 1:
-        run_worker(settings)
-        return 0
+        return run_worker(settings)
     if settings.port == 0:
         log.error("--workers > 1 needs a fixed --port")
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
@@ -152,3 +153,19 @@ async def test_one_scrape_counts_every_request_of_two_workers(
     assert "qnp_metrics_workers_unreachable 0.0" in text
     assert "qnp_inflight_streams 0.0" in text
     assert not sockets[0].parent.exists(), "the instance's metrics folder outlived it"
+
+
+async def test_a_taken_metrics_port_is_one_error_line_and_exit_1(
+    tmp_path: Path, redis_url: str, redis_names: RedisNames, mock_upstream: MockOpenAIUpstream,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = proxy_env(redis_url, redis_names, write_catalog(tmp_path, mock_upstream.base_url),
+                        QNP_PROXY_PORT=str(free_port()),
+                        QNP_METRICS_PORT=str(taken.getsockname()[1]))
+        with ModuleProcess("proxy", log_path=tmp_path / "proxy.log", env=env) as proc:
+            code = await asyncio.to_thread(proc.proc.wait, 30)
+    assert code == 1
+    assert "is in use (QNP_METRICS_PORT)" in proc.log_text()
+    assert "Traceback" not in proc.log_text()
