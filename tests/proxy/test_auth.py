@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import aiohttp
 import bcrypt
 import pytest
 import redis.asyncio as aioredis
@@ -23,7 +24,7 @@ from proxy.auth_errors import VerificationThrottled
 from shared import apikeys
 from shared.apikeys import KeyRecord
 from shared.redis_names import RedisNames
-from tests.proxy.conftest import publish_key
+from tests.proxy.conftest import Gateway, publish_key
 
 ATTACKER = "203.0.113.66"
 USER = "198.51.100.7"
@@ -285,3 +286,25 @@ async def test_unknown_key_ids_stay_401_and_charge_no_budget(
             await a.authenticate(unknown, ATTACKER)
         assert not isinstance(refused.value, VerificationThrottled)
     assert counted.calls == []
+
+
+async def test_a_gateway_answers_a_forged_flood_with_429_and_retry_after(
+    gateway: Gateway, redis: aioredis.Redis, redis_names: RedisNames
+) -> None:
+    key, record = await publish_key(redis, redis_names)
+    url = f"{gateway.base_url}/chat/completions"
+    body = {"model": "demo-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def post(s: aiohttp.ClientSession, k: str) -> tuple[int, str | None]:
+        async with s.post(url, json=body, headers={"Authorization": f"bearer {k}"}) as r:
+            await r.read()
+            return r.status, r.headers.get("Retry-After")
+
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, key))[0] == 200  # lower-case scheme, verified and cached
+        answers = [await post(s, forged(record.key_id)) for _ in range(30)]
+        assert (await post(s, key))[0] == 200  # the owner is still served
+    assert [status for status, _ in answers] == [401] * 10 + [429] * 20  # 10 a minute
+    assert all(int(after or 0) >= 1 for _, after in answers[10:])
+    events = await gateway.events(32)
+    assert [e.outcome for e in events[11:31]] == ["rate_limited"] * 20
