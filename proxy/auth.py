@@ -152,18 +152,13 @@ class Authenticator:
     async def authenticate(self, token: str, client_ip: str | None = None) -> KeyRecord:
         """The active key record for a presented key, or Unauthorized / KeyRevoked /
         AccountSuspended / VerificationThrottled (429) / AuthUnavailable (503)."""
-        entry = self._cache.get(token[_ID_START:_ID_END])
+        record = self.cached(token)  # also refuses what the cache already knows
+        if record is not None:
+            return record
+        parsed = apikeys.parse(token)  # well-formed: cached() refused it otherwise
         digest = hashlib.sha256(token.encode()).digest()
-        fresh = entry is not None and entry.expires_at > time.monotonic()
-        if fresh and entry is not None and digest in entry.verified:
-            return _active(entry.record)
-        try:
-            parsed = apikeys.parse(token)
-        except apikeys.MalformedKey:
-            raise Unauthorized() from None
+        entry = self._cache.get(parsed.key_id)
         if entry is None or digest not in entry.verified:
-            if fresh and entry is not None and (entry.record is None or digest in entry.rejected):
-                raise Unauthorized()
             # Only attempts that may need bcrypt get here (a verified key refreshing a
             # stale entry does not): a spent budget refuses them before any Redis read,
             # and without creating a task.
@@ -203,6 +198,8 @@ class Authenticator:
             raise Unauthorized()
         if digest in entry.verified:
             return record
+        if digest in entry.rejected:  # the same hash as when it failed: still wrong
+            raise Unauthorized()
         async with self._throttle.verifying(parsed.key_id, client_ip) as outcome:
             ok = await asyncio.to_thread(
                 self._checkpw, parsed.secret.encode(), record.secret_hash.encode()

@@ -142,6 +142,10 @@ async def test_cached_serves_only_what_the_cache_can_vouch_for(
     a.forget_all()
     assert a.cached(key) is None  # stale: authenticate must re-read it
     assert await a.authenticate(key) == record and len(counted.calls) == 2  # refreshed, no bcrypt
+    a.forget_all()
+    with pytest.raises(errors.Unauthorized):
+        await a.authenticate(wrong)  # same record, so the same wrong secret: no bcrypt
+    assert len(counted.calls) == 2
 
 
 @pytest.mark.parametrize(("status", "error"), [("revoked", errors.KeyRevoked),
