@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import bcrypt
 import redis.asyncio as aioredis
@@ -54,11 +55,12 @@ _MAX_REJECTED = 8  # wrong secrets remembered per key, so guessing cannot burn b
 # out costs less than parsing (a wrong slice only misses: hits need the whole key's hash).
 _ID_START = len(apikeys.PREFIX)
 _ID_END = _ID_START + apikeys.KEY_ID_LEN
+_V = TypeVar("_V")
 
 
 @dataclass(slots=True)
 class _Entry:
-    record: KeyRecord | None  # None: the key id is unknown to Redis
+    record: KeyRecord
     expires_at: float
     verified: set[bytes] = field(default_factory=set)  # SHA-256 of whole keys that matched
     rejected: set[bytes] = field(default_factory=set)
@@ -117,6 +119,9 @@ class Authenticator:
             on_throttled=on_throttled,
         )
         self._cache: dict[str, _Entry] = {}
+        # Key ids Redis does not know, apart: a flood of made-up ids (each a cheap Redis
+        # read) must never push verified keys out of the cache and back to bcrypt.
+        self._unknown: dict[str, float] = {}  # key id -> expires_at
         self._inflight: dict[tuple[str, bytes], asyncio.Future[KeyRecord]] = {}
 
     @property
@@ -140,13 +145,15 @@ class Authenticator:
                 apikeys.parse(token)
             except apikeys.MalformedKey:
                 raise Unauthorized() from None
-            if entry.record is None or digest in entry.rejected:
+            if digest in entry.rejected:
                 raise Unauthorized()
             return None
         try:
-            apikeys.parse(token)
+            parsed = apikeys.parse(token)
         except apikeys.MalformedKey:
             raise Unauthorized() from None
+        if self._unknown.get(parsed.key_id, 0.0) > time.monotonic():
+            raise Unauthorized()
         return None
 
     async def authenticate(self, token: str, client_ip: str | None = None) -> KeyRecord:
@@ -190,12 +197,12 @@ class Authenticator:
     async def _load(self, parsed: apikeys.ParsedKey, digest: bytes,
                     client_ip: str | None) -> KeyRecord:
         entry = self._cache.get(parsed.key_id)
-        if entry is None or entry.expires_at <= time.monotonic() or entry.record is None:
+        if entry is None or entry.expires_at <= time.monotonic():
             entry = await self._fetch(parsed.key_id)
+            if entry is None:
+                raise Unauthorized()
         # else: a fresh record, only this secret is new to it: no need to read it again.
         record = entry.record
-        if record is None:
-            raise Unauthorized()
         if digest in entry.verified:
             return record
         if digest in entry.rejected:  # the same hash as when it failed: still wrong
@@ -212,8 +219,9 @@ class Authenticator:
         entry.verified.add(digest)
         return record
 
-    async def _fetch(self, key_id: str) -> _Entry:
-        """The key's entry, refreshed from Redis; raises AuthUnavailable or _Unfilled."""
+    async def _fetch(self, key_id: str) -> _Entry | None:
+        """The key's entry refreshed from Redis, or None if Redis does not know the key;
+        raises AuthUnavailable or _Unfilled."""
         try:
             # The sentinel is read first: the control plane sets it only after it
             # published every record, so a record missing after the sentinel was seen
@@ -232,26 +240,26 @@ class Authenticator:
                 log.error("malformed key record in Redis for key_id=%s", key_id)
         elif not filled:
             raise _Unfilled()  # the cache keeps what it had: no verdict on this key yet
+        now = time.monotonic()
+        if record is None:  # unknown (or unreadable, which is logged): refused
+            self._cache.pop(key_id, None)
+            _bounded_put(self._unknown, key_id, now + self._ttl, self._max)
+            return None
+        self._unknown.pop(key_id, None)
         entry = self._cache.get(key_id)
         if entry is None or entry.record != record:
-            entry = _Entry(record, time.monotonic() + self._ttl)
-            self._store(key_id, entry)
+            entry = _Entry(record, now + self._ttl)
+            self._cache.pop(key_id, None)
+            _bounded_put(self._cache, key_id, entry, self._max)
         else:
             # Same record as before (same hash, same status): secrets it verified still
             # verify, so a refresh costs no bcrypt — no storm after a reconnect.
-            entry.expires_at = time.monotonic() + self._ttl
+            entry.expires_at = now + self._ttl
         return entry
-
-    def _store(self, key_id: str, entry: _Entry) -> None:
-        self._cache.pop(key_id, None)
-        if len(self._cache) >= self._max:
-            # Drop the oldest tenth: dicts keep insertion order, so this is LRU-ish by load.
-            for stale in list(self._cache)[: max(1, self._max // 10)]:
-                del self._cache[stale]
-        self._cache[key_id] = entry
 
     def forget(self, key_id: str) -> None:
         self._cache.pop(key_id, None)
+        self._unknown.pop(key_id, None)
 
     def forget_all(self) -> None:
         """Mark every entry stale: re-read from Redis next time, but still usable as a
@@ -259,6 +267,7 @@ class Authenticator:
         change message triggers and which must never be served stale)."""
         for entry in self._cache.values():
             entry.expires_at = 0.0
+        self._unknown.clear()  # an unknown key is never served, stale or not
 
     async def watch_changes(self, ready: asyncio.Event | None = None) -> None:
         """Evict keys named on the change channel; runs until cancelled."""
@@ -286,9 +295,15 @@ class Authenticator:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-def _active(record: KeyRecord | None) -> KeyRecord:
-    if record is None:
-        raise Unauthorized()
+def _bounded_put(cache: dict[str, _V], key: str, value: _V, limit: int) -> None:
+    if len(cache) >= limit:
+        # Drop the oldest tenth: dicts keep insertion order, so this is LRU-ish by load.
+        for stale in list(cache)[: max(1, limit // 10)]:
+            del cache[stale]
+    cache[key] = value
+
+
+def _active(record: KeyRecord) -> KeyRecord:
     if record.status == "suspended":
         raise AccountSuspended()
     if not record.active:

@@ -292,6 +292,22 @@ async def test_unknown_key_ids_stay_401_and_charge_no_budget(
     assert counted.calls == []
 
 
+async def test_made_up_key_ids_never_push_verified_keys_out_of_the_cache(
+    redis: aioredis.Redis, redis_names: RedisNames
+) -> None:
+    counted = Bcrypt()
+    a = Authenticator(redis, redis_names, ttl=60.0, max_entries=50, checkpw=counted)
+    key, record = await publish_key(redis, redis_names)
+    assert await a.authenticate(key) == record
+    for _ in range(300):  # six times the cache's size of well-formed, unknown keys
+        unknown, _parts = apikeys.generate()
+        with pytest.raises(errors.Unauthorized):
+            await a.authenticate(unknown, ATTACKER)
+    with pytest.raises(errors.Unauthorized):
+        a.cached(unknown)  # the latest unknown ones are still remembered
+    assert a.cached(key) == record and len(counted.calls) == 1
+
+
 async def test_a_gateway_answers_a_forged_flood_with_429_and_retry_after(
     gateway: Gateway, redis: aioredis.Redis, redis_names: RedisNames
 ) -> None:
