@@ -136,6 +136,8 @@ class Authenticator:
         key, unknown key id, rejected secret, revoked, suspended); returns None when
         only ``authenticate`` can tell (miss, stale entry, secret not yet verified).
         """
+        if len(token) != apikeys.KEY_LEN:
+            raise Unauthorized()  # before hashing: x-api-key has no length limit of its own
         entry = self._cache.get(token[_ID_START:_ID_END])
         digest = hashlib.sha256(token.encode()).digest()
         if entry is not None and entry.expires_at > time.monotonic():

@@ -130,8 +130,11 @@ async def test_cached_serves_only_what_the_cache_can_vouch_for(
 
     with pytest.raises(errors.Unauthorized):
         a.cached(key[:-1] + ("A" if key[-1] != "A" else "B"))  # bad checksum
-    with pytest.raises(errors.Unauthorized):
-        a.cached("qnp_short")
+    for malformed in ("qnp_short", key + "x" * 1_000_000):
+        with pytest.raises(errors.Unauthorized):
+            a.cached(malformed)
+        with pytest.raises(errors.Unauthorized):
+            await a.authenticate(malformed)
 
     unknown, _ = apikeys.generate()
     with pytest.raises(errors.Unauthorized):
