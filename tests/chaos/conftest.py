@@ -10,6 +10,7 @@ import fcntl
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -69,6 +70,18 @@ class OwnRedis:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+    def wipe(self) -> None:
+        """Delete its data (append-only files, snapshots), so the next ``start`` is
+        empty, as a restart without AOF or a failover to an empty replica leaves it."""
+        assert self._proc is None or self._proc.poll() is not None, "wipe a stopped Redis"
+        for path in self._folder.iterdir():
+            if path.name == "log":
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 class OwnPostgres:

@@ -147,6 +147,9 @@ async def publish_key(
         limits=limits or {},
     )
     await redis.set(names.key_record(parts.key_id), record.encode())
+    # Redis is filled, as the control plane's reconciler marks it once it has published
+    # every key: from now on a missing key record means an unknown key (401).
+    await redis.set(names.published, "tests")
     if not await redis.exists(names.account_state(account_id)):
         # The account's live state, as the control plane publishes it: ample credit.
         await redis.hset(names.account_state(account_id),
