@@ -158,7 +158,8 @@ def _sweep_table(sc: dict[str, Any]) -> list[str]:
             errs = "" if not r["errors"] else f", {sum(r['errors'].values())} err"
             row.append(f"{mark} {r['rps']:,.0f}/s, p99 {_ms(r['p99_ms'])}{added}{errs}")
         rows.append(row)
-    best = ", ".join(f"{n}: {_num(v)}/s" for n, v in sc["best_rate"].items())
+    best = ", ".join(f"{n}: none met it" if v is None else f"{n}: {_num(v)}/s"
+                     for n, v in sc["best_rate"].items())
     return [*_table(["offered rate/s", *names], rows), "",
             f"Highest clean rate (no errors, added p99 < {sc['budget_added_p99_ms']:g} ms, "
             f"load side within budget): {best}."]
