@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from benchmarks.report import baseline_verdict
 from tests.support import ROOT
 
 BASELINE = "proxy@HEAD"
@@ -64,13 +65,23 @@ def test_a_baseline_commit_is_measured_next_to_our_proxy(tmp_path: Path,
 
     [row] = report["baseline_targets"]
     assert row["what"] == f"non-stream rps per core, proxy / {BASELINE}"
-    assert row["measured"] == f"{ratio:.3f}×" and row["met"] == ("yes" if ratio >= 0.97
-                                                                 else "NO")
+    assert row["measured"] == f"{ratio:.3f}×"
+    assert row["met"] == ("yes" if ratio >= 0.97 else "NO")  # one round: it agrees
     assert "## Against the baseline" in markdown
     assert f"| {row['what']} | {row['measured']} |" in markdown
     proxy_row = next(line for line in markdown.splitlines() if line.startswith("| proxy |"))
     assert f"{ratio:.2f}× {BASELINE}" in proxy_row
     assert any(line.startswith(f"| {BASELINE} | ") for line in markdown.splitlines())
+
+
+@pytest.mark.parametrize(("ratio", "rounds", "verdict"), [
+    (0.99, [0.98, 1.0], "yes"), (0.95, [0.94, 0.96], "NO"),
+    (0.96, [0.906, 1.098], "unclear: rounds on both sides"),  # a busy machine's spread
+    (0.98, [0.95, 1.01], "unclear: rounds on both sides"),
+])
+def test_the_verdict_is_unclear_when_rounds_disagree(ratio: float, rounds: list[float],
+                                                     verdict: str) -> None:
+    assert baseline_verdict(ratio, rounds) == verdict
 
 
 def test_a_ref_that_names_no_commit_is_refused_before_anything_starts(
