@@ -164,18 +164,38 @@ async def test_deep_json_on_openai_operations_is_a_400_not_a_500(
     assert statuses[1025] == 400 and statuses[512] == 400
 
 
+# endpoint → (stream path, what the body says to stream)
+STREAMS = {"openai": ("/v1/chat/completions", '"stream": true, '),
+           "anthropic": ("/v1/messages", '"stream": true, '),
+           "gemini": ("/v1beta/models/{model}:streamGenerateContent?alt=sse", "")}
+
+
+@pytest.mark.parametrize("endpoint", list(ENDPOINTS))
 async def test_deep_json_in_a_stream_request_is_a_400_before_the_stream_starts(
-    gateway: Gateway, api_key: str,
+    gateway: Gateway, api_key: str, endpoint: str,
 ) -> None:
-    template = TEMPLATES["openai"]["extra"].replace('"metadata"', '"stream": true, "metadata"')
+    path, flag = STREAMS[endpoint]
+    _, header, same_format = ENDPOINTS[endpoint]
+    value = f"Bearer {api_key}" if header == "Authorization" else api_key
+    template = TEMPLATES[endpoint]["extra"].replace("{", "{" + flag, 1)
+    root = gateway.base_url.removesuffix("/v1")
     async with aiohttp.ClientSession() as session:
-        status, doc = await _post(session, gateway, "openai", "demo-mini",
-                                  deep_body(template, "demo-mini", 300), api_key)
-        assert status == 400 and "nested" in doc["error"]["message"]
-        async with session.post(gateway.base_url + "/chat/completions",
-                                data=deep_body(template, "demo-mini", 200),
-                                headers={"Authorization": f"Bearer {api_key}"}) as r:
-            assert r.status == 200 and (await r.read()).endswith(b"data: [DONE]\n\n")
+        for model in MODELS:
+            for depth in (200, 300):
+                refused = depth > ORJSON_MAX_DEPTH and model == same_format
+                async with session.post(root + path.format(model=model),
+                                        data=deep_body(template, model, depth),
+                                        headers={header: value}) as r:
+                    raw = await r.read()
+                    kind = r.headers["Content-Type"]
+                assert r.status == (400 if refused else 200), (model, depth, raw[:300])
+                if refused:  # an error document, not a stream that broke off
+                    assert kind.startswith("application/json")
+                    doc = orjson.loads(raw)
+                    assert_error_format(endpoint, doc)
+                    assert "nested" in doc["error"]["message"]
+                else:
+                    assert kind.startswith("text/event-stream") and raw, (model, depth)
 
 
 @pytest.mark.parametrize("model", ["claude-demo", "gemini-demo"])
