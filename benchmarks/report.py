@@ -1,5 +1,6 @@
 """The suite's report: the performance targets of issue 6 judged against what one run
-measured, and the markdown tables of ``report.md``.
+measured, our proxy against each baseline commit (issue 10's "hardening costs at most
+3 % of non-stream requests per core"), and the markdown tables of ``report.md``.
 
 Owns: reading the report dictionary (what ``report.json`` holds) and nothing else, so
 a saved report can be rendered again. Must not import ``proxy`` or ``control_plane``.
@@ -12,6 +13,7 @@ from typing import Any
 from benchmarks.stack import DIRECT, PASSTHROUGH, PROXY
 
 DASH = "–"
+BASELINE_BAR = 0.97  # rps per core against the baseline: at most 3 % dearer
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -91,6 +93,37 @@ def issue_targets(report: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def baseline_verdict(ratio: float, by_round: list[float]) -> str:
+    """yes / NO only when every round agrees with the whole run; rounds on both sides
+    of the bar mean the machine's noise is larger than what is being judged."""
+    if ratio >= BASELINE_BAR and min(by_round) >= BASELINE_BAR:
+        return "yes"
+    if ratio < BASELINE_BAR and max(by_round) < BASELINE_BAR:
+        return "NO"
+    return "unclear: rounds on both sides"
+
+
+def baseline_targets(report: dict[str, Any]) -> list[dict[str, str]]:
+    """Per baseline: our proxy's non-stream rps per core over the baseline's, same run."""
+    rows = []
+    sc = _scenario(report, "nonstream")
+    for name in report.get("baselines") or {}:
+        c = _get(sc, "comparisons", PROXY, "vs_baseline", name)
+        ratio = _get(c, "rps_per_core_ratio")
+        what = f"non-stream rps per core, {PROXY} / {name}"
+        target = f"≥ {BASELINE_BAR:.2f}× (costs ≤ {1 - BASELINE_BAR:.0%})"
+        if sc is None or ratio is None:
+            rows.append(_row(what, DASH, target, "not measured"))
+            continue
+        ours, theirs = (_get(sc, "targets", n, "cpu_us_per_request") for n in (PROXY, name))
+        by_round = c["rps_per_core_ratio_by_round"] or [ratio]
+        spread = f"; rounds {min(by_round):.3f}–{max(by_round):.3f}×"
+        rows.append(_row(what, f"{ratio:.3f}×", target, baseline_verdict(ratio, by_round),
+                         f"CPU µs/req {_num(ours, ',.1f')} vs {_num(theirs, ',.1f')}"
+                         f"{spread}"))
+    return rows
+
+
 def _ms(v: Any) -> str:
     return DASH if v is None else f"{v:.2f}"
 
@@ -125,6 +158,9 @@ def _rounds_table(sc: dict[str, Any]) -> list[str]:
     if paced:
         head[1] = "streams/s"
         head += ["RSS peak MB", "KB/open stream"]
+    baselines = any("vs_baseline" in c for c in sc["comparisons"].values())
+    if baselines:
+        head += ["rps/core × baseline", "CPU/req × baseline"]
     rows = []
     for name, t in sc["targets"].items():
         c = sc["comparisons"].get(name, {})
@@ -139,6 +175,12 @@ def _rounds_table(sc: dict[str, Any]) -> list[str]:
         if paced:
             row += [_num(t.get("rss_peak_mb"), ".1f"), _num(t.get("rss_per_open_stream_kb"),
                                                             ".1f")]
+        if baselines:
+            vs = c.get("vs_baseline") or {}
+            row += [", ".join(f"{_ratio(v['rps_per_core_ratio'])} {b}" for b, v in vs.items())
+                    or DASH,
+                    ", ".join(f"{_ratio(v['cpu_per_request_ratio'])} {b}"
+                              for b, v in vs.items()) or DASH]
         rows.append(row)
     return _table(head, rows)
 
@@ -158,7 +200,8 @@ def _sweep_table(sc: dict[str, Any]) -> list[str]:
             errs = "" if not r["errors"] else f", {sum(r['errors'].values())} err"
             row.append(f"{mark} {r['rps']:,.0f}/s, p99 {_ms(r['p99_ms'])}{added}{errs}")
         rows.append(row)
-    best = ", ".join(f"{n}: {_num(v)}/s" for n, v in sc["best_rate"].items())
+    best = ", ".join(f"{n}: none met it" if v is None else f"{n}: {_num(v)}/s"
+                     for n, v in sc["best_rate"].items())
     return [*_table(["offered rate/s", *names], rows), "",
             f"Highest clean rate (no errors, added p99 < {sc['budget_added_p99_ms']:g} ms, "
             f"load side within budget): {best}."]
@@ -209,6 +252,15 @@ def render(report: dict[str, Any]) -> str:
                 [[r["what"], r["measured"], r["target"], r["met"], r["note"]]
                  for r in report["issue_targets"]]),
     ]
+    if report.get("baseline_targets"):
+        commits = ", ".join(f"`{n}` is {b['commit'][:12]}"
+                            for n, b in report["baselines"].items())
+        lines += ["", "## Against the baseline", "",
+                  f"Our proxy and the same proxy as another commit built it ({commits}), "
+                  "same catalog, key and pinning, rounds alternating in this run.", "",
+                  *_table(["what", "measured", "target", "met?", "note"],
+                          [[r["what"], r["measured"], r["target"], r["met"], r["note"]]
+                           for r in report["baseline_targets"]])]
     for sc in report["scenarios"]:
         title = sc.get("description", "")
         lines += ["", f"## {sc['name']}" + (f": {title}" if title else ""), ""]

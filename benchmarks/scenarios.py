@@ -4,8 +4,9 @@ Owns: what each scenario sends (model, stream or not, concurrency or rate, durat
 alternating targets round by round (direct, passthrough, proxy, ..., direct, ...) so a
 noisy machine's drift hits every target alike, and turning the merged rounds into the
 figures the report shows: rps, percentiles, "added" milliseconds and ratios against
-``direct`` and ``passthrough``, CPU µs per request or chunk, rps per core, RSS per open
-stream, the sweep's highest clean rate, workers scaling and the soak's RSS growth.
+``direct`` and ``passthrough`` (and our proxy against each baseline commit of it), CPU
+µs per request or chunk, rps per core, RSS per open stream, the sweep's highest clean
+rate, workers scaling and the soak's RSS growth.
 
 Must not import ``proxy`` or ``control_plane``.
 """
@@ -17,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.measure import Load, Measured, Runner, model_shape, stream_lifetime
-from benchmarks.stack import DIRECT, PASSTHROUGH, Target
+from benchmarks.measure import Load, Measured, Run, Runner, model_shape, stream_lifetime
+from benchmarks.stack import BASELINE_PREFIX, DIRECT, PASSTHROUGH, PROXY, Target
 
 ADDED_P99_BUDGET_MS = 5.0  # the sweep's bar: highest rate with added p99 under this
 _HEADLINE = ("latency", "ttft", "gap", "total")
@@ -145,8 +146,14 @@ def _per(x: float | None, y: float | None, scale: float = 1.0) -> float | None:
     return round(x / y * scale, 3)
 
 
+def _per_core(run: Run) -> float | None:
+    track = run.target_track
+    return run.ok / track.cpu_s if track and track.cpu_s > 0 and run.ok else None
+
+
 def compare(m: Measured, base: Measured) -> dict[str, Any]:
-    """``m`` over ``base``: rps ratio (overall and per round), rps-per-core ratio, added ms."""
+    """``m`` over ``base``: rps ratio and rps-per-core ratio (overall and per round, so
+    their spread shows what a difference is worth), CPU per request ratio, added ms."""
     added: dict[str, dict[str, float]] = {}
     for h in _HEADLINE:
         mine, theirs = m.summary(h), base.summary(h)
@@ -156,17 +163,24 @@ def compare(m: Measured, base: Measured) -> dict[str, Any]:
               for a, b in zip(m.runs, base.runs, strict=False)
               if b.ok and float(a.result["elapsed_s"]) > 0 and float(b.result["elapsed_s"]) > 0]
     cpu_m, cpu_b = m.target_cpu_s(), base.target_cpu_s()
-    per_core = (m.ok / cpu_m) / (base.ok / cpu_b) if cpu_m and cpu_b and base.ok else None
+    per_core = (m.ok / cpu_m) / (base.ok / cpu_b) if cpu_m and cpu_b and base.ok and m.ok \
+        else None
+    by_round = [a / b for ra, rb in zip(m.runs, base.runs, strict=False)
+                if (a := _per_core(ra)) is not None and (b := _per_core(rb)) is not None]
     return {
         "rps_ratio": _per(m.rps, base.rps),
         "rps_ratio_by_round": [round(r, 3) for r in rounds],
         "rps_per_core_ratio": None if per_core is None else round(per_core, 3),
+        "rps_per_core_ratio_by_round": [round(r, 3) for r in by_round],
+        # CPU per request (or chunk: the same load for both) is the inverse of the above.
+        "cpu_per_request_ratio": None if not per_core else round(1 / per_core, 3),
         "added_ms": added,
     }
 
 
 def comparisons(measured: dict[str, Measured]) -> dict[str, dict[str, Any]]:
-    """Every target against direct, and against the reference passthrough."""
+    """Every target against direct and against the reference passthrough; our proxy
+    also against each baseline (itself as another commit built it)."""
     out: dict[str, dict[str, Any]] = {}
     for name, m in measured.items():
         if name == DIRECT:
@@ -174,6 +188,10 @@ def comparisons(measured: dict[str, Measured]) -> dict[str, dict[str, Any]]:
         out[name] = {"vs_direct": compare(m, measured[DIRECT])}
         if name != PASSTHROUGH and PASSTHROUGH in measured:
             out[name]["vs_passthrough"] = compare(m, measured[PASSTHROUGH])
+    baselines = {n: b for n, b in measured.items() if n.startswith(BASELINE_PREFIX)}
+    if baselines and PROXY in measured:
+        out[PROXY]["vs_baseline"] = {n: compare(measured[PROXY], b)
+                                     for n, b in baselines.items()}
     return out
 
 

@@ -1,5 +1,6 @@
 """The system under test: Redis, the mock upstream, the reference passthrough and our
-proxy, started as pinned subprocesses on 127.0.0.1, plus any external targets.
+proxy, started as pinned subprocesses on 127.0.0.1, plus any baselines (our proxy from
+another commit's source tree, same catalog, key and pinning) and external targets.
 
 Owns: starting each server on a free port (the mock's may be fixed with ``--mock-port``
 so a user can point another gateway at it first), pinning it to the "proxy" or the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import secrets
 import signal
 import socket
@@ -44,6 +46,7 @@ HOST = "127.0.0.1"
 UPSTREAM_KEY = "sk-bench-upstream"
 ROOT = Path(__file__).resolve().parent.parent
 DIRECT, PASSTHROUGH, PROXY, NOADMIT = "direct", "passthrough", "proxy", "proxy-noadmit"
+BASELINE_PREFIX = f"{PROXY}@"  # a baseline's name: proxy@<the ref it was built from>
 # The warning a proxy logs when it admits an account with no published state: it then
 # runs the degraded local policy, which is not what production measures.
 UNPUBLISHED_WARNING = "no published state"
@@ -69,6 +72,11 @@ completion_price = 0.60
 
 class StackError(RuntimeError):
     """A server under test did not start; the message carries the end of its log."""
+
+
+def file_name(name: str) -> str:
+    """A target's name as a file name (a baseline's carries its git ref: ``proxy@v1/x``)."""
+    return re.sub(r"[^A-Za-z0-9@._-]", "_", name)
 
 
 def cpu_list(cpus: Iterable[int]) -> str:
@@ -118,12 +126,12 @@ class Child:
     """One subprocess we started, output in a log file; stopped by its pid only."""
 
     def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log: Path,
-                 cpus: frozenset[int] | None) -> None:
-        self.name, self.argv, self.log, self.cpus = name, argv, log, cpus
+                 cpus: frozenset[int] | None, cwd: Path = ROOT) -> None:
+        self.name, self.argv, self.log, self.cpus, self.cwd = name, argv, log, cpus, cwd
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=dict(env), cwd=ROOT,
+                env=dict(env), cwd=cwd,
                 # Our own session: a terminal's Ctrl-C reaches only us, and we stop the
                 # children in order instead of them racing us to exit. (preexec_fn is
                 # safe here: the suite runs no threads.)
@@ -185,14 +193,14 @@ class Target:
     name: str
     base_url: str  # ends in /v1
     headers: Mapping[str, str]
-    role: str  # "direct", "reference", "proxy" or "external"
+    role: str  # "direct", "reference", "proxy", "baseline" or "external"
     pids: tuple[int, ...] = ()  # roots of the process trees whose CPU and RSS we sample
     log: Path | None = None  # our proxies' output (they log at WARNING)
     cpus: str | None = None  # what it is pinned to, for the report
 
     @property
     def is_ours(self) -> bool:
-        return self.role == "proxy"
+        return self.role in ("proxy", "baseline")
 
 
 @dataclass
@@ -218,7 +226,7 @@ class Stack:
 
     def commands(self) -> dict[str, dict[str, Any]]:
         """Every server we started: its command line, pid and pinning."""
-        return {c.name: {"argv": c.argv, "pid": c.pid,
+        return {c.name: {"argv": c.argv, "pid": c.pid, "cwd": str(c.cwd),
                          "cpus": cpu_list(c.cpus) if c.cpus else None} for c in self.children}
 
     def events_added(self) -> int:
@@ -236,25 +244,35 @@ class Stack:
 
     @contextlib.contextmanager
     def proxy(self, name: str, *, workers: int, cpus: frozenset[int] | None,
-              admission: bool = True) -> Iterator[Target]:
-        """Our proxy as ``python -m proxy``; its ``--workers`` children inherit its pinning."""
+              admission: bool = True, tree: Path | None = None) -> Iterator[Target]:
+        """Our proxy as ``python -m proxy``; its ``--workers`` children inherit its pinning.
+
+        With ``tree`` (another commit's source), that tree's proxy: run from it, with it
+        alone on PYTHONPATH, so neither our checkout nor an editable install is imported.
+        """
         port = free_port()
         env = {**self.env, "REDIS_URL": self.redis_url, "QNP_REDIS_PREFIX": self.names.prefix,
                "QNP_NODE_ID": f"bench-{name}", "QNP_LOG_LEVEL": "WARNING",
                "QNP_EVENT_STREAM_MAXLEN": "200000", "QNP_SHUTDOWN_GRACE": "2",
                "QNP_ADMISSION": "on" if admission else "off",
                "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
-               "QNP_SPOOL_DIR": str(self.tmp / f"spool-{name}"), "QNP_METRICS_PORT": "0"}
+               "QNP_SPOOL_DIR": str(self.tmp / f"spool-{file_name(name)}"),
+               "QNP_METRICS_PORT": "0"}
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
         argv = [sys.executable, "-m", "proxy", "--catalog", str(self.catalog), "--host", HOST,
                 "--port", str(port), "--workers", str(workers)]
-        with self._child(name, argv, env, cpus, http_ok(f"http://{HOST}:{port}/readyz")) as c:
-            yield Target(name, f"http://{HOST}:{port}/v1", self.proxy_headers(), "proxy",
-                         (c.pid,), c.log, cpu_list(cpus) if cpus else None)
+        with self._child(name, argv, env, cpus, http_ok(f"http://{HOST}:{port}/readyz"),
+                         cwd=tree or ROOT) as c:
+            yield Target(name, f"http://{HOST}:{port}/v1", self.proxy_headers(),
+                         "proxy" if tree is None else "baseline", (c.pid,), c.log,
+                         cpu_list(cpus) if cpus else None)
 
     @contextlib.contextmanager
     def _child(self, name: str, argv: list[str], env: Mapping[str, str],
-               cpus: frozenset[int] | None, ready: Callable[[], bool]) -> Iterator[Child]:
-        child = Child(name, argv, env, self.tmp / f"{name}.log", cpus)
+               cpus: frozenset[int] | None, ready: Callable[[], bool],
+               cwd: Path = ROOT) -> Iterator[Child]:
+        child = Child(name, argv, env, self.tmp / f"{file_name(name)}.log", cpus, cwd)
         self.children.append(child)
         try:
             child.wait_ready(ready)
@@ -303,6 +321,7 @@ class StackSpec:
     mock_processes: int
     with_noadmit: bool
     externals: Mapping[str, tuple[str, str | None, int | None]]  # name → (url, key, pid)
+    baselines: Mapping[str, Path] = field(default_factory=dict)  # name → source tree
 
 
 @contextlib.contextmanager
@@ -356,6 +375,9 @@ def running_stack(spec: StackSpec, env: Mapping[str, str], tmp: Path) -> Iterato
                                     cpu_list(pin.proxy) if pin.proxy else None))
 
         stack.targets.append(exits.enter_context(stack.proxy(PROXY, workers=1, cpus=pin.proxy)))
+        for name, tree in spec.baselines.items():
+            stack.targets.append(exits.enter_context(
+                stack.proxy(name, workers=1, cpus=pin.proxy, tree=tree)))
         if spec.with_noadmit:
             stack.targets.append(exits.enter_context(
                 stack.proxy(NOADMIT, workers=1, cpus=pin.proxy, admission=False)))

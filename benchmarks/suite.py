@@ -1,7 +1,8 @@
 """``python -m benchmarks`` (``make bench``): the benchmark suite of issue 6.
 
 Starts the stack (Redis, the mock upstream, the reference passthrough, our proxy with
-auth, admission and events on, and any ``--target`` a user points it at), pins it,
+auth, admission and events on, our proxy as any ``--baseline`` commit built it, and any
+``--target`` a user points it at), pins it,
 runs the selected scenarios with targets alternating round by round, and writes
 ``report.json``, ``report.md`` and PNG plots to ``benchmarks/results/<UTC time>/``,
 with one progress line on stderr while it runs. See README.md, "Benchmarks".
@@ -30,7 +31,7 @@ from typing import Any
 import orjson
 import psutil
 
-from benchmarks import plots, report, scenarios
+from benchmarks import baseline, plots, report, scenarios
 from benchmarks.measure import Load, Progress, Runner
 from benchmarks.processes import raise_fd_limit
 from benchmarks.scenarios import Settings, redacted
@@ -96,6 +97,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--proxy-cpus", help="CPUs of the proxy and passthrough, e.g. 0 (default: first CPU)")
     a("--load-cpus", help="CPUs of mock, load generator, Redis, e.g. 1 (default: the next)")
     a("--with-noadmit", action="store_true", help="also measure our proxy with admission off")
+    a("--baseline", action="append", default=[], metavar="REF",
+      help="also measure our proxy as git commit REF built it, labelled proxy@REF "
+      "(same catalog, key and pinning; repeatable)")
     a("--target", action="append", default=[], metavar="NAME=URL",
       help="an external OpenAI-compatible base URL ending in /v1 (repeatable)")
     a("--target-key", action="append", default=[], metavar="NAME=KEY",
@@ -122,6 +126,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if stray := (set(keys) | set(pids)) - set(targets):
         p.error(f"--target-key/--target-pid for unknown targets: {', '.join(sorted(stray))}")
     args.externals = {n: (url, keys.get(n), pids.get(n)) for n, url in targets.items()}
+    if len(set(args.baseline)) != len(args.baseline):
+        p.error("--baseline given twice for one ref")
+    if clash := {baseline.name_for(r) for r in args.baseline} & set(targets):
+        p.error(f"--target names taken by baselines: {', '.join(sorted(clash))}")
     return args
 
 
@@ -188,8 +196,10 @@ def _proxy_report(target: Target, runner: Runner) -> dict[str, Any]:
 def measure(args: argparse.Namespace, s: Settings, pinning: Pinning,
             tmp: Path) -> dict[str, Any]:
     """Run the stack and the scenarios; everything for the report but machine facts."""
+    baselines = [baseline.export(ref, tmp) for ref in args.baseline]
     spec = StackSpec(s.models, pinning, os.environ.get("REDIS_URL") or None, args.mock_port,
-                     args.mock_processes, args.with_noadmit, args.externals)
+                     args.mock_processes, args.with_noadmit, args.externals,
+                     {b.name: b.tree for b in baselines})
     entries: list[dict[str, Any]] = []
     with running_stack(spec, os.environ, tmp) as stack:
         targets = stack.targets
@@ -222,6 +232,7 @@ def measure(args: argparse.Namespace, s: Settings, pinning: Pinning,
             "targets": {t.name: {"url": t.base_url, "role": t.role, "cpus": t.cpus}
                         for t in targets},
             "proxies": {t.name: _proxy_report(t, runner) for t in ours},
+            "baselines": {b.name: b.to_json() for b in baselines},
             "processes": {**stack.commands(), **({"redis": {
                 "argv": ["devstack.servers.start_redis()"], "pid": stack.redis_pid,
                 "cpus": cpu_list(pinning.load) if pinning.load else None}}
@@ -270,6 +281,7 @@ def run(args: argparse.Namespace) -> Path:
         **measured,
     }
     out["issue_targets"] = report.issue_targets(out)
+    out["baseline_targets"] = report.baseline_targets(out)
     folder.mkdir(parents=True, exist_ok=True)
     out["plots"] = plots.draw(out, folder)
     (folder / "report.json").write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
@@ -283,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         folder = run(args)
+    except baseline.BaselineError as e:
+        print(f"benchmarks: --baseline: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         lead = "\n" if sys.stderr.isatty() else ""  # below the progress line
         print(f"{lead}interrupted: servers stopped", file=sys.stderr)

@@ -5,7 +5,8 @@ migrations, creates a demo account with one API key and $10 of credit, and runs 
 OpenAI-format mock), the control plane and the proxy as child processes. Prints the
 lines to paste into a shell, then runs until Ctrl-C or SIGTERM and stops everything in
 order: proxy first (so its events are flushed), then the control plane (so they are
-ingested), then the upstream, then the servers it started.
+ingested), then the upstream, then the servers it started. The catalog and the proxy's
+spool live in a temporary folder of this run, removed on exit.
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ def main() -> int:
             "QNP_ADMIN_PORT": str(admin_port),
             "QNP_PROXY_PORT": str(proxy_port),
             "QNP_METRICS_PORT": str(_port(9464)),  # its own listener; another run may hold 9464
+            # A throwaway stack's spool is its own: the default folder (per prefix and
+            # node) would replay an earlier run's events into this run's new database.
+            "QNP_SPOOL_DIR": str(Path(tmp) / "spool"),
         }
         try:
             subprocess.run([sys.executable, "-m", "control_plane", "migrate"], env=env, check=True)

@@ -36,6 +36,8 @@ from proxy.providers.base import (
     UpstreamRequest,
     Usage,
     Wire,
+    client_json,
+    client_json_value,
     fallbacks,
     json_object_or_none,
     optional_float,
@@ -120,7 +122,7 @@ def _block(block: object, where: str) -> Part | None:
     if kind == "tool_use":
         return Part("tool_call", call_id=str(block.get("id") or ""),
                     name=str(block.get("name") or ""),
-                    arguments=orjson.dumps(block.get("input") or {}).decode())
+                    arguments=client_json(block.get("input") or {}).decode())
     if kind == "tool_result":
         return Part("tool_result", call_id=str(block.get("tool_use_id") or ""),
                     text=_text(block.get("content"), f"{where}.content"),
@@ -179,7 +181,7 @@ def _to_block(p: Part) -> dict[str, Any] | None:
         return {"type": "image", "source": source}
     if p.kind == "tool_call":
         return {"type": "tool_use", "id": p.call_id, "name": p.name,
-                "input": orjson.loads(p.arguments or "{}")}
+                "input": client_json_value(p.arguments, "A tool call's arguments")}
     if p.kind == "tool_result":
         return {"type": "tool_result", "tool_use_id": p.call_id, "content": p.text,
                 "is_error": p.is_error}
@@ -362,8 +364,8 @@ class AnthropicWire(Wire):
         if same_format:
             payload = {k: v for k, v in chat.payload.items() if k not in _GATEWAY_FIELDS}
             payload["model"] = target.upstream_model
-            return UpstreamRequest(url, target.headers, orjson.dumps(payload))
-        return UpstreamRequest(url, target.headers, orjson.dumps(self._build(chat, target)))
+            return UpstreamRequest(url, target.headers, client_json(payload))
+        return UpstreamRequest(url, target.headers, client_json(self._build(chat, target)))
 
     @staticmethod
     def _build(chat: Chat, target: Target) -> dict[str, Any]:

@@ -28,6 +28,17 @@ from proxy.providers.sse import SSEBuffer
 # Body fields that would point the gateway at a URL of the caller's choosing.
 UPSTREAM_URL_FIELDS = frozenset({"api_base", "base_url", "api_url", "endpoint_url"})
 BYTES_PER_TOKEN = 4  # rough estimate, used only when an upstream reports no usage
+# orjson parses 1,024 levels of nesting but serialises only this many, so a body it
+# accepted can fail when re-serialised for an upstream; deeper is the client's error.
+MAX_JSON_DEPTH = 254
+
+
+class NestedTooDeep(BadRequest):
+    """A client document nested deeper than the gateway can forward upstream."""
+
+    code = "json_too_deep"
+    message = (f"The JSON of your request is nested too deeply: at most {MAX_JSON_DEPTH} "
+               "levels can be forwarded upstream.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +301,28 @@ def request_object(body: bytes,
         raise BadRequest(not_object)
     refuse_upstream_urls(payload)
     return payload
+
+
+def client_json(value: object) -> bytes:
+    """Client data (a whole payload or a part of it) as JSON for the upstream.
+
+    Parsed JSON holds only what orjson can write back, except nesting deeper than
+    ``MAX_JSON_DEPTH``, so catching its one error here costs the hot path nothing and
+    never needs a walk over the body.
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise NestedTooDeep() from None
+
+
+def client_json_value(text: str, what: str) -> Any:
+    """A JSON text the client embedded in its request (a tool call's arguments) as a
+    value, for a wire that carries it as an object."""
+    try:
+        return orjson.loads(text or "{}")
+    except orjson.JSONDecodeError:
+        raise BadRequest(f"{what} must be valid JSON text.") from None
 
 
 def json_object_or_none(body: bytes) -> dict[str, Any] | None:

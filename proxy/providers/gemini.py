@@ -20,12 +20,14 @@ import orjson
 
 from proxy.errors import BadRequest, ProxyError, UpstreamRefused
 from proxy.providers.base import (
+    MAX_JSON_DEPTH,
     Chat,
     Decoder,
     Delta,
     Encoder,
     Failure,
     Message,
+    NestedTooDeep,
     Part,
     Relay,
     Reply,
@@ -39,6 +41,8 @@ from proxy.providers.base import (
     UpstreamRequest,
     Usage,
     Wire,
+    client_json,
+    client_json_value,
     fallbacks,
     json_object_or_none,
     positive_int,
@@ -87,11 +91,17 @@ def _usage_json(usage: Usage) -> dict[str, int]:
             "thoughtsTokenCount": usage.reasoning_tokens}
 
 
-def _schema(value: Any) -> Any:
+def _schema(value: Any, depth: int = 1) -> Any:
+    """A client's tool schema without the keys Gemini refuses. Deeper than orjson can
+    write, it could not be sent anyway: stopping there keeps the recursion (two frames
+    a level) well inside Python's limit."""
+    if isinstance(value, Mapping | list) and depth > MAX_JSON_DEPTH:
+        raise NestedTooDeep()
     if isinstance(value, Mapping):
-        return {k: _schema(v) for k, v in value.items() if k not in _UNSUPPORTED_SCHEMA}
+        return {k: _schema(v, depth + 1) for k, v in value.items()
+                if k not in _UNSUPPORTED_SCHEMA}
     if isinstance(value, list):
-        return [_schema(v) for v in value]
+        return [_schema(v, depth + 1) for v in value]
     return value
 
 
@@ -116,7 +126,7 @@ def _parts(raw: object, where: str, calls: list[Part]) -> list[Part]:
             fn = p["functionCall"]
             call = Part("tool_call", call_id=str(fn.get("id") or f"call_{len(calls)}"),
                         name=str(fn.get("name") or ""),
-                        arguments=orjson.dumps(fn.get("args") or {}).decode())
+                        arguments=client_json(fn.get("args") or {}).decode())
             calls.append(call)
             parts.append(call)
         elif isinstance(p.get("functionResponse"), dict):
@@ -126,7 +136,7 @@ def _parts(raw: object, where: str, calls: list[Part]) -> list[Part]:
                 (c.call_id for c in reversed(calls) if c.name == name), name)
             response = fn.get("response")
             parts.append(Part("tool_result", call_id=str(call_id), name=name,
-                              text=orjson.dumps(response).decode() if response else ""))
+                              text=client_json(response).decode() if response else ""))
         else:
             raise BadRequest(f"Invalid value at '{where}[{i}]': unsupported part.")
     return parts
@@ -189,7 +199,8 @@ def _to_part(p: Part) -> dict[str, Any]:
     if p.kind == "image":
         return {"inlineData": {"mimeType": p.media_type, "data": p.data}}
     if p.kind == "tool_call":
-        return {"functionCall": {"name": p.name, "args": orjson.loads(p.arguments or "{}")}}
+        return {"functionCall": {"name": p.name,
+                                 "args": client_json_value(p.arguments, "A tool call's arguments")}}
     if p.kind == "tool_result":
         try:
             response = orjson.loads(p.text)
@@ -343,7 +354,7 @@ class GeminiWire(Wire):
             payload = {k: v for k, v in chat.payload.items() if k != "models"}
         else:
             payload = self._build(chat)
-        return UpstreamRequest(url, target.headers, orjson.dumps(payload))
+        return UpstreamRequest(url, target.headers, client_json(payload))
 
     @staticmethod
     def _build(chat: Chat) -> dict[str, Any]:

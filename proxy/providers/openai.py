@@ -39,6 +39,7 @@ from proxy.providers.base import (
     UpstreamRequest,
     Usage,
     Wire,
+    client_json,
     fallbacks,
     json_object_or_none,
     optional_float,
@@ -373,7 +374,7 @@ class OpenAIWire(Wire):
         if not isinstance(is_stream, bool):
             raise BadRequest("'stream' must be a boolean.", param="stream")
         options = payload.get("stream_options")
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
+        text = value if isinstance(value, str) else client_json(value).decode()
         return Chat(model=name, stream=is_stream, payload=payload, operation=operation,
                     messages=[Message("user", [Part("text", text=text)])],
                     max_tokens=optional_int(payload, "max_tokens"),
@@ -389,8 +390,8 @@ class OpenAIWire(Wire):
             if chat.stream:
                 options = payload.get("stream_options") or {}
                 payload["stream_options"] = {**options, "include_usage": True}
-            return UpstreamRequest(url, target.headers, orjson.dumps(payload))
-        return UpstreamRequest(url, target.headers, orjson.dumps(self._build(chat, target)))
+            return UpstreamRequest(url, target.headers, client_json(payload))
+        return UpstreamRequest(url, target.headers, client_json(self._build(chat, target)))
 
     @staticmethod
     def _build(chat: Chat, target: Target) -> dict[str, Any]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from proxy.errors import ProxyError, UpstreamRefused
+import orjson
+
+from proxy.errors import ProxyError, UpstreamFailed, UpstreamRefused
 from proxy.providers.anthropic import AnthropicWire
 from proxy.providers.base import (
     BYTES_PER_TOKEN,
@@ -81,12 +83,16 @@ def translate_reply(client: Wire, upstream: Wire, body: bytes,
                     model: str) -> tuple[bytes, Usage | None]:
     """The client's reply body and the usage in it, from the upstream's reply body.
 
-    Raises ValueError (orjson's decode error included) on a reply that is not JSON.
+    A reply that is not JSON, or nests deeper than orjson writes back, is the upstream's
+    failure (502), not ours.
     """
     if client is upstream:
         return body, upstream.reply_usage(body)
-    reply = upstream.decode_reply(body)
-    return client.encode_reply(reply, model), reply.usage
+    try:
+        reply = upstream.decode_reply(body)
+        return client.encode_reply(reply, model), reply.usage
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        raise UpstreamFailed() from None
 
 
 def refusal_for(client: Wire, upstream: Wire, err: UpstreamRefused) -> ProxyError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.errors import BadRequest, UpstreamTimeout
+from proxy.errors import BadRequest, UpstreamFailed, UpstreamTimeout
 from proxy.providers.base import Chat, Usage
 from proxy.providers.registry import WIRES, stream_relay, translate_reply
 from proxy.providers.sse import SSEBuffer
@@ -168,6 +168,17 @@ def test_non_stream_replies_translate_both_ways() -> None:
     gem = orjson.loads(back)
     assert gem["candidates"][0]["content"]["parts"][1]["functionCall"]["args"] == {"x": 1}
     assert usage2 == Usage(5, 4, cached_tokens=2)
+
+
+@pytest.mark.parametrize("body", [
+    b"<html>Bad gateway</html>",
+    # A tool input nested deeper than orjson writes: it cannot be re-rendered.
+    b'{"type": "message", "content": [{"type": "tool_use", "id": "t", "name": "f", '
+    b'"input": ' + b'{"d": ' * 300 + b"{}" + b"}" * 300 + b"}]}",
+])
+def test_a_reply_that_cannot_be_translated_is_the_upstreams_failure(body: bytes) -> None:
+    with pytest.raises(UpstreamFailed):
+        translate_reply(OPENAI, ANTHROPIC, body, "pub")
 
 
 def test_openai_request_translates_system_images_and_tools_to_anthropic_and_gemini() -> None:
