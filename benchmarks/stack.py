@@ -300,6 +300,9 @@ def _publish_key(client: redis.Redis, names: RedisNames) -> tuple[str, str]:
     # windows, in-flight sets, credit) and never refuses.
     client.hset(names.account_state(account_id), mapping={
         "bal": 10**15, "status": "active", "rpm": 10**9, "tpm": 10**12, "conc": 10**6})
+    # As the control plane's reconciler does once everything is out: without it the
+    # proxy takes Redis for unfilled and answers an unknown key 503 rather than 401.
+    client.set(names.published, "bench")
     return key, account_id
 
 
