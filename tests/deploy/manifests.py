@@ -1,8 +1,9 @@
 """The deployment files under deploy/, loaded for the tests: compose, the Kubernetes
 base and overlays (rendered with kustomize), and the commands they give the image.
 
-Owns: where those files are, YAML loading, kustomize rendering (``kubectl kustomize``,
-kustomize's own code built into kubectl; no cluster is contacted) and walking the pod
+Owns: where those files are, YAML loading, kustomize rendering (``kustomize build`` or
+``kubectl kustomize`` — kustomize's own code, no cluster contacted — and, where neither
+is installed, the small renderer in ``tests/deploy/kustomize.py``) and walking the pod
 templates of a set of Kubernetes objects. Imports nothing from the services.
 """
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.deploy import kustomize
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -56,7 +59,12 @@ def kustomize_binary() -> list[str] | None:
 def render(directory: Path) -> list[Doc]:
     """``kustomize build directory`` as a list of objects."""
     command = kustomize_binary()
-    assert command is not None, "no kustomize (kubectl kustomize) on PATH"
+    if command is None:
+        return kustomize.render(directory)
+    return render_with(command, directory)
+
+
+def render_with(command: list[str], directory: Path) -> list[Doc]:
     result = subprocess.run(
         [*command, str(directory)], capture_output=True, text=True, timeout=60, check=False
     )

@@ -21,17 +21,9 @@ from tests.deploy.manifests import ADAPTER_RULES, BASE, OVERLAYS, Doc, by_kind, 
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
 COMPONENTS = ("proxy", "web", "ingest", "admin")
 
-needs_kustomize = pytest.mark.skipif(
-    manifests.kustomize_binary() is None,
-    reason="no kustomize: install kubectl (it carries kustomize) to render the overlays",
-)
-
-
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Doc]]:
     """``kustomize build`` of the base and of every overlay."""
-    if manifests.kustomize_binary() is None:
-        pytest.skip("no kustomize: install kubectl (it carries kustomize)")
     out = {"base": manifests.render(BASE)}
     out |= {f"overlays/{o.name}": manifests.render(o) for o in OVERLAYS}
     return out
@@ -64,7 +56,6 @@ def test_every_base_manifest_validates(version: str) -> None:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
-@needs_kustomize
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_rendered_manifest_validates(rendered: dict[str, list[Doc]], version: str) -> None:
     for _, docs in _sets(rendered):
@@ -90,7 +81,6 @@ def test_validation_catches_mistakes(break_it: Any) -> None:
         kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[0], strict=True)
 
 
-@needs_kustomize
 def test_probes_use_readyz_and_healthz_on_real_ports(rendered: dict[str, list[Doc]]) -> None:
     for where, docs in _sets(rendered):
         proxy = _main(_workload(docs, "proxy"))
@@ -103,7 +93,6 @@ def test_probes_use_readyz_and_healthz_on_real_ports(rendered: dict[str, list[Do
                 assert container[probe]["httpGet"]["port"] in ports, (where, component, probe)
 
 
-@needs_kustomize
 def test_grace_outlasts_prestop_and_shutdown_grace(rendered: dict[str, list[Doc]]) -> None:
     for where, docs in _sets(rendered):
         for component in COMPONENTS:
@@ -127,7 +116,6 @@ def _bytes(value: str) -> float:
     return float(value[:-2]) * units[value[-2:]] if value[-2:] in units else float(value)
 
 
-@needs_kustomize
 def test_every_container_has_requests_and_limits(rendered: dict[str, list[Doc]]) -> None:
     for where, docs in _sets(rendered):
         for name, spec in manifests.pod_specs(docs):
@@ -142,7 +130,6 @@ def test_every_container_has_requests_and_limits(rendered: dict[str, list[Doc]])
         assert _cpu(proxy["resources"]["requests"]["cpu"]) == workers, where
 
 
-@needs_kustomize
 def test_pods_run_non_root_on_a_read_only_root(rendered: dict[str, list[Doc]]) -> None:
     for where, docs in _sets(rendered):
         for name, spec in manifests.pod_specs(docs):
@@ -162,7 +149,6 @@ def test_pods_run_non_root_on_a_read_only_root(rendered: dict[str, list[Doc]]) -
         assert spool in {m["mountPath"] for m in proxy["volumeMounts"] if not m.get("readOnly")}
 
 
-@needs_kustomize
 def test_proxy_autoscales_on_cpu_and_open_streams(rendered: dict[str, list[Doc]]) -> None:
     rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
     adapter_metrics = {r["name"]["as"] for r in rules if "qnp_inflight_streams" in r["seriesQuery"]}
@@ -182,7 +168,6 @@ def test_proxy_autoscales_on_cpu_and_open_streams(rendered: dict[str, list[Doc]]
         assert fleet >= hpa["spec"]["maxReplicas"] * workers, where
 
 
-@needs_kustomize
 def test_every_deployment_has_a_disruption_budget(rendered: dict[str, list[Doc]]) -> None:
     for where, docs in _sets(rendered):
         budgets = list(by_kind(docs, "PodDisruptionBudget").values())
@@ -193,7 +178,6 @@ def test_every_deployment_has_a_disruption_budget(rendered: dict[str, list[Doc]]
             assert len(matching) == 1, (where, name)
 
 
-@needs_kustomize
 def test_services_reach_named_ports_and_admin_stays_internal(
     rendered: dict[str, list[Doc]]
 ) -> None:
@@ -209,7 +193,6 @@ def test_services_reach_named_ports_and_admin_stays_internal(
         assert admin["spec"].get("type", "ClusterIP") == "ClusterIP", where
 
 
-@needs_kustomize
 def test_network_policies_keep_admin_and_metrics_private(
     rendered: dict[str, list[Doc]]
 ) -> None:
@@ -244,7 +227,6 @@ def _secret_keys(docs: list[Doc]) -> dict[str, set[str]]:
             for name, s in by_kind(docs, "Secret").items()}
 
 
-@needs_kustomize
 @pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
 def test_every_secret_reference_resolves(rendered: dict[str, list[Doc]], overlay: str) -> None:
     """Env from secretKeyRef and every ``<NAME>_FILE`` path name a key that exists in a
@@ -270,7 +252,6 @@ def test_every_secret_reference_resolves(rendered: dict[str, list[Doc]], overlay
     assert files_checked >= 10
 
 
-@needs_kustomize
 def test_proxy_catalog_is_mounted_and_every_key_it_names_is_provided(
     rendered: dict[str, list[Doc]], tmp_path: Path
 ) -> None:
