@@ -6,6 +6,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +140,36 @@ def test_demo_catalog_loads_with_the_proxys_compose_environment() -> None:
     assert upstream[upstream.index("--api-key") + 1] == env["QNP_DEMO_UPSTREAM_KEY"]
     port = upstream[upstream.index("--port") + 1]
     assert f"http://demo-upstream:{port}/v1" in (DEPLOY / "demo-catalog.toml").read_text()
+
+
+def _run_secrets_maker(folder: Path) -> None:
+    script = load_compose()["services"]["secrets"]["command"][0]
+    assert "/run/qnp-secrets" in script
+    # Not root (a developer's machine): the hand-over to uid 10001 is what cannot run.
+    prelude = "import os\nif os.geteuid() != 0:\n    os.chown = lambda *a: None\n"
+    subprocess.run([sys.executable, "-c", prelude + script.replace("/run/qnp-secrets",
+                                                                   str(folder))],
+                   check=True, capture_output=True, timeout=30)
+
+
+def test_secrets_are_made_once_and_kept(tmp_path: Path) -> None:
+    """`docker compose up` a second time must not change a secret: PostgreSQL's data
+    volume keeps the first password. Every `*_FILE` a service reads is made, readable
+    by uid 10001 only (the password also by the postgres image's own user)."""
+    _run_secrets_maker(tmp_path)
+    first = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    _run_secrets_maker(tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == first
+    password = first["postgres_password"]
+    assert first["DATABASE_URL"] == f"postgresql://qnp:{password}@postgres:5432/qnp"
+    assert len(first["QNP_SESSION_SECRET"]) >= 48
+    services = load_compose()["services"]
+    wanted = {str(value).removeprefix("/run/qnp-secrets/")
+              for service in services.values()
+              for key, value in service.get("environment", {}).items() if key.endswith("_FILE")}
+    assert wanted and wanted <= set(first)
+    for name in first:
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode == (0o444 if name == "postgres_password" else 0o440), name
+        if os.geteuid() == 0:
+            assert (tmp_path / name).stat().st_uid == 10001
