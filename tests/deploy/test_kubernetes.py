@@ -274,3 +274,16 @@ def test_proxy_catalog_is_mounted_and_every_key_it_names_is_provided(
         (tmp_path / "catalog.toml").write_text(text)
         catalog = load_catalog(tmp_path / "catalog.toml", {n: "placeholder" for n in names})
         assert catalog.models, where
+
+
+def test_prometheus_scrapes_a_port_each_pod_listens_on(rendered: dict[str, list[Doc]]) -> None:
+    """A wrong port in the scrape annotation leaves the dashboards, and the HPA's
+    stream metric, blind."""
+    for where, docs in _sets(rendered):
+        for component in COMPONENTS:
+            template = _workload(docs, component)["spec"]["template"]
+            annotations = template["metadata"]["annotations"]
+            assert annotations["prometheus.io/scrape"] == "true"
+            assert annotations["prometheus.io/path"] == "/metrics"
+            ports = {p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+            assert int(annotations["prometheus.io/port"]) in ports, (where, component)
