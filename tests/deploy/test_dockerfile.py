@@ -5,6 +5,7 @@ the arguments compose and Kubernetes give them, the proxy and the migrations for
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -62,11 +63,12 @@ def test_build_context_excludes_what_must_not_reach_the_daemon() -> None:
 
 
 def test_the_image_runs_its_own_installed_copy(image: Sandbox) -> None:
-    probe = ("import proxy, control_plane, shared, importlib.resources as r; "
+    probe = ("import json, proxy, control_plane, importlib.resources as r; "
              "print(proxy.__file__); print(control_plane.__file__); "
-             "print(sorted(p.name for p in r.files('control_plane').joinpath('migrations')"
-             ".iterdir())); print(sorted(p.name for p in r.files('proxy').iterdir() "
-             "if p.name.endswith('.lua')))")
+             "print(json.dumps(sorted(p.name for p in "
+             "r.files('control_plane').joinpath('migrations').iterdir()))); "
+             "print(json.dumps(sorted(p.name for p in r.files('proxy').iterdir() "
+             "if p.name.endswith('.lua'))))")
     result = subprocess.run(
         [image.entrypoint("runtime")[0], "-c", probe], cwd=image.at("/tmp"),
         env=image.env("runtime"), capture_output=True, text=True, timeout=60, check=False,
@@ -76,8 +78,8 @@ def test_the_image_runs_its_own_installed_copy(image: Sandbox) -> None:
     venv = str(image.at("/opt/qnp"))
     assert proxy_file.startswith(venv) and cp_file.startswith(venv)
     shipped = sorted(p.name for p in (ROOT / "control_plane" / "migrations").glob("*.sql"))
-    assert eval(migrations) == shipped  # noqa: S307 - our own probe's repr of a list
-    assert eval(scripts) == sorted(p.name for p in (ROOT / "proxy").glob("*.lua"))  # noqa: S307
+    assert json.loads(migrations) == shipped
+    assert json.loads(scripts) == sorted(p.name for p in (ROOT / "proxy").glob("*.lua"))
 
 
 def _commands() -> Iterator[tuple[str, str, list[str]]]:
