@@ -118,6 +118,7 @@ async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
     auth = Authenticator(
         app[REDIS], settings.redis_names,
         ttl=settings.key_cache_ttl, max_entries=settings.key_cache_size,
+        on_throttled=app[METRICS].auth_throttled,
     )
     app[AUTH] = auth
     watching = asyncio.Event()

@@ -140,7 +140,7 @@ class ChatHandler:
         headers = {"x-request-id": facts.id}
         wire = endpoint.wire
         try:
-            key = await self._auth.authenticate(_presented_key(request))
+            key = await self._auth.authenticate(_presented_key(request), facts.source_ip)
             facts.key_id, facts.account_id = key.key_id, key.account_id
             body = request.body
             try:

@@ -25,7 +25,7 @@ RejectReason = Literal[
     "conn_limit_ip", "conn_limit_process", "body_buffer_full", "bad_request",
     "pipeline_limit",
 ]
-ThrottleScope = Literal["key_id", "client_ip"]
+ThrottleScope = Literal["key_id", "client_ip", "queue"]
 REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
 THROTTLE_SCOPES: tuple[str, ...] = get_args(ThrottleScope)
 # Gauges that are a state (0/1), not a quantity: a process group reports the worst.
@@ -127,7 +127,7 @@ class Metrics:
         child.inc()
 
     def auth_throttled(self, scope: ThrottleScope | str) -> None:
-        """Count one verification refused by the throttle (scope key_id | client_ip)."""
+        """Count one verification refused by the throttle (scope key_id | client_ip | queue: the bcrypt queue was full)."""
         child = self._throttled.get(scope)
         if child is None:
             raise UnknownLabel(f"unknown throttle scope {scope!r}")
