@@ -41,7 +41,7 @@ def test_rejections_and_throttles_are_counted_by_closed_label_sets() -> None:
     assert _value(text, 'qnp_http_rejections_total{reason="conn_limit_ip"}') == 1
     assert _value(text, 'qnp_auth_throttled_total{scope="client_ip"}') == 1
     assert _value(text, 'qnp_auth_throttled_total{scope="key_id"}') == 0
-    assert set(THROTTLE_SCOPES) == {"key_id", "client_ip"}
+    assert set(THROTTLE_SCOPES) == {"key_id", "client_ip", "queue"}
     with pytest.raises(UnknownLabel):
         m.rejected("/etc/passwd")  # a client string must never become a label
     with pytest.raises(UnknownLabel):
