@@ -91,7 +91,11 @@ def bearer_token(header: str | None, x_api_key: str | None = None) -> str:
 
 
 def _bcrypt_checkpw(secret: bytes, hashed: bytes) -> bool:
-    return bool(bcrypt.checkpw(secret, hashed))  # looked up per call: tests may wrap it
+    try:
+        return bool(bcrypt.checkpw(secret, hashed))  # looked up per call: tests may wrap it
+    except ValueError:  # a stored hash that is not bcrypt's: no secret can match it
+        log.error("key record holds a malformed bcrypt hash; refusing the key")
+        return False
 
 
 class Authenticator:

@@ -331,3 +331,17 @@ async def test_a_gateway_answers_a_forged_flood_with_429_and_retry_after(
     assert all(int(after or 0) >= 1 for _, after in answers[10:])
     events = await gateway.events(32)
     assert [e.outcome for e in events[11:31]] == ["rate_limited"] * 20
+
+
+async def test_a_malformed_stored_hash_refuses_the_key_with_401_not_a_500(
+    redis: aioredis.Redis, redis_names: RedisNames
+) -> None:
+    # A record whose hash bcrypt cannot read (a bad migration, a hand edit) must refuse
+    # the key cleanly: bcrypt raises ValueError, which once reached the handler as a 500.
+    key, record = await publish_key(redis, redis_names)
+    broken = KeyRecord(key_id=record.key_id, account_id=record.account_id,
+                       status="active", secret_hash="not-a-bcrypt-hash", limits={})
+    await redis.set(redis_names.key_record(record.key_id), broken.encode())
+    a = Authenticator(redis, redis_names, ttl=60.0, max_entries=1000)
+    with pytest.raises(errors.Unauthorized):
+        await a.authenticate(key)
