@@ -91,6 +91,7 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.refusing = False  # read no more: a body refused, an upgrade, a rejection
         self.rejected = False
+        self.linger = True  # a refusal half-closes first (see ``_finish``)
         self.final: Reply | None = None  # a rejection sent once the queued are answered
         self.upgrade_head: bytes | None = None
         self.body_parser: httptools.HttpRequestParser | None = None
@@ -115,6 +116,7 @@ class Connection(asyncio.Protocol):
         self._arm(now)
         if server.max_connections is not None and len(server.connections) > \
                 server.max_connections:
+            self.linger = False  # refused at the door: nothing to read, keep no socket
             self._reject(503, "conn_limit_process")
             return
         ips = server.ips
@@ -124,6 +126,7 @@ class Connection(asyncio.Protocol):
                 self.ip_pending = True
             elif self.remote is not None:
                 if not ips.acquire(self.remote):
+                    self.linger = False
                     self._reject(429, "conn_limit_ip")
                     return
                 self.counted_ip = self.remote
@@ -455,7 +458,7 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         if not request.keep_alive or self.close_after or self.server.draining:
-            self.close()
+            self._finish()
         elif self.queue:
             if self.write_paused:  # the client is not reading: answer no more for now
                 now = self.loop.time()
@@ -488,10 +491,30 @@ class Connection(asyncio.Protocol):
 
     def _send_final(self, reply: Reply) -> None:
         if not self.closed and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(response_head(self.server.date(), reply.status, reply.headers,
-                                       reply.content_type, len(reply.body), False)
-                                 + reply.body)
-        self.close()
+            self.transport.write(response_head(self.server.date(), reply.status,
+                                               reply.headers, reply.content_type,
+                                               len(reply.body), False) + reply.body)
+        self._finish()
+
+    def _finish(self) -> None:
+        """Close after an answer. With input left unread (a refused body, a rejected
+        head), close our side only and drop what still arrives until the client closes
+        (at most ``tick``): closing with unread input resets the connection, and the
+        reset can destroy the answer before the client reads it."""
+        transport = self.transport
+        if not self.refusing or not self.linger or transport is None \
+                or transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        self.queue.clear()
+        if not self.reading:
+            self.reading = True
+            transport.resume_reading()
+        now = self.loop.time()
+        self.phase, self.deadline = _IDLE, now + self.server.tick
+        if self.timer is None:
+            self._arm(now)
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
