@@ -98,6 +98,8 @@ class Connection(asyncio.Protocol):
         self.close_after = False
         self.queue: deque[Request] = deque()
         self.checks = 0  # head checks still out
+        self.held: list[bytes] = []  # what arrived meanwhile, unparsed
+        self.held_size = 0
         self.task: asyncio.Task[None] | None = None
         self.closed = False
         self.write_paused = False
@@ -152,11 +154,14 @@ class Connection(asyncio.Protocol):
         # other (as do queued requests), so otherwise a body would wait for the cyclic GC.
         self.queue.clear()
         self.current = self.final = None
-        self.url, self.headers = b"", {}
+        self.url, self.headers, self.held = b"", {}, []
         self.body_parser = None
         del self.parser
 
     def data_received(self, data: bytes | memoryview) -> None:
+        if self.checks:
+            self._hold(data)
+            return
         if self.refusing:
             if self.body_parser is not None:
                 self._feed_upgrade_body(data)
@@ -327,8 +332,15 @@ class Connection(asyncio.Protocol):
         chunk is still parsed: at most one read's worth, within the body limit)."""
         check = request._check = asyncio.ensure_future(verdict)
         self.checks += 1
-        self._pause_reading()
         check.add_done_callback(functools.partial(self._checked, request))
+
+    def _hold(self, data: bytes | memoryview) -> None:
+        """What arrives while a check is out waits unparsed. Reading goes on up to a
+        head's worth, so that a client that leaves is noticed (and its check cancelled)."""
+        self.held.append(bytes(data))
+        self.held_size += len(data)
+        if self.held_size >= self.server.max_head:
+            self._pause_reading()
 
     def _checked(self, request: Request, check: asyncio.Future[bool]) -> None:
         request._check = None
@@ -353,9 +365,13 @@ class Connection(asyncio.Protocol):
             self.current = None
         if self.task is None and self.queue and not self.write_paused:
             self._next()
-        self._resume_reading()
-        if self.task is None and not self.checks:
-            self._settle()
+        if self.held and not self.checks:
+            held, self.held, self.held_size = b"".join(self.held), [], 0
+            self.data_received(held)
+        if not self.closed:
+            self._resume_reading()
+            if self.task is None and not self.checks:
+                self._settle()
 
     def _continue(self, request: Request) -> None:
         if self.transport is not None \
@@ -380,7 +396,10 @@ class Connection(asyncio.Protocol):
         self.body = []
 
     def _upgrading(self, headers: dict[str, str], length: str) -> None:
-        """A request asking to upgrade: llhttp will not read its body, we will."""
+        """A request asking to upgrade: llhttp will not read its body, we will; and we
+        close after answering, as what follows would be in the other protocol."""
+        if self.current is not None:
+            self.current.keep_alive = False
         if "transfer-encoding" in headers:
             framing = b"Transfer-Encoding: chunked"
         elif length.isdigit() and int(length) > 0:
