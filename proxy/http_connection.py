@@ -27,6 +27,7 @@ import httptools
 
 from proxy.http_limits import ClientIps, RejectReason
 from proxy.http_messages import Reply, Request, response_head
+from proxy.http_upgrade import UpgradeBody, framing_head
 
 if TYPE_CHECKING:
     from proxy.http_server import HttpServer
@@ -41,26 +42,6 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 class _Stop(Exception):
     """Raised from a parser callback once the request is refused: llhttp stops there
     instead of parsing (and accumulating) the rest of what arrived."""
-
-
-class _UpgradeBody:
-    """llhttp parser callbacks for the body of a request that asked to upgrade.
-
-    llhttp hands everything after such a head to the new protocol, body included; we
-    answer it as plain HTTP/1.1 (RFC 9110 lets a server ignore Upgrade), so its body is
-    read by a second parser fed a head with the same framing.
-    """
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    def on_body(self, body: bytes) -> None:
-        self.conn.on_body(body)
-
-    def on_message_complete(self) -> None:
-        self.conn.upgrade_body_done()
 
 
 class Connection(asyncio.Protocol):
@@ -94,7 +75,7 @@ class Connection(asyncio.Protocol):
         self.linger = True  # a refusal half-closes first (see ``_finish``)
         self.final: Reply | None = None  # a rejection sent once the queued are answered
         self.upgrade_head: bytes | None = None
-        self.body_parser: httptools.HttpRequestParser | None = None
+        self.body_parser: UpgradeBody | None = None
         self.close_after = False
         self.queue: deque[Request] = deque()
         self.checks = 0  # head checks still out
@@ -295,7 +276,7 @@ class Connection(asyncio.Protocol):
         self.current = None
         self.phase = _IDLE
         self.in_head, self.head_room = True, self.server.max_head
-        if len(self.queue) >= self.server.max_pipelined:
+        if self.queue and len(self.queue) >= self.server.max_pipelined:
             self._reject(429, "pipeline_limit")
             raise _Stop
         self._enqueue(request)
@@ -396,35 +377,26 @@ class Connection(asyncio.Protocol):
         self.body = []
 
     def _upgrading(self, headers: dict[str, str], length: str) -> None:
-        """A request asking to upgrade: llhttp will not read its body, we will; and we
-        close after answering, as what follows would be in the other protocol."""
+        """An upgrade: answered as HTTP/1.1, then closed (what follows would be the
+        other protocol's); llhttp will not read its body, ``UpgradeBody`` will."""
         if self.current is not None:
             self.current.keep_alive = False
-        if "transfer-encoding" in headers:
-            framing = b"Transfer-Encoding: chunked"
-        elif length.isdigit() and int(length) > 0:
-            framing = b"Content-Length: " + length.encode()
-        else:
-            return  # no body: llhttp completes it, we answer it, then close
-        self.upgrade_head = b"POST / HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n"
-        self.refusing = True  # skip the body-less completion llhttp reports next
+        self.upgrade_head = framing_head(headers, length)
+        if self.upgrade_head is not None:
+            self.refusing = True  # skip the body-less completion llhttp reports next
 
     def _upgrade(self, data: bytes | memoryview, offset: int) -> None:
-        self.close_after = True  # what follows would be the other protocol's
+        self.close_after = self.refusing = True
         head, self.upgrade_head = self.upgrade_head, None
-        if head is None:
-            self.refusing = True
-            return
-        self.body_parser = httptools.HttpRequestParser(_UpgradeBody(self))
-        self.body_parser.feed_data(head)
-        self._feed_upgrade_body(data[offset:])
+        if head is not None:
+            self.body_parser = UpgradeBody(self, head)
+            self._feed_upgrade_body(data[offset:])
 
     def _feed_upgrade_body(self, data: bytes | memoryview) -> None:
-        parser = self.body_parser
-        assert parser is not None
+        assert self.body_parser is not None
         self.refusing = False
         try:
-            parser.feed_data(data)
+            self.body_parser.feed(data)
         except httptools.HttpParserError:
             if not self.refusing:
                 self._reject(400, "bad_request")
