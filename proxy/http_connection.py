@@ -9,7 +9,8 @@ pieces by concatenation, quadratic in its size); a refused request stops the par
 Timers: at most one per connection, re-armed lazily. Requests only move ``deadline`` (a
 float); the timer, when it fires, re-arms itself for the deadline it finds, and is never
 armed further than ``tick`` (the shortest of the head, keep-alive and body-rate
-timeouts) ahead, so a deadline set after it (a head starting on an idle connection) is not missed.
+timeouts) ahead, so a deadline set after it (a head starting on an idle connection)
+is not missed.
 
 Must not import the handlers, auth, admission, the emitter or Redis.
 """
@@ -172,9 +173,12 @@ class Connection(asyncio.Protocol):
         room, view = self.head_room, memoryview(data)
         self.head_room = 0
         self._feed(view[:room])
-        if self.refusing or self.closed:
+        if self.closed:
             return
-        if self.in_head:
+        if self.refusing:
+            if self.body_parser is not None:  # an upgrade: the rest is its body
+                self._feed_upgrade_body(view[room:])
+        elif self.in_head:
             self._reject(431, "head_too_large")
         else:
             self.data_received(view[room:])  # a body, or the next request (counted anew)
@@ -309,7 +313,7 @@ class Connection(asyncio.Protocol):
             self.counted_ip = client_ip
 
     def _await_check(self, request: Request, verdict: Awaitable[bool]) -> None:
-        """Read nothing more until the check is in (what llhttp already has of this
+        """Parse nothing more until the check is in (what llhttp already has of this
         chunk is still parsed: at most one read's worth, within the body limit)."""
         check = request._check = asyncio.ensure_future(verdict)
         self.checks += 1
@@ -326,11 +330,24 @@ class Connection(asyncio.Protocol):
     def _checked(self, request: Request, check: asyncio.Future[bool]) -> None:
         request._check = None
         self.checks -= 1
-        if self.closed or check.cancelled():
+        if self.closed:
             return
+        if not check.cancelled():  # cancelled: refused meanwhile, its verdict is moot
+            self._verdict(request, check)
+        if self.task is None and self.queue and not self.write_paused:
+            self._next()
+        if self.held and not self.checks:
+            held, self.held, self.held_size = b"".join(self.held), [], 0
+            self.data_received(held)
+        if not self.closed:
+            self._resume_reading()
+            if self.task is None and not self.checks:
+                self._settle()
+
+    def _verdict(self, request: Request, check: asyncio.Future[bool]) -> None:
         exc = check.exception()
         if exc is not None:
-            log.error("head check failed: %r", exc)  # the handler still answers it
+            log.error("head check failed: %r", exc)  # refused: the handler answers it
         if exc is None and check.result() is True:
             if request is self.current:
                 self._continue(request)
@@ -344,15 +361,6 @@ class Connection(asyncio.Protocol):
             self.refusing = True
             self._release_body()
             self.current = None
-        if self.task is None and self.queue and not self.write_paused:
-            self._next()
-        if self.held and not self.checks:
-            held, self.held, self.held_size = b"".join(self.held), [], 0
-            self.data_received(held)
-        if not self.closed:
-            self._resume_reading()
-            if self.task is None and not self.checks:
-                self._settle()
 
     def _continue(self, request: Request) -> None:
         if self.transport is not None \
@@ -365,8 +373,9 @@ class Connection(asyncio.Protocol):
         self.refusing = True
         self._release_body()
         request.body, request.body_refused, request.keep_alive = b"", True, False
-        if request._check is not None:
-            request._check.cancel()  # its verdict no longer matters
+        check, request._check = request._check, None
+        if check is not None:
+            check.cancel()  # its verdict no longer matters (``_checked`` still runs)
         self.current = None
         self.phase = _IDLE
         self._enqueue(request)

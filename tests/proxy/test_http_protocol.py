@@ -195,3 +195,23 @@ async def test_a_client_that_leaves_during_a_check_leaves_nothing_behind(
         while checked.server.connections or not checked.cancelled:
             await asyncio.sleep(0.01)
     assert checked.handled == [] and checked.server.buffered_body == 0
+
+
+async def test_a_body_over_the_limit_during_a_waiting_check_is_still_answered(
+        checked: Checked) -> None:
+    assert checked.server is not None
+    checked.server.max_body = 1000
+    body = b"1388\r\n" + b"z" * 5000 + b"\r\n0\r\n\r\n"  # chunked: over the limit
+    raw = await _exchange(checked.port, b"POST /wait-yes HTTP/1.1\r\nHost: x\r\n"  # as
+                                        b"Transfer-Encoding: chunked\r\n\r\n" + body)  # it is read
+    assert raw.startswith(b"HTTP/1.1 401 ") and raw.endswith(b"refused key-/wait-yes")
+    (request,) = checked.handled
+    assert request.too_large and request.body_refused
+
+
+async def test_an_upgrade_body_larger_than_a_head_is_read_whole(checked: Checked) -> None:
+    body = b"b" * 200_000  # arrives with the head in reads larger than max_head
+    raw = await _exchange(checked.port, b"POST /up HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n"
+                                        b"Connection: Upgrade\r\nContent-Length: 200000"
+                                        b"\r\n\r\n" + body)
+    assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"/up " + body)
