@@ -125,9 +125,11 @@ HeadCheck = Callable[[Request], bool | Awaitable[bool]]
 
 
 def default_reply(status: int) -> Reply:
-    """A small JSON error, for a server that was given no ``replies``."""
-    body = b'{"error":{"message":"%s","type":"invalid_request_error","code":%d}}' % (
-        HTTPStatus(status).phrase.encode(), status)
+    """An OpenAI-style error, for a server that was given no ``replies``."""
+    phrase = HTTPStatus(status).phrase
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = b'{"error":{"message":"%s.","type":"%s","param":null,"code":"%s"}}' % (
+        phrase.encode(), kind.encode(), phrase.lower().replace(" ", "_").replace("-", "_").encode())
     return Reply(status, body, {"Retry-After": "1"} if status in (429, 503) else None)
 
 
