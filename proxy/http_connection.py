@@ -444,8 +444,8 @@ class Connection(asyncio.Protocol):
             if isinstance(reply, Reply):
                 body = b"" if request.method == "HEAD" else reply.body
                 self.write(response_head(self.server.date(), reply.status, reply.headers,
-                                 reply.content_type, len(reply.body), request.keep_alive)
-                           + body)
+                                         reply.content_type, len(reply.body),
+                                         request.keep_alive) + body)
             elif not reply.prepared:
                 log.error("a stream reply was returned unprepared for %s", request.path)
                 request.keep_alive = False

@@ -100,7 +100,7 @@ class StreamReply:
         if not self._chunked:
             request.keep_alive = False
         conn.write(response_head(conn.server.date(), self.status, self.headers, None,
-                         None if self._chunked else -1, request.keep_alive))
+                                 None if self._chunked else -1, request.keep_alive))
         self.prepared = True
 
     async def write(self, data: bytes) -> None:

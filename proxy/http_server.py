@@ -68,9 +68,11 @@ class HttpServer:
     ``head_check`` (optional) sees every request once its head is in, body or not (a
     request without a body is checked too, so the handler can rely on it), and decides
     whether its body is read (see ``HeadCheck``); ``100 Continue`` goes out only after
-    it said yes. ``on_reject`` counts the server's own refusals by reason; ``replies``
-    builds the answer for each status the server sends itself (400, 408, 414, 429, 431,
-    503, 505; ``bad_request`` and ``internal_error`` override 400 and 500).
+    it said yes. A check that raises is logged and counts as a no (one that raises at
+    once: the request is answered 400). ``on_reject`` counts the server's own refusals
+    by reason; ``replies`` builds the answer for each status the server sends itself
+    (400, 408, 414, 429, 431, 503, 505; ``bad_request`` and ``internal_error`` override
+    400 and 500). ``connections`` and ``buffered_body`` are there to be watched.
     """
 
     def __init__(self, handler: Handler, *, max_body: int, bad_request: Reply | None = None,

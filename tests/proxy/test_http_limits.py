@@ -24,6 +24,7 @@ from proxy import http_connection
 from proxy.http_server import HttpLimits, HttpServer, Reply, Request, StreamReply
 
 SHORT = 0.3  # the deadlines under test, in seconds
+BIG = b"x" * 50_000
 
 
 class Served:
@@ -38,7 +39,7 @@ class Served:
     async def handler(self, request: Request) -> Reply | StreamReply:
         self.handled.append(request)
         if request.path == "/big":
-            return Reply(200, b"x" * 10_000)
+            return Reply(200, BIG)
         return Reply(200, b"%s %s %d" % (request.path.encode(),
                                           (request.client_ip or "-").encode(),
                                           len(request.body)))
@@ -141,8 +142,7 @@ async def test_the_head_deadline_restarts_for_each_request_on_a_kept_alive_conne
     writer.write(b"GET /two")  # the next request's head never ends
     raw = await _read_all(reader)
     await _close(writer)
-    assert raw.endswith(b"HTTP/1.1 408 Request Timeout\r\n" + raw.split(b"408 Request "
-                                                                         b"Timeout\r\n")[1])
+    assert raw.startswith(b"/one 127.0.0.1 0HTTP/1.1 408 Request Timeout\r\n")
     assert [r.path for r in served.handled] == ["/one"]
     assert served.rejected == {"head_timeout": 1}
 
@@ -310,7 +310,8 @@ async def test_a_pipelining_client_that_never_reads_gets_no_more_answers_buffere
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", served.port))
     reader, writer = await asyncio.open_connection(sock=sock)
-    n = 2000  # 2,000 answers of 10 kB: 20 MB if they were all buffered
+    n = 1000  # 1,000 answers of 50 kB: 50 MB if they were all buffered (the kernel's
+    # socket buffers on loopback take a few MB, a hundred answers at the very most)
     writer.write(_get("/big") * n)
     await writer.drain()
     assert served.server is not None
@@ -325,7 +326,7 @@ async def test_a_pipelining_client_that_never_reads_gets_no_more_answers_buffere
     async with asyncio.timeout(30):  # the client reads: everything is answered, in order
         while got < n:
             await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(10_000)
+            await reader.readexactly(len(BIG))
             got += 1
     await _close(writer)
     assert len(served.handled) == n and served.rejected == {}
