@@ -215,3 +215,25 @@ async def test_an_upgrade_body_larger_than_a_head_is_read_whole(checked: Checked
                                         b"Connection: Upgrade\r\nContent-Length: 200000"
                                         b"\r\n\r\n" + body)
     assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"/up " + body)
+
+
+async def test_a_check_that_fails_is_logged_and_its_body_refused(
+        caplog: pytest.LogCaptureFixture) -> None:
+    handled: list[Request] = []
+
+    async def broken(_request: Request) -> bool:
+        raise LookupError("the key store is gone")
+
+    async def handler(request: Request) -> Reply | StreamReply:
+        handled.append(request)
+        return Reply(503 if request.body_refused else 200)
+
+    server = HttpServer(handler, max_body=1 << 20, head_check=broken)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        raw = await _exchange(port, b"POST /k HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                                    b"\r\nabc")
+    finally:
+        await server.shutdown(1.0)
+    assert raw.startswith(b"HTTP/1.1 503 ") and handled[0].body_refused
+    assert any("head check failed" in r.getMessage() for r in caplog.records)
