@@ -3,7 +3,8 @@
 Each case is one connection: one to three pipelined requests (Content-Length, chunked
 or no body; HTTP/1.0 or 1.1; odd, empty and oversized headers; bodies that hold a whole
 request of their own), optionally mangled (cut short, garbage inserted, a byte changed),
-sent in random pieces, then the client half-closes. What must hold after every case:
+sent in random pieces, then the client half-closes; the head check refuses some
+requests and makes others wait. What must hold after every case:
 no 5xx but 505 (a version we do not speak), nothing logged at ERROR (a parser callback
 or the server itself failing), a request inside a body never reaching the handler when
 the framing was intact, and nothing left behind once the client has gone (connections,
@@ -17,6 +18,7 @@ import contextlib
 import logging
 import re
 import string
+from collections.abc import Awaitable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -88,11 +90,21 @@ def _mangled(data: bytes, mangle: tuple[str, float, bytes] | None) -> bytes:
 
 
 class _Scripted:
+    """The handler and the head check: /r1 is refused its body, /r2 waits for its
+    verdict (yes), the rest pass at once."""
+
     def __init__(self) -> None:
         self.paths: list[str] = []
 
+    def check(self, request: Request) -> bool | Awaitable[bool]:
+        if request.path == "/r2":
+            return asyncio.sleep(0, True)
+        return request.path != "/r1"
+
     async def __call__(self, request: Request) -> Reply | StreamReply:
         self.paths.append(request.path)
+        if request.body_refused:
+            return Reply(401, b"refused")
         if request.path.endswith("3"):  # some answers stream, the rest are one buffer
             out = StreamReply(200)
             await out.prepare(request)
@@ -131,7 +143,7 @@ def test_generated_and_mangled_requests_never_break_the_server(
         caplog: pytest.LogCaptureFixture) -> None:
     loop = asyncio.new_event_loop()
     script = _Scripted()
-    server = HttpServer(script, max_body=4096, keepalive_timeout=1.0,
+    server = HttpServer(script, max_body=4096, keepalive_timeout=1.0, head_check=script.check,
                         limits=HttpLimits(head_timeout=1.0, body_rate_window=1.0,
                                           max_connections_per_ip=8, max_pipelined=2))
     port = loop.run_until_complete(server.start("127.0.0.1", 0))
