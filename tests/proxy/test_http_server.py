@@ -132,7 +132,7 @@ async def test_malformed_requests_get_400_and_a_closed_connection(
 async def test_an_upgrade_is_answered_as_plain_http_then_closed(
         served: tuple[int, Script]) -> None:
     port, _ = served
-    raw = await _exchange(port, b"GET /u HTTP/1.1\r\nUpgrade: websocket\r\n"
+    raw = await _exchange(port, b"GET /u HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                                 b"Connection: Upgrade\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"/u ")
 
