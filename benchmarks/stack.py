@@ -257,7 +257,9 @@ class Stack:
                "QNP_ADMISSION": "on" if admission else "off",
                "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
                "QNP_SPOOL_DIR": str(self.tmp / f"spool-{file_name(name)}"),
-               "QNP_METRICS_PORT": "0"}
+               "QNP_METRICS_PORT": "0",
+               # Every load connection comes from 127.0.0.1: no per-address cap here.
+               "QNP_HTTP_MAX_CONNECTIONS_PER_IP": "0"}
         if tree is not None:
             env["PYTHONPATH"] = str(tree)
         argv = [sys.executable, "-m", "proxy", "--catalog", str(self.catalog), "--host", HOST,

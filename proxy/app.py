@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import orjson
 import redis.asyncio as aioredis
@@ -23,7 +23,7 @@ from proxy.auth import Authenticator
 from proxy.connections import ConnectionPool
 from proxy.emitter import EventEmitter
 from proxy.handlers import ROUTES, ChatHandler, Endpoint
-from proxy.http_server import Handler, Reply, Request, StreamReply
+from proxy.http_server import Handler, HeadCheck, Reply, Request, StreamReply
 from proxy.metrics import Metrics
 from proxy.routing import Router
 from proxy.settings import Settings
@@ -252,3 +252,16 @@ def dispatcher(app: web.Application) -> Handler:
         return errors.error_response(errors.RouteNotFound(), {})
 
     return dispatch
+
+
+def head_check(app: web.Application) -> HeadCheck:
+    """The server's early check, once a request's head is in: an API request's key is
+    verified before its body is read (refused: the body never is); other routes pass."""
+    chat, endpoints = app[_HANDLER], _Endpoints()
+
+    def check(request: Request) -> bool | Awaitable[bool]:
+        if request.method != "POST" or endpoints.find(request) is None:
+            return True
+        return chat.check_head(request)
+
+    return check

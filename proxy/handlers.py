@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy import errors
@@ -36,8 +35,9 @@ from proxy.providers.registry import WIRES, refusal_for, stream_relay, translate
 from proxy.record import Facts, Recorder, now_us
 from proxy.relay import ClientGone, keepalive, pump
 from proxy.routing import Router
-from proxy.settings import Network, Settings
+from proxy.settings import Settings
 from proxy.upstream import UpstreamClient
+from shared.apikeys import KeyRecord
 from shared.events import uuid7_str
 
 log = logging.getLogger("qnp.proxy")
@@ -125,7 +125,6 @@ class ChatHandler:
         router: Router,
     ) -> None:
         self._catalog: Catalog = settings.catalog
-        self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._keepalive = settings.keepalive_interval
         self._auth = auth
         self._admission = admission
@@ -135,12 +134,45 @@ class ChatHandler:
         self._metrics = metrics
         self._recorder = Recorder(settings.node_id, admission, emitter, metrics)
 
+    def check_head(self, request: Request) -> bool | Awaitable[bool]:
+        """The server's head check for an API request: verify its key before its body
+        is read. The verdict (key record or refusal) waits on ``request.principal`` for
+        ``serve``, which answers and records a refusal. A cached key costs no await."""
+        try:
+            token = _presented_key(request)
+            key = self._auth.cached(token)
+        except errors.ProxyError as e:
+            request.principal = e
+            return False
+        if key is None:
+            return self._verify(request, token)
+        request.principal = key
+        return True
+
+    async def _verify(self, request: Request, token: str) -> bool:
+        try:
+            request.principal = await self._auth.authenticate(token, request.client_ip)
+        except errors.ProxyError as e:
+            request.principal = e
+            return False
+        return True
+
+    async def _key(self, request: Request) -> KeyRecord:
+        """The request's key: the head check's verdict, else verified now (a server
+        without the check, as some tests run it)."""
+        verdict = request.principal
+        if isinstance(verdict, KeyRecord):
+            return verdict
+        if isinstance(verdict, errors.ProxyError):
+            raise verdict
+        return await self._auth.authenticate(_presented_key(request), request.client_ip)
+
     async def serve(self, request: Request, endpoint: Endpoint) -> Reply | StreamReply:
-        facts = Facts(uuid7_str(), endpoint.path, now_us(), self._client_ip(request))
+        facts = Facts(uuid7_str(), endpoint.path, now_us(), request.client_ip)
         headers = {"x-request-id": facts.id}
         wire = endpoint.wire
         try:
-            key = await self._auth.authenticate(_presented_key(request), facts.source_ip)
+            key = await self._key(request)
             facts.key_id, facts.account_id = key.key_id, key.account_id
             body = request.body
             try:
@@ -315,16 +347,6 @@ class ChatHandler:
         self._router.succeeded(dep)
         return _Attempt(dep, resp, first)
 
-    def _client_ip(self, request: Request) -> str | None:
-        peer = request.remote
-        forwarded = request.headers.get("cf-connecting-ip")
-        if forwarded is None or peer is None:
-            return peer
-        try:
-            trusted = any(ipaddress.ip_address(peer) in net for net in self._trusted)
-            return str(ipaddress.ip_address(forwarded.strip())) if trusted else peer
-        except ValueError:
-            return peer
 
 
 def _presented_key(request: Request) -> str:

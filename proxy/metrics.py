@@ -127,7 +127,8 @@ class Metrics:
         child.inc()
 
     def auth_throttled(self, scope: ThrottleScope | str) -> None:
-        """Count one verification refused by the throttle (scope key_id | client_ip | queue: the bcrypt queue was full)."""
+        """Count one verification refused by the throttle: scope key_id or client_ip
+        (over its failure budget), or queue (too many verifications waiting)."""
         child = self._throttled.get(scope)
         if child is None:
             raise UnknownLabel(f"unknown throttle scope {scope!r}")

@@ -28,8 +28,8 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy import errors
-from proxy.app import METRICS, build_app, dispatcher
-from proxy.http_server import HttpServer
+from proxy.app import METRICS, build_app, dispatcher, head_check
+from proxy.http_server import HttpLimits, HttpServer
 from proxy.metrics_group import MetricsPortTaken, scrape_group, serve_socket, start_listener
 from proxy.settings import METRICS_SOCKET_DIR, Settings, environment
 
@@ -76,6 +76,17 @@ async def start(settings: Settings) -> Running:
             max_body=settings.max_body_bytes,
             bad_request=errors.error_response(errors.BadRequest("Malformed HTTP request."), {}),
             internal_error=errors.error_response(errors.Internal(), {}),
+            limits=HttpLimits(
+                head_timeout=settings.http_head_timeout,
+                min_body_rate=settings.http_min_body_rate,
+                body_rate_window=settings.http_body_rate_window,
+                max_connections=settings.http_max_connections or None,
+                max_connections_per_ip=settings.http_max_connections_per_ip or None,
+                max_buffered_body=settings.http_max_buffered_body,
+            ),
+            trusted_proxies=settings.trusted_proxies,
+            head_check=head_check(app),
+            on_reject=app[METRICS].rejected,
         )
         port = await server.start(settings.host, settings.port)
     except BaseException:

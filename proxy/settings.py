@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import resource
 import socket
 import tempfile
 from collections.abc import Mapping
@@ -83,6 +84,13 @@ class Settings:
     # Set by the supervisor for its workers only: each serves its registry on a Unix
     # socket there, and the supervisor's metrics listener sums them.
     metrics_socket_dir: Path | None = None
+    # The public listener's edge limits (proxy.http_limits.HttpLimits); 0 caps: off.
+    http_head_timeout: float = 10.0
+    http_min_body_rate: float = 1024.0
+    http_body_rate_window: float = 10.0
+    http_max_connections: int = 0
+    http_max_connections_per_ip: int = 256
+    http_max_buffered_body: int = 256 * 1024 * 1024
 
 
 def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -218,7 +226,23 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         metrics_host=env.get("QNP_METRICS_HOST") or "127.0.0.1",
         metrics_port=_metrics_port(env),
         metrics_socket_dir=Path(raw_dir) if (raw_dir := env.get(METRICS_SOCKET_DIR)) else None,
+        http_head_timeout=_num(env, "QNP_HTTP_HEAD_TIMEOUT", 10.0, minimum=0.01),
+        http_min_body_rate=_num(env, "QNP_HTTP_MIN_BODY_RATE", 1024.0),
+        http_body_rate_window=_num(env, "QNP_HTTP_BODY_RATE_WINDOW", 10.0, minimum=0.01),
+        http_max_connections=_int(env, "QNP_HTTP_MAX_CONNECTIONS", _default_max_connections()),
+        http_max_connections_per_ip=_int(env, "QNP_HTTP_MAX_CONNECTIONS_PER_IP", 256),
+        http_max_buffered_body=_int(env, "QNP_HTTP_MAX_BUFFERED_BODY_MB", 256, minimum=1)
+        * 1024 * 1024,
     )
+
+
+def _default_max_connections() -> int:
+    """Client connections one process accepts by default: under half its file
+    descriptors, since each client request may hold an upstream connection too."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(64, int(soft * 0.45))
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
