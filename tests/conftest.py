@@ -95,6 +95,21 @@ async def mock_upstream() -> AsyncIterator[MockOpenAIUpstream]:
         yield up
 
 
+@pytest.fixture
+async def scratch_database_url(database_url: str) -> AsyncIterator[str]:
+    """An empty database of this test's own (``database_url`` must stay empty as handed
+    out: other tests check it is), dropped afterwards."""
+    base, name = database_url.rsplit("/", 1)
+    ours = f"{name}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{ours}"')
+        yield f"{base}/{ours}"
+        await admin.execute(f'DROP DATABASE IF EXISTS "{ours}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 @pytest.fixture(scope="session")
 async def migrated_url(database_url: str) -> AsyncIterator[str]:
     """A second database of this session with the control plane's schema applied.

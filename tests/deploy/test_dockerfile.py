@@ -167,19 +167,19 @@ async def test_proxy_starts_from_the_image_as_compose_runs_it(
     assert code == 0, (tmp_path / "proxy.log").read_text()
 
 
-def test_migrations_run_from_the_image(image: Sandbox, database_url: str, redis_url: str
-                                       ) -> None:
+def test_migrations_run_from_the_image(image: Sandbox, scratch_database_url: str,
+                                       redis_url: str) -> None:
     """Kubernetes' init container and compose's `migrate` service: `control_plane migrate`
     applies every shipped migration to an empty database."""
     (init,) = {tuple(c["args"]) for _, spec in manifests.pod_specs(
         manifests.load_docs(BASE / "control-plane.yaml"))
         for c in spec.get("initContainers", [])}
-    result = image.run("runtime", list(init), {"DATABASE_URL": database_url,
+    result = image.run("runtime", list(init), {"DATABASE_URL": scratch_database_url,
                                                 "REDIS_URL": redis_url})
     assert result.returncode == 0, result.stdout + result.stderr
     for sql in sorted((ROOT / "control_plane" / "migrations").glob("*.sql")):
         assert sql.stem in result.stdout
-    again = image.run("runtime", list(init), {"DATABASE_URL": database_url,
+    again = image.run("runtime", list(init), {"DATABASE_URL": scratch_database_url,
                                                "REDIS_URL": redis_url})
     assert again.returncode == 0 and "up to date" in again.stdout
 
