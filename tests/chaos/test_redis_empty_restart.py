@@ -72,9 +72,9 @@ async def _funded_key(env: dict[str, str]) -> tuple[str, str]:
     return str(account["id"]), str(issued["key"])
 
 
-async def _spool_empty(port: int) -> bool:
+async def _spool_empty(metrics_port: int) -> bool:
     async with aiohttp.ClientSession() as s, \
-            s.get(f"http://127.0.0.1:{port}/metrics") as r:
+            s.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
         text = await r.text()
     match = re.search(r"^qnp_events_in_spool (\S+)$", text, re.MULTILINE)
     return match is not None and float(match.group(1)) == 0
@@ -90,9 +90,10 @@ async def test_redis_restarted_empty_refuses_no_valid_key_and_loses_nothing(
     names = RedisNames(prefix=f"chaos{secrets.token_hex(4)}")
     cp_env = control_plane_env(migrated_url, own_redis.url, names.prefix,
                                QNP_CONSUMER_NAME="ingest")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = proxy_env(own_redis.url, names, write_catalog(tmp_path, mock_upstream.base_url),
-                    QNP_PROXY_PORT=str(port), QNP_SPOOL_DIR=str(tmp_path / "spool"))
+                    QNP_PROXY_PORT=str(port), QNP_METRICS_PORT=str(metrics_port),
+                    QNP_SPOOL_DIR=str(tmp_path / "spool"))
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     watcher = aioredis.Redis.from_url(own_redis.url)
     cp = await serve_control_plane(cp_env, tmp_path / "control_plane.log")
@@ -146,7 +147,7 @@ async def test_redis_restarted_empty_refuses_no_valid_key_and_loses_nothing(
             assert set(before.statuses) == {200} and set(during.statuses) == {200}, \
                 (before.statuses, during.statuses)
 
-            await wait_for(lambda: _spool_empty(port), "the proxy replays its spool")
+            await wait_for(lambda: _spool_empty(metrics_port), "the proxy replays its spool")
             answered = before.answered + during.answered
             await wait_for(lambda: _stored_at_least(migrated_url, account, answered),
                            "ingest stores every answered request")
