@@ -28,13 +28,30 @@ from tests.proxy.conftest import proxy_env, publish_key, write_catalog
 from tests.support import ModuleProcess, free_port, wait_for_http
 
 READERS = 100
-CHUNKS = 16_000  # per stream, ~18 MB: well beyond what kernel buffers absorb
 _PIECE = "x" * 1_000
 _CHUNK = b"data: " + orjson.dumps({
     "id": "chatcmpl-big", "object": "chat.completion.chunk", "created": 0,
     "model": "demo-mini-2024",
     "choices": [{"index": 0, "delta": {"content": _PIECE}, "finish_reason": None}],
 }) + b"\n\n"
+
+
+def _kernel_absorbs() -> int:
+    """The most one stream's bytes the kernel may hold on the way without the proxy
+    reading: the proxy's receive buffer from the upstream (autotuned up to tcp_rmem's
+    maximum: 32 MB on some machines) and its send buffer to the client (up to
+    tcp_wmem's). A stream smaller than that can reach its end with no backpressure at
+    all, which once made this test fail on such a machine (18 MB streams)."""
+    def most(name: str) -> int:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            return int(f.read().split()[2])
+    return most("tcp_rmem") + most("tcp_wmem")
+
+
+# Per stream: beyond every kernel buffer on the way (and the proxy's own 64 KiB), so
+# only backpressure can keep a parked stream from running to its end. The upstream
+# writes lazily, so a large stream costs only what is really absorbed.
+CHUNKS = (_kernel_absorbs() + 8 * 1024 * 1024) // len(_CHUNK) + 1
 STREAM_BYTES = CHUNKS * len(_CHUNK)
 _TAIL = b"data: " + orjson.dumps({
     "id": "chatcmpl-big", "object": "chat.completion.chunk", "created": 0,
