@@ -5,15 +5,10 @@ earlier run's spooled events are never replayed into the new run's database."""
 from __future__ import annotations
 
 import os
-import secrets
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import psutil
-import pytest
 
 from shared.redis_names import RedisNames
 from tests.support import ModuleProcess, wait_until_gone
@@ -21,24 +16,6 @@ from tests.support import ModuleProcess, wait_until_gone
 BANNER = "QNP gateway is running"
 REPLAYING = "events from before; replaying"
 NODE = "make-run-test"
-
-
-@pytest.fixture
-async def own_database(dev_server_urls: tuple[str, str]) -> AsyncIterator[str]:
-    """A database of this test's own: ``make run`` migrates it and adds its demo account."""
-    server_url = dev_server_urls[0]
-    name = f"qnp_test_run_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 def _plant_orphan_spool(folder: Path) -> list[Path]:
@@ -60,14 +37,14 @@ def _proxy_child(run: ModuleProcess) -> psutil.Process:
 
 
 async def test_make_run_keeps_its_spool_in_its_own_temp_folder(
-    tmp_path: Path, own_database: str, redis_url: str, redis_names: RedisNames,
+    tmp_path: Path, scratch_database_url: str, redis_url: str, redis_names: RedisNames,
 ) -> None:
     system_tmp = tmp_path / "tmp"
     system_tmp.mkdir()
     # The folder a proxy spools to by default (per Redis prefix and node id).
     default_spool = system_tmp / f"qnp-spool-{redis_names.prefix}-{NODE}"
     planted = _plant_orphan_spool(default_spool)
-    env = {**os.environ, "DATABASE_URL": own_database,
+    env = {**os.environ, "DATABASE_URL": scratch_database_url,
            "REDIS_URL": redis_url, "QNP_REDIS_PREFIX": redis_names.prefix,
            "QNP_NODE_ID": NODE, "TMPDIR": str(system_tmp), "QNP_BCRYPT_ROUNDS": "4"}
     env.pop("QNP_SPOOL_DIR", None)
