@@ -22,6 +22,7 @@ from control_plane import accounts, keys, ledger, limits, logs, service, usage
 from control_plane.connections import open_pool, open_redis
 from control_plane.errors import InvalidInput, classify
 from control_plane.migrate import migrate
+from control_plane.roles import ADMIN, RoleError, parse_roles
 from control_plane.settings import Settings, SettingsError
 from shared.pricing import MICROS_PER_DOLLAR, PriceError, dollars_to_micros
 
@@ -200,7 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.set_defaults(json=False)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", parents=[common], help="apply pending schema migrations")
-    sub.add_parser("serve", help="run the admin API and the ingest consumer")
+    p = sub.add_parser("serve", help="run the control plane's roles (default: all)")
+    p.add_argument("--role", action="append", metavar="ROLE",
+                   help="web, ingest or admin; repeat or comma-separate (default: all)")
     p = sub.add_parser("create-account", parents=[common], help="create an account")
     p.add_argument("name")
     p = sub.add_parser("issue-key", parents=[common], help="issue an API key (shown once)")
@@ -237,17 +240,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    serving: tuple[str, ...] = ()
     try:
-        settings = Settings.from_env()
         if args.command == "serve":
+            serving = parse_roles(args.role)
+        settings = Settings.from_env()
+        if ADMIN in serving:
             settings.require_admin_token()
-    except SettingsError as e:
+    except (SettingsError, RoleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level_number)
     try:
         if args.command == "serve":
-            service.run(settings)
+            service.run(settings, serving)
             return 0
         doc, text = asyncio.run(_COMMANDS[args.command](settings, args))
     except Exception as e:  # top of the command: known failures become a one-line message

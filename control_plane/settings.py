@@ -32,6 +32,10 @@ class Settings:
     admin_token: str | None = None
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
+    web_host: str = "127.0.0.1"
+    web_port: int = 8082
+    # How long SIGTERM waits for each role to finish what it has in hand.
+    shutdown_grace_s: float = 10.0
     bcrypt_rounds: int = 12
     consumer_name: str = "control-plane"
     ingest_batch_size: int = 500
@@ -67,6 +71,9 @@ class Settings:
             admin_token=_admin_token(e),
             admin_host=_parse(e, "QNP_ADMIN_HOST", "127.0.0.1", _non_empty),
             admin_port=_parse(e, "QNP_ADMIN_PORT", 8081, _int_in(1, 65535)),
+            web_host=_parse(e, "QNP_WEB_HOST", "127.0.0.1", _non_empty),
+            web_port=_parse(e, "QNP_WEB_PORT", 8082, _int_in(1, 65535)),
+            shutdown_grace_s=_parse(e, "QNP_SHUTDOWN_GRACE", 10.0, _seconds(0.1, 600.0)),
             bcrypt_rounds=_parse(e, "QNP_BCRYPT_ROUNDS", 12, _int_in(4, 31)),
             consumer_name=_parse(
                 e, "QNP_CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}", _non_empty
@@ -111,6 +118,16 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
         value = int(raw)
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return convert
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        value = float(raw)
+        if not low <= value <= high:  # also refuses nan
+            raise ValueError(f"must be between {low} and {high} seconds")
         return value
 
     return convert

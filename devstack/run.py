@@ -157,6 +157,7 @@ def main() -> int:
     ):
         upstream_port, proxy_port, admin_port = _port(8090), _port(8080), _port(8081)
         anthropic_port, gemini_port = _port(8091), _port(8092)
+        web_port = _port(8082)
         catalog = Path(tmp) / "catalog.toml"
         catalog.write_text(CATALOG.format(upstream_port=upstream_port,
                                           anthropic_port=anthropic_port, gemini_port=gemini_port))
@@ -168,6 +169,7 @@ def main() -> int:
             "QNP_DEMO_UPSTREAM_KEY": "sk-demo-" + secrets.token_hex(16),
             "QNP_ADMIN_TOKEN": os.environ.get("QNP_ADMIN_TOKEN") or secrets.token_urlsafe(24),
             "QNP_ADMIN_PORT": str(admin_port),
+            "QNP_WEB_PORT": str(web_port),
             "QNP_PROXY_PORT": str(proxy_port),
         }
         try:
@@ -229,6 +231,7 @@ export ANTHROPIC_API_KEY={key}
 export DATABASE_URL={env["DATABASE_URL"]}
 export REDIS_URL={env["REDIS_URL"]}
 export QNP_ADMIN_TOKEN={env["QNP_ADMIN_TOKEN"]}
+export QNP_DASHBOARD_URL=http://127.0.0.1:{env["QNP_WEB_PORT"]}
 
 Try it:
 curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "demo-mini", "messages": [{{"role": "user", "content": "Hello!"}}]}}'

@@ -18,6 +18,7 @@ def test_defaults() -> None:
     assert s.admin_token is None
     assert s.consumer_name  # hostname-pid
     assert s.names.events == "qnp:events"
+    assert (s.web_host, s.web_port, s.shutdown_grace_s) == ("127.0.0.1", 8082, 10.0)
 
 
 @pytest.mark.parametrize(
@@ -29,6 +30,9 @@ def test_defaults() -> None:
         ({**BASE, "QNP_ADMIN_PORT": "http"}, "QNP_ADMIN_PORT"),
         ({**BASE, "QNP_INGEST_BATCH_SIZE": "0"}, "QNP_INGEST_BATCH_SIZE"),
         ({**BASE, "QNP_LOG_LEVEL": "loud"}, "QNP_LOG_LEVEL"),
+        ({**BASE, "QNP_WEB_PORT": "0"}, "QNP_WEB_PORT"),
+        ({**BASE, "QNP_SHUTDOWN_GRACE": "nan"}, "QNP_SHUTDOWN_GRACE"),
+        ({**BASE, "QNP_SHUTDOWN_GRACE": "-1"}, "QNP_SHUTDOWN_GRACE"),
         ({**BASE, "QNP_REDIS_PREFIX": "a b"}, "QNP_REDIS_PREFIX"),
     ],
 )
