@@ -22,7 +22,7 @@ from control_plane import accounts, keys, ledger, limits, logs, service, usage
 from control_plane.connections import open_pool, open_redis
 from control_plane.errors import InvalidInput, classify
 from control_plane.migrate import migrate
-from control_plane.roles import ADMIN, RoleError, parse_roles
+from control_plane.roles import ADMIN, WEB, RoleError, parse_roles
 from control_plane.settings import Settings, SettingsError
 from shared.pricing import MICROS_PER_DOLLAR, PriceError, dollars_to_micros
 
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         if ADMIN in serving:
             settings.require_admin_token()
+        if WEB in serving:
+            settings.require_session_secret()
     except (SettingsError, RoleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -27,6 +27,7 @@ from control_plane.ingest import Consumer
 from control_plane.reconciler import STARTUP, Reconciler
 from control_plane.runtime import Stores
 from control_plane.web.app import make_web_app
+from control_plane.web.edge import SERVER_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,11 @@ class Listener:
     """An aiohttp app on its own host and port."""
 
     def __init__(self, name: str, app: web.Application, host: str, port: int,
-                 grace_s: float) -> None:
+                 grace_s: float, **server: Any) -> None:
         self.name, self._host, self._port = name, host, port
         # In-flight requests get the grace; idle keep-alive connections are closed.
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace_s)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace_s,
+                                     **server)
 
     async def start(self) -> None:
         await self._runner.setup()
@@ -121,5 +123,6 @@ def build(names: tuple[str, ...], stores: Stores) -> list[Role]:
                                   settings.admin_host, settings.admin_port, grace))
         elif name == WEB:
             roles.append(Listener("web", make_web_app(settings, stores),
-                                  settings.web_host, settings.web_port, grace))
+                                  settings.web_host, settings.web_port, grace,
+                                  **SERVER_LIMITS))
     return roles

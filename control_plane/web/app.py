@@ -1,21 +1,78 @@
-"""The public web application: its routes and middlewares, composed once.
+"""The public web application: its middlewares, routes and resources, composed once.
 
-Never imports ``proxy``.
+Middlewares, outermost first: ``errors`` (the one place errors become JSON or pages),
+``edge`` (body caps and deadline), ``guard`` (sessions and CSRF). ``security`` adds
+the headers and CSP to every response. Resources with a lifetime (the HTTP client for
+OIDC providers, the revocation listener) live in ``cleanup_ctx``. Never imports
+``proxy``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
 from aiohttp import web
 
+from control_plane.auth import oidc
+from control_plane.auth.apikey import KeyAuth
+from control_plane.auth.sessions import Sessions
 from control_plane.runtime import Stores
 from control_plane.settings import Settings
+from control_plane.web import account_api, security, signin
+from control_plane.web.edge import MAX_BODY_BYTES, edge
+from control_plane.web.errors import errors
+from control_plane.web.guard import guard
+from control_plane.web.pages import PAGES, Pages, redirect
+from control_plane.web.state import KEYS, OIDC, SESSIONS, SETTINGS, STORES
+
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def home(request: web.Request) -> web.Response:
+    return redirect("/signin")  # the dashboard comes with issue 12
+
+
+async def _http_client(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession(trust_env=False) as client:
+        app[HTTP_CLIENT] = client
+        app[OIDC] = oidc.clients(app[SETTINGS].oidc_providers, client)
+        yield
+
+
+async def _revocations(app: web.Application) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    names = app[SETTINGS].names
+    task = asyncio.create_task(
+        app[SESSIONS].listen(stop, {names.key_changes: app[KEYS].forget}),
+        name="web revocations")
+    yield
+    stop.set()
+    try:
+        await asyncio.wait_for(task, 3.0)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def make_web_app(settings: Settings, stores: Stores) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[errors, edge, guard], client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS], app[STORES], app[PAGES] = settings, stores, Pages()
+    app[SESSIONS] = Sessions(settings.require_session_secret(), stores.pool, stores.redis,
+                             settings.names, stores.outages)
+    app[KEYS] = KeyAuth(stores.pool)
+    security.install(app, settings.public_is_https)
+    app.cleanup_ctx.append(_http_client)
+    app.cleanup_ctx.append(_revocations)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", home)
+    signin.add_routes(app)
+    account_api.add_routes(app)
     return app
