@@ -157,7 +157,7 @@ def main() -> int:
     ):
         upstream_port, proxy_port, admin_port = _port(8090), _port(8080), _port(8081)
         anthropic_port, gemini_port = _port(8091), _port(8092)
-        web_port = _port(8082)
+        web_port, oidc_port = _port(8082), _port(9400)
         catalog = Path(tmp) / "catalog.toml"
         catalog.write_text(CATALOG.format(upstream_port=upstream_port,
                                           anthropic_port=anthropic_port, gemini_port=gemini_port))
@@ -170,6 +170,10 @@ def main() -> int:
             "QNP_ADMIN_TOKEN": os.environ.get("QNP_ADMIN_TOKEN") or secrets.token_urlsafe(24),
             "QNP_ADMIN_PORT": str(admin_port),
             "QNP_WEB_PORT": str(web_port),
+            # "Dev sign-in": a local oidc-provider-mock, so no Google or Apple account is needed.
+            "QNP_OIDC_PROVIDERS": json.dumps([{
+                "name": "dev", "label": "Dev sign-in", "issuer": f"http://127.0.0.1:{oidc_port}",
+                "client_id": "qnp-dev", "client_secret": secrets.token_urlsafe(16)}]),
             "QNP_PROXY_PORT": str(proxy_port),
         }
         try:
@@ -196,6 +200,10 @@ def main() -> int:
                     "-m", f"devstack.upstream_{fmt}", "--port", str(port),
                     "--api-key", env["QNP_DEMO_UPSTREAM_KEY"]], env)
                 _wait_http(f"http://127.0.0.1:{port}{probe}", demo, f"demo {fmt} upstream")
+            idp = children.start("dev OpenID provider",
+                                 ["-m", "oidc_provider_mock", "--port", str(oidc_port)], env)
+            _wait_http(f"http://127.0.0.1:{oidc_port}/.well-known/openid-configuration", idp,
+                       "dev OpenID provider")
             cp = children.start("control plane", ["-m", "control_plane", "serve"], env)
             _wait_http(f"http://127.0.0.1:{admin_port}/healthz", cp, "control plane")
             px = children.start("proxy", ["-m", "proxy"], env)
