@@ -200,8 +200,10 @@ def main() -> int:
                     "-m", f"devstack.upstream_{fmt}", "--port", str(port),
                     "--api-key", env["QNP_DEMO_UPSTREAM_KEY"]], env)
                 _wait_http(f"http://127.0.0.1:{port}{probe}", demo, f"demo {fmt} upstream")
-            idp = children.start("dev OpenID provider",
-                                 ["-m", "oidc_provider_mock", "--port", str(oidc_port)], env)
+            dev_user = json.dumps({"sub": "dev", "email": "dev@example.test",
+                                   "email_verified": True, "name": "Dev User"})
+            idp = children.start("dev OpenID provider", ["-m", "oidc_provider_mock", "--port",
+                                 str(oidc_port), "--user-claims", dev_user], env)
             _wait_http(f"http://127.0.0.1:{oidc_port}/.well-known/openid-configuration", idp,
                        "dev OpenID provider")
             cp = children.start("control plane", ["-m", "control_plane", "serve"], env)

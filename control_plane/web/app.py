@@ -26,7 +26,7 @@ from control_plane.web.edge import MAX_BODY_BYTES, edge
 from control_plane.web.errors import errors
 from control_plane.web.guard import guard
 from control_plane.web.pages import PAGES, Pages, redirect
-from control_plane.web.state import KEYS, OIDC, SESSIONS, SETTINGS, STORES
+from control_plane.web.state import CALLER, KEYS, OIDC, SESSIONS, SETTINGS, STORES
 
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 
@@ -36,7 +36,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def home(request: web.Request) -> web.Response:
-    return redirect("/signin")  # the dashboard comes with issue 12
+    # The dashboard comes with issue 12; until then, say where the account API is.
+    if CALLER not in request or request[CALLER].session is None:
+        return redirect("/signin")
+    return request.app[PAGES].message(
+        "You are signed in", "Your account API is at /api/v1 (keys, credits, activity).", 200)
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:

@@ -38,7 +38,7 @@ policy (version {{ policy_version }}).</label></p>
 </form>{% endblock %}""",
     "message.html": """{% extends "layout.html" %}{% block title %}{{ title }} · QNP{% endblock %}
 {% block main %}<h1>{{ title }}</h1><p>{{ message }}</p>
-<p><a href="/signin">Back to sign-in</a></p>{% endblock %}""",
+{% if failed %}<p><a href="/signin">Back to sign-in</a></p>{% endif %}{% endblock %}""",
 }
 
 
@@ -55,7 +55,8 @@ class Pages:
                             content_type="text/html", charset="utf-8")
 
     def message(self, title: str, message: str, status: int) -> web.Response:
-        return self.render("message.html", status, title=title, message=message)
+        return self.render("message.html", status, title=title, message=message,
+                           failed=status >= 400)
 
 
 def redirect(location: str) -> web.Response:

@@ -18,6 +18,10 @@ from urllib.parse import quote, urlsplit
 
 import orjson
 from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from control_plane import users
 from control_plane.auth.oidc import Client, Flow, Identity
@@ -55,6 +59,33 @@ def _redirect_uri(request: web.Request, provider: str) -> str:
 
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+# A sign-up in progress holds a verified email and name. In Redis it is sealed with a
+# key only the person's browser holds (derived from the sign-up cookie), under a name
+# derived from it: Redis alone reveals neither who is signing up nor the cookie.
+def _signup_key(request: web.Request, token: str) -> str:
+    return request.app[SETTINGS].names.signup(_digest("key:" + token))
+
+
+def _aead(token: str) -> AESGCM:
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=b"qnp signup").derive(token.encode())
+    return AESGCM(key)
+
+
+def _seal(token: str, plain: bytes) -> bytes:
+    nonce = secrets.token_bytes(12)
+    return nonce + _aead(token).encrypt(nonce, plain, None)
+
+
+def _unseal(token: str, sealed: bytes | str) -> bytes | None:
+    if isinstance(sealed, str):  # our client returns bytes; a str was never sealed by us
+        return None
+    try:
+        return _aead(token).decrypt(sealed[:12], sealed[12:], None)
+    except InvalidTag:
+        return None
 
 
 async def signin_page(request: web.Request) -> web.Response:
@@ -128,8 +159,8 @@ async def _signed_in(request: web.Request, identity: Identity, next_path: str
             "an account with this email already exists: sign in the way you did before, "
             "then connect this provider from your settings", "email of another user")
     token = secrets.token_urlsafe(32)
-    await stores.redis.set(request.app[SETTINGS].names.signup(token),
-                           users.identity_to_json(identity), ex=SIGNUP_TTL_S)
+    await stores.redis.set(_signup_key(request, token),
+                           _seal(token, users.identity_to_json(identity)), ex=SIGNUP_TTL_S)
     response = redirect(f"/signup?next={quote(next_path)}")
     set_cookie(response, SIGNUP_COOKIE, token, SIGNUP_TTL_S)
     return response
@@ -148,11 +179,12 @@ async def _new_session(request: web.Request, member: users.Member, next_path: st
 async def _pending(request: web.Request) -> tuple[str, Identity]:
     token = request.cookies.get(SIGNUP_COOKIE)
     raw = None if token is None else await request.app[STORES].redis.get(
-        request.app[SETTINGS].names.signup(token))
-    if token is None or raw is None:
+        _signup_key(request, token))
+    plain = None if token is None or raw is None else _unseal(token, raw)
+    if token is None or plain is None:
         raise SignInRefused("this sign-up has expired; please sign in again",
                             "no sign-up in progress")
-    return token, users.identity_from_json(raw)
+    return token, users.identity_from_json(plain)
 
 
 async def signup_page(request: web.Request) -> web.Response:
@@ -171,7 +203,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
         raise InvalidInput("confirm you are 18 or older and accept the terms and the "
                            "privacy policy to continue")
     stores, settings = request.app[STORES], request.app[SETTINGS]
-    if await stores.redis.getdel(settings.names.signup(token)) is None:
+    if await stores.redis.getdel(_signup_key(request, token)) is None:
         raise SignInRefused("this sign-up has expired; please sign in again", "signup reused")
     async with stores.pool.acquire() as conn, conn.transaction():
         if identity.email and await users.email_taken(conn, identity.email):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import asyncpg
 import jwt
 import pytest
+import redis.asyncio as aioredis
 
 from tests.control_plane.web.conftest import (
     Web,
@@ -40,6 +41,7 @@ async def test_a_new_user_signs_in_accepts_and_gets_an_account(
     r = await web.client.get(path_of(callback), allow_redirects=False)
     assert r.status == 302 and r.headers["Location"] == "/signup?next=/keys"
     assert await _identities(pool, person["sub"]) == 0  # nothing before acceptance
+    await _nothing_personal_in_redis(web, person)
 
     refused = await accept_signup(web, age_18="")
     assert refused.status == 400
@@ -68,6 +70,17 @@ async def test_a_new_user_signs_in_accepts_and_gets_an_account(
     assert (r.status, r.headers["Location"]) == (302, "/")
     again = (await (await web.client.get("/api/v1/session")).json())["data"]
     assert again["account_id"] == me["account_id"]
+
+
+async def _nothing_personal_in_redis(web: Web, person: dict[str, object]) -> None:
+    client = aioredis.Redis.from_url(web.settings.redis_url)
+    try:
+        async for key in client.scan_iter(match=f"{web.settings.redis_prefix}*"):
+            value = await client.get(key) if await client.type(key) == b"string" else b""
+            for secret in (person["email"], person["name"], person["sub"]):
+                assert str(secret).encode() not in key + (value or b""), key
+    finally:
+        await client.aclose()
 
 
 async def test_a_state_mismatch_and_a_replayed_code_are_refused(
