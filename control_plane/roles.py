@@ -27,7 +27,7 @@ from control_plane.ingest import Consumer
 from control_plane.reconciler import STARTUP, Reconciler
 from control_plane.runtime import Stores
 from control_plane.web.app import make_web_app
-from control_plane.web.edge import SERVER_LIMITS
+from control_plane.web.edge import HEADS, SERVER_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,26 @@ class Listener:
     def __init__(self, name: str, app: web.Application, host: str, port: int,
                  grace_s: float, **server: Any) -> None:
         self.name, self._host, self._port = name, host, port
+        self._heads = app.get(HEADS)
+        self._server: asyncio.Server | None = None
         # In-flight requests get the grace; idle keep-alive connections are closed.
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace_s,
                                      **server)
 
     async def start(self) -> None:
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
+        if self._heads is None:
+            await web.TCPSite(self._runner, self._host, self._port).start()
+        else:  # the protocol factory wrapped, for the head deadline
+            server = self._runner.server
+            assert server is not None
+            self._server = await asyncio.get_running_loop().create_server(
+                self._heads.factory(server), self._host, self._port, reuse_address=True)
         log.info("%s listening host=%s port=%d", self.name, self._host, self._port)
 
     async def stop(self, grace_s: float) -> None:
+        if self._server is not None:
+            self._server.close()  # stop accepting; open connections are the runner's
         try:
             await asyncio.wait_for(self._runner.cleanup(), grace_s + 1.0)
         except TimeoutError:

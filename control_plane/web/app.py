@@ -1,7 +1,9 @@
 """The public web application: its middlewares, routes and resources, composed once.
 
-Middlewares, outermost first: ``errors`` (the one place errors become JSON or pages),
-``edge`` (body caps and deadline), ``guard`` (sessions and CSRF). ``security`` adds
+Middlewares, outermost first: ``edge.heads`` (a head arrived: the head deadline's
+bookkeeping), ``errors`` (the one place errors become JSON or pages), ``guard`` (who
+is calling, and CSRF: a bad key or cookie is refused before any body is read),
+``edge.bodies`` (the body, within its route's cap and deadline). ``security`` adds
 the headers and CSP to every response. Resources with a lifetime (the HTTP client for
 OIDC providers, the revocation listener) live in ``cleanup_ctx``. Never imports
 ``proxy``.
@@ -22,7 +24,7 @@ from control_plane.auth.sessions import Sessions
 from control_plane.runtime import Stores
 from control_plane.settings import Settings
 from control_plane.web import account_api, security, signin
-from control_plane.web.edge import MAX_BODY_BYTES, edge
+from control_plane.web.edge import HEADS, MAX_BODY_BYTES, HeadDeadline, bodies, heads
 from control_plane.web.errors import errors
 from control_plane.web.guard import guard
 from control_plane.web.pages import PAGES, Pages, redirect
@@ -67,11 +69,13 @@ async def _revocations(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_web_app(settings: Settings, stores: Stores) -> web.Application:
-    app = web.Application(middlewares=[errors, edge, guard], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[heads, errors, guard, bodies],
+                          client_max_size=MAX_BODY_BYTES)
     app[SETTINGS], app[STORES], app[PAGES] = settings, stores, Pages()
     app[SESSIONS] = Sessions(settings.require_session_secret(), stores.pool, stores.redis,
                              settings.names, stores.outages)
     app[KEYS] = KeyAuth(stores.pool)
+    app[HEADS] = HeadDeadline()
     security.install(app, settings.public_is_https)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_revocations)

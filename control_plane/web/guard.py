@@ -22,6 +22,7 @@ from aiohttp import web
 
 from control_plane.auth.sessions import COOKIE, COOKIE_TTL_S, CookieClaims
 from control_plane.errors import Forbidden, Unauthorized
+from control_plane.web.edge import read_body
 from control_plane.web.errors import Handler
 from control_plane.web.state import CALLER, KEYS, SESSIONS, SETTINGS, Caller
 
@@ -100,6 +101,7 @@ async def _check_csrf(request: web.Request, found: Caller | None) -> None:
     given = request.headers.get(CSRF_HEADER)
     if given is None and request.content_type in ("application/x-www-form-urlencoded",
                                                   "multipart/form-data"):
+        await read_body(request)  # within the edge's cap and deadline
         value = (await request.post()).get(CSRF_FIELD)
         given = value if isinstance(value, str) else None
     if not request.app[SESSIONS].csrf_ok(binding, given):
