@@ -8,11 +8,13 @@ import asyncio
 import time
 import uuid
 from dataclasses import replace
+from typing import Any
 
 import jwt
 import pytest
 
-from control_plane.auth.sessions import CACHE_TTL_S, COOKIE, Sessions
+from control_plane import limits
+from control_plane.auth.sessions import CACHE_TTL_S, COOKIE, COOKIE_TTL_S, Sessions
 from control_plane.web.state import SESSIONS
 from tests.control_plane.web.conftest import SESSION_SECRET, Web, serve_web, sign_in_new_user
 from tests.support import free_port
@@ -161,3 +163,37 @@ async def test_bodies_over_the_route_cap_are_refused_before_any_handler(web: Web
     assert r.status == 413
     r = await web.client.post("/api/v1/keys", data=b"{", headers=headers)
     assert r.status == 400 and "JSON" in (await r.json())["error"]["message"]
+
+
+async def test_a_cookie_past_half_its_life_is_renewed(web: Web, pool: Any) -> None:
+    await sign_in_new_user(web)
+    sid = uuid.UUID(jwt.decode(_cookie(web), options={"verify_signature": False})["sid"])
+    signer = Sessions(SESSION_SECRET, None, None, None, None)  # type: ignore[arg-type]
+    old = signer.cookie_value(sid, time.time() - COOKIE_TTL_S * 0.75)
+    _set_cookie(web, old)
+    seen_before = await pool.fetchval("SELECT last_seen_at FROM web_sessions WHERE id = $1",
+                                      sid)
+    r = await web.client.get("/api/v1/credits")
+    assert r.status == 200
+    fresh = r.cookies[COOKIE].value
+    claims = jwt.decode(fresh, options={"verify_signature": False})
+    assert claims["sid"] == str(sid) and claims["exp"] > time.time() + COOKIE_TTL_S * 0.9
+    assert await pool.fetchval("SELECT last_seen_at FROM web_sessions WHERE id = $1",
+                               sid) > seen_before
+    r = await web.client.get("/api/v1/credits")  # a young cookie is not renewed again
+    assert COOKIE not in r.cookies
+
+
+async def test_suspending_the_account_ends_its_sessions_at_once(
+    web: Web, pool: Any, redis: Any
+) -> None:
+    me = await sign_in_new_user(web)
+    assert (await web.client.get("/api/v1/credits")).status == 200  # cached now
+    await limits.set_account_status(pool, redis, web.settings.names, me["account_id"],
+                                    "suspended")
+    status, polls = 200, 0
+    while status == 200 and polls < HANG_GUARD_S / 0.02:  # far inside the cache lifetime
+        status = (await web.client.get("/api/v1/credits")).status
+        polls += 1
+        await asyncio.sleep(0.02)
+    assert status == 401
