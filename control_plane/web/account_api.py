@@ -10,6 +10,7 @@ Handlers are thin; SQL lives in ``keys`` and ``account_usage``. Never imports ``
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +21,16 @@ from control_plane import account_usage, keys, users
 from control_plane.accounts import clean_name
 from control_plane.errors import Forbidden, InvalidInput, NotFound
 from control_plane.web.guard import caller
-from control_plane.web.state import KEYS, SESSIONS, SETTINGS, STORES, Caller
+from control_plane.web.state import (
+    KEY_DOC_TTL_S,
+    KEY_DOCS,
+    KEY_DOCS_MAX,
+    KEYS,
+    SESSIONS,
+    SETTINGS,
+    STORES,
+    Caller,
+)
 from shared.pricing import PriceError, dollars_to_micros
 
 LIMIT_RESETS = ("daily", "weekly", "monthly")
@@ -125,13 +135,22 @@ async def current_key(request: web.Request) -> web.Response:
     who = caller(request)
     if who.key is None:
         raise InvalidInput("GET /api/v1/key describes the API key it is called with")
+    docs, now = request.app[KEY_DOCS], time.monotonic()
+    hit = docs.get(who.key.key_id)
+    if hit is not None and hit[0] > now:
+        return web.Response(body=hit[1], content_type="application/json")
     info = await keys.get_key(request.app[STORES].pool, who.account_id, who.key.key_id)
     (data,) = await _keys_json(request, [info])
     rpm = info.limits.get("rpm")
     data |= {"is_free_tier": False, "is_management_key": who.key.management,
              "rate_limit": {"requests": rpm, "interval": "1m"} if rpm else None,
              "limits": info.limits}
-    return _data(data)
+    response = _data(data)
+    if len(docs) >= KEY_DOCS_MAX:
+        docs.clear()
+    assert isinstance(response.body, bytes)
+    docs[who.key.key_id] = (now + KEY_DOC_TTL_S, response.body)
+    return response
 
 
 async def credits(request: web.Request) -> web.Response:
@@ -178,6 +197,7 @@ async def get_key(request: web.Request) -> web.Response:
 
 async def _announce_key(request: web.Request, info: keys.KeyInfo) -> None:
     request.app[KEYS].forget(info.key_id)
+    request.app[KEY_DOCS].pop(info.key_id, None)
     if info.kind == "management":  # not published, but other replicas cache it
         stores = request.app[STORES]
         await stores.redis.publish(stores.settings.names.key_changes, info.key_id)

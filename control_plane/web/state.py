@@ -19,6 +19,11 @@ STORES = web.AppKey("stores", Stores)
 SESSIONS = web.AppKey("sessions", Sessions)
 KEYS = web.AppKey("key_auth", KeyAuth)
 OIDC = web.AppKey("oidc", dict[str, Client])
+# GET /api/v1/key answers per key id, kept KEY_DOC_TTL_S: a hot key costs one query a
+# second per replica, not one per request. (cached until, JSON body)
+KEY_DOCS = web.AppKey("key_docs", dict[str, tuple[float, bytes]])
+KEY_DOC_TTL_S = 1.0
+KEY_DOCS_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from control_plane import ledger
 from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
+from control_plane.web import account_api
 from control_plane.web.state import KEYS
 from shared.apikeys import KeyRecord
 from shared.events import STREAM_FIELD
@@ -202,3 +203,25 @@ async def test_another_accounts_keys_and_requests_are_not_found(
         assert (await activity.json())["data"] == []
     still = await pool.fetchval("SELECT name FROM api_keys WHERE key_id = $1", h)
     assert still == "theirs"
+
+
+async def test_a_hot_key_document_costs_one_query_a_second(
+    web: Web, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, headers = await _signed_in(web)
+    key = (await _create(web, headers, name="hot"))["key"]
+    calls = 0
+    real = account_api.keys.get_key
+
+    async def counting(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await real(*args)
+
+    monkeypatch.setattr(account_api.keys, "get_key", counting)
+    monkeypatch.setattr(account_api, "KEY_DOC_TTL_S", 3600.0)  # no clock in the test
+    bodies = set()
+    for _ in range(10):
+        r = await web.client.get("/api/v1/key", headers=_bearer(key))
+        bodies.add(await r.read())
+    assert calls == 1 and len(bodies) == 1
