@@ -22,8 +22,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
-from control_plane import accounts, keys, ledger, limits, usage
-from control_plane.errors import ControlPlaneError, InvalidInput, Unauthorized, classify
+from control_plane import accounts, audit, keys, ledger, limits, usage
+from control_plane.accounts import parse_account_id
+from control_plane.errors import (
+    ControlPlaneError,
+    InvalidInput,
+    NotFound,
+    Unauthorized,
+    classify,
+)
 from control_plane.metrics import Metrics
 from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
@@ -69,12 +76,36 @@ def _authorize(request: web.Request) -> None:
         raise Unauthorized("a valid admin bearer token is required")
 
 
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# The bearer token is for automation; staff sessions come with the admin RBAC.
+AUTOMATION_ACTOR = "admin-bearer"
+
+
+async def _audit(request: web.Request, response: web.StreamResponse) -> None:
+    """Every admin action that changed something: who, what, which target."""
+    if request.method not in _UNSAFE or response.status >= 400:
+        return
+    resource = request.match_info.route.resource
+    info = request.match_info
+    target = ",".join(f"{k}:{v}" for k, v in sorted(info.items())) or request.path
+    account = info.get("account_id")
+    try:
+        account_id = None if account is None else parse_account_id(account)
+    except NotFound:
+        account_id = None
+    action = f"{request.method} {resource.canonical if resource else request.path}"
+    await audit.record(request.app[POOL], AUTOMATION_ACTOR, action, target, account_id)
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if request.path == "/admin" or request.path.startswith("/admin/"):
             _authorize(request)
-        return await handler(request)
+        response = await handler(request)
+        if request.path.startswith("/admin/"):
+            await _audit(request, response)
+        return response
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from control_plane import accounts, keys, ledger, limits, logs, service, usage
+from control_plane import accounts, audit, keys, ledger, limits, logs, service, staff, usage
 from control_plane.connections import open_pool, open_redis
 from control_plane.errors import InvalidInput, classify
 from control_plane.migrate import migrate
@@ -179,7 +179,45 @@ async def _usage(settings: Settings, args: argparse.Namespace) -> Output:
     return report.to_json(), "\n".join(lines)
 
 
+# Staff changes from the command line are audited as the CLI; who ran it is the
+# operator's shell history and host login records.
+CLI_ACTOR = "cli"
+
+
+async def _grant_staff(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        granted = await staff.grant(pool, args.email, args.role, CLI_ACTOR)
+    doc = {"email": args.email, "role": args.role, "granted": granted}
+    return doc, f"{args.role} {'granted to' if granted else 'already held by'} {args.email}"
+
+
+async def _revoke_staff(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        revoked = await staff.revoke(pool, args.email, args.role, CLI_ACTOR)
+    doc = {"email": args.email, "role": args.role, "revoked": revoked}
+    return doc, f"{args.role} {'revoked from' if revoked else 'not held by'} {args.email}"
+
+
+async def _list_staff(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        found = await staff.list_staff(pool)
+    lines = [f"{s['email']}  {','.join(s['roles'])}" for s in found]
+    return {"staff": found}, "\n".join(lines) or "no staff"
+
+
+async def _audit_log(settings: Settings, args: argparse.Namespace) -> Output:
+    since = usage.parse_time(args.since, "since")
+    async with _pool(settings) as pool:
+        rows = await audit.export(pool, since)
+    lines = [f"{r['at']}  {r['actor']}  {r['action']}  {r['target']}" for r in rows]
+    return {"audit": rows}, "\n".join(lines) or "no audit rows"
+
+
 _COMMANDS: dict[str, Command] = {
+    "grant-staff": _grant_staff,
+    "revoke-staff": _revoke_staff,
+    "list-staff": _list_staff,
+    "audit-log": _audit_log,
     "migrate": _migrate,
     "create-account": _create_account,
     "issue-key": _issue_key,
@@ -235,6 +273,14 @@ def _parser() -> argparse.ArgumentParser:
     for name, what in (("suspend", "suspend an account"), ("resume", "resume an account")):
         p = sub.add_parser(name, parents=[common], help=what)
         p.add_argument("account_id")
+    for name, what in (("grant-staff", "give a signed-in user a staff role"),
+                       ("revoke-staff", "take a staff role away")):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("email")
+        p.add_argument("role", choices=staff.ROLES)
+    sub.add_parser("list-staff", parents=[common], help="staff and their roles")
+    p = sub.add_parser("audit-log", parents=[common], help="export the audit log")
+    p.add_argument("--since", default=None, help="ISO 8601 time")
     return parser
 
 

@@ -3,6 +3,7 @@ acceptance, and every refusal the issue lists: each a clear page that creates no
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 
@@ -30,8 +31,9 @@ async def _identities(pool: asyncpg.Pool, subject: str) -> int:
 
 
 async def test_a_new_user_signs_in_accepts_and_gets_an_account(
-    web: Web, pool: asyncpg.Pool
+    web: Web, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     person = new_person()
     authorize = await start_signin(web, "dev", "/keys")
     q = query_of(authorize)
@@ -70,6 +72,9 @@ async def test_a_new_user_signs_in_accepts_and_gets_an_account(
     assert (r.status, r.headers["Location"]) == (302, "/")
     again = (await (await web.client.get("/api/v1/session")).json())["data"]
     assert again["account_id"] == me["account_id"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "user signed up" in logged  # the log was captured, and names no one:
+    assert person["email"] not in logged and person["name"] not in logged
 
 
 async def _nothing_personal_in_redis(web: Web, person: dict[str, object]) -> None:
