@@ -115,6 +115,5 @@ async def set_account_status(
         # Web sessions and the account API's key cache re-read the account's state at
         # once on every replica ("*": everything; suspension is rare).
         await redis.publish(names.session_revocations, "*")
-        await redis.publish(names.key_changes, "*")
     log.info("account status=%s account_id=%s keys=%d", status, account.id, len(announced))
     return account

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from control_plane.auth import oidc
 from control_plane.auth.apikey import KeyAuth
-from control_plane.auth.sessions import Sessions
+from control_plane.auth.sessions import ALL, Sessions
 from control_plane.runtime import Stores
 from control_plane.settings import Settings
 from control_plane.web import account_api, security, signin
@@ -55,8 +55,16 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
 async def _revocations(app: web.Application) -> AsyncIterator[None]:
     stop = asyncio.Event()
     names = app[SETTINGS].names
+    sessions, key_auth = app[SESSIONS], app[KEYS]
+
+    def on_session(message: bytes | str) -> None:
+        sessions.forget(message)
+        if message in (ALL, ALL.encode()):  # an account's state changed: keys re-read too
+            key_auth.forget(message)
+
     task = asyncio.create_task(
-        app[SESSIONS].listen(stop, {names.key_changes: app[KEYS].forget}),
+        sessions.listen(stop, {names.session_revocations: on_session,
+                               names.key_changes: key_auth.forget}),
         name="web revocations")
     yield
     stop.set()

@@ -40,11 +40,12 @@ CSRF_EXEMPT: Mapping[str, str] = {
 }
 
 
-def set_cookie(response: web.StreamResponse, name: str, value: str, max_age: int) -> None:
+def set_cookie(response: web.StreamResponse, name: str, value: str, max_age: int,
+               samesite: str = "Lax") -> None:
     # __Host-: Secure, Path=/, no Domain. Browsers accept Secure cookies from
     # http://127.0.0.1 and localhost, the only plain-http origins settings allow.
     response.set_cookie(name, value, max_age=max_age, path="/", secure=True,
-                        httponly=True, samesite="Lax")
+                        httponly=True, samesite=samesite)
 
 
 def clear_cookie(response: web.StreamResponse, name: str) -> None:

@@ -106,7 +106,10 @@ async def start(request: web.Request) -> web.StreamResponse:
     await request.app[STORES].redis.set(names.signin_state(flow.state), orjson.dumps(record),
                                         ex=SIGNIN_TTL_S)
     response = redirect(url)
-    set_cookie(response, SIGNIN_COOKIE, binding, SIGNIN_TTL_S)
+    # SameSite=None: a response_mode=form_post callback (Apple) is a cross-site POST,
+    # and a Lax cookie would not come with it. The cookie only binds this sign-in to
+    # this browser; it grants nothing on its own and lives ten minutes.
+    set_cookie(response, SIGNIN_COOKIE, binding, SIGNIN_TTL_S, samesite="None")
     return response
 
 

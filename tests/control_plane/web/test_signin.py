@@ -103,6 +103,23 @@ async def test_a_state_mismatch_and_a_replayed_code_are_refused(
     assert await _identities(pool, person["sub"]) == 0
 
 
+async def test_a_form_post_callback_signs_in_and_its_binding_survives_cross_site(
+    web: Web, fake_idp: FakeIdP
+) -> None:
+    r = await web.client.get("/auth/fake/start", allow_redirects=False)
+    binding = r.cookies["__Host-qnp_signin"]
+    assert binding["samesite"] == "None" and binding["secure"] and binding["httponly"]
+    q = query_of(r.headers["Location"])
+    fake_idp.nonce = q["nonce"]
+    fake_idp.make_token = lambda nonce: fake_idp.good_token(
+        nonce, sub=f"post-{uuid.uuid4().hex[:8]}", email=f"p-{uuid.uuid4().hex[:8]}@x.test")
+    # A cross-site POST: no Origin of ours, no CSRF token (the route is exempt).
+    r = await web.client.post("/auth/fake/callback", data={"code": "c", "state": q["state"]},
+                              headers={"Origin": "https://appleid.apple.com"},
+                              allow_redirects=False)
+    assert r.status == 302 and r.headers["Location"].startswith("/signup"), await r.text()
+
+
 async def test_a_callback_from_another_browser_is_refused(web: Web) -> None:
     callback = await authorize_at_mock(await start_signin(web, "dev"), new_person())
     web.client.session.cookie_jar.clear()  # the binding cookie stays with the first browser
