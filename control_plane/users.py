@@ -76,9 +76,13 @@ async def sign_up(conn: asyncpg.Connection, redis: aioredis.Redis, names: RedisN
     account_id, user_id = uuid.uuid4(), uuid.uuid4()
     await conn.execute("INSERT INTO accounts (id, name) VALUES ($1, $2)",
                        account_id, ACCOUNT_NAME)
-    await conn.execute(
-        "INSERT INTO users (id, email, email_verified, display_name) VALUES ($1, $2, $3, $4)",
-        user_id, identity.email, identity.email_verified, identity.name)
+    try:
+        await conn.execute(
+            "INSERT INTO users (id, email, email_verified, display_name) "
+            "VALUES ($1, $2, $3, $4)",
+            user_id, identity.email, identity.email_verified, identity.name)
+    except asyncpg.UniqueViolationError:
+        raise Conflict("an account with this email already exists") from None
     try:
         await conn.execute(
             "INSERT INTO identities (provider, subject, user_id, email) VALUES ($1, $2, $3, $4)",

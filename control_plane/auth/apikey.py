@@ -26,7 +26,6 @@ from shared.apikeys import MalformedKey, parse
 
 CACHE_TTL_S = 30.0
 CACHE_MAX = 100_000
-# Concurrent first uses of one key share one bcrypt verification.
 _REFUSED = Unauthorized("a valid API key is required")
 
 
@@ -48,6 +47,7 @@ class KeyAuth:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._cache: dict[str, _Entry] = {}
+        # Concurrent first uses of one key share one bcrypt verification.
         self._inflight: dict[tuple[str, bytes], asyncio.Future[KeyCaller | None]] = {}
         self.verifications = 0  # bcrypt runs, for tests and benchmarks
 
@@ -79,8 +79,12 @@ class KeyAuth:
             try:
                 caller = await self._verify(parsed.key_id, parsed.secret, digest)
                 pending.set_result(caller)
-            except BaseException as e:
+            except asyncio.CancelledError:
+                pending.cancel()
+                raise
+            except Exception as e:  # handed to the waiters; raised here too
                 pending.set_exception(e)
+                pending.exception()  # retrieved: no "never retrieved" log without waiters
                 raise
             finally:
                 del self._inflight[flight_key]

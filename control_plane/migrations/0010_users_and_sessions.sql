@@ -12,6 +12,9 @@ CREATE TABLE users (
                                 CHECK (status IN ('active', 'suspended')),
     created_at      timestamptz NOT NULL DEFAULT now()
 );
+-- One person, one account: a second provider with the same email is linked from a
+-- signed-in session, never by creating a second user.
+CREATE UNIQUE INDEX users_email_key ON users (lower(email));
 
 -- One row per (provider, subject): the provider's own stable id of the person.
 CREATE TABLE identities (
