@@ -1,6 +1,7 @@
 """The admin HTTP API (aiohttp): accounts, keys, credit, limits, usage, health, metrics.
 
-Every ``/admin/`` route needs ``Authorization: Bearer <QNP_ADMIN_TOKEN>``.
+Every ``/admin/`` route needs ``Authorization: Bearer <QNP_ADMIN_TOKEN>`` or a staff
+session whose roles allow it (``admin_rbac``); every changing action is audited.
 ``error_response`` is the one place errors become responses: JSON
 ``{"error": {"message", "type"}}``, never a traceback. Resources with a lifetime (pool,
 Redis client) are the process's ``runtime.Stores``, handed in by ``service``; the
@@ -24,6 +25,8 @@ from redis.exceptions import RedisError
 
 from control_plane import accounts, audit, keys, ledger, limits, usage
 from control_plane.accounts import parse_account_id
+from control_plane.admin_rbac import CSRF_HEADER, StaffAccess
+from control_plane.auth.sessions import Sessions
 from control_plane.errors import (
     ControlPlaneError,
     InvalidInput,
@@ -67,21 +70,32 @@ def error_response(exc: BaseException) -> web.Response:
     return json_response({"error": {"message": error.message, "type": error.type}}, error.status)
 
 
-def _authorize(request: web.Request) -> None:
+def _bearer_ok(request: web.Request) -> bool:
     token = request.app[SETTINGS].require_admin_token()
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode())
+
+
+async def _authorize(request: web.Request) -> str:
+    """The actor of an admin request: the bearer token, or a staff session (RBAC)."""
+    if _bearer_ok(request):
+        return AUTOMATION_ACTOR
+    if "Authorization" in request.headers or STAFF not in request.app:
         raise Unauthorized("a valid admin bearer token is required")
+    resource = request.match_info.route.resource
+    staff = await request.app[STAFF].staff(
+        request.cookies, request.method, resource.canonical if resource else None,
+        request.headers.get(CSRF_HEADER))
+    return staff.actor
 
 
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# The bearer token is for automation; staff sessions come with the admin RBAC.
-AUTOMATION_ACTOR = "admin-bearer"
+AUTOMATION_ACTOR = "admin-bearer"  # the bearer token: automation
+STAFF = web.AppKey("staff", StaffAccess)
 
 
-async def _audit(request: web.Request, response: web.StreamResponse) -> None:
+async def _audit(request: web.Request, response: web.StreamResponse, actor: str) -> None:
     """Every admin action that changed something: who, what, which target."""
     if request.method not in _UNSAFE or response.status >= 400:
         return
@@ -94,17 +108,18 @@ async def _audit(request: web.Request, response: web.StreamResponse) -> None:
     except NotFound:
         account_id = None
     action = f"{request.method} {resource.canonical if resource else request.path}"
-    await audit.record(request.app[POOL], AUTOMATION_ACTOR, action, target, account_id)
+    await audit.record(request.app[POOL], actor, action, target, account_id)
 
 
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        actor = None
         if request.path == "/admin" or request.path.startswith("/admin/"):
-            _authorize(request)
+            actor = await _authorize(request)
         response = await handler(request)
-        if request.path.startswith("/admin/"):
-            await _audit(request, response)
+        if actor is not None:
+            await _audit(request, response, actor)
         return response
     except web.HTTPException as e:
         if e.status < 400:
@@ -248,6 +263,13 @@ async def _own_stores(app: web.Application) -> AsyncIterator[None]:
 
 def _attach(app: web.Application, stores: Stores) -> None:
     app[POOL], app[REDIS], app[METRICS] = stores.pool, stores.redis, stores.metrics
+    settings = app[SETTINGS]
+    secret = settings.session_secret or (None if settings.public_is_https
+                                         else settings.require_session_secret())
+    if secret is not None:  # staff sessions need the web service's signing key
+        sessions = Sessions(secret, stores.pool, stores.redis, settings.names,
+                            stores.outages)
+        app[STAFF] = StaffAccess(sessions, stores.pool)
 
 
 def make_app(settings: Settings, stores: Stores | None = None) -> web.Application:
