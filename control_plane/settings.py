@@ -32,14 +32,24 @@ _PROVIDER_NAME = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 @dataclass(frozen=True, slots=True)
+class AppleKey:
+    """Sign in with Apple: the client secret is an ES256 JWT minted from this key."""
+
+    team_id: str
+    key_id: str
+    private_key_file: str  # the .p8 file Apple issued
+
+
+@dataclass(frozen=True, slots=True)
 class OIDCProvider:
-    """One OpenID provider people may sign in with (Google, a company's IdP, dev)."""
+    """One OpenID provider people may sign in with (Google, Apple, a company's IdP, dev)."""
 
     name: str  # in URLs: /auth/<name>/start
     label: str  # on the sign-in page
     issuer: str  # discovery is <issuer>/.well-known/openid-configuration
     client_id: str
-    client_secret: str = field(repr=False)
+    client_secret: str = field(default="", repr=False)
+    apple: AppleKey | None = None
 
     @property
     def discovery_url(self) -> str:
@@ -203,8 +213,20 @@ def _secret(raw: str) -> str:
     return raw
 
 
+def _apple(item: dict[str, object]) -> AppleKey | None:
+    raw = item.get("apple")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not all(
+            isinstance(raw.get(k), str) and raw.get(k)
+            for k in ("team_id", "key_id", "private_key_file")):
+        raise ValueError("apple needs team_id, key_id and private_key_file")
+    return AppleKey(str(raw["team_id"]), str(raw["key_id"]), str(raw["private_key_file"]))
+
+
 def _providers(raw: str) -> tuple[OIDCProvider, ...]:
-    """A JSON list of {name, label, issuer, client_id, client_secret}."""
+    """A JSON list of {name, label, issuer, client_id, client_secret}; an Apple provider
+    has {"apple": {team_id, key_id, private_key_file}} instead of client_secret."""
     try:
         items = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -215,7 +237,9 @@ def _providers(raw: str) -> tuple[OIDCProvider, ...]:
     for item in items:
         if not isinstance(item, dict):
             raise ValueError("each provider must be a JSON object")
-        values = {k: item.get(k) for k in ("name", "issuer", "client_id", "client_secret")}
+        apple = _apple(item)
+        needed = ("name", "issuer", "client_id") + (() if apple else ("client_secret",))
+        values = {k: item.get(k) for k in needed}
         if not all(isinstance(v, str) and v for v in values.values()):
             raise ValueError("each provider needs name, issuer, client_id and client_secret")
         name = str(values["name"])
@@ -228,7 +252,7 @@ def _providers(raw: str) -> tuple[OIDCProvider, ...]:
         found.append(OIDCProvider(
             name=name, label=label if isinstance(label, str) and label else name,
             issuer=issuer, client_id=str(values["client_id"]),
-            client_secret=str(values["client_secret"]),
+            client_secret=str(values.get("client_secret") or ""), apple=apple,
         ))
     return tuple(found)
 

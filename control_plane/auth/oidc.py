@@ -19,12 +19,15 @@ import hmac
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
 import jwt
+import orjson
 
 from control_plane.errors import SignInRefused
 from control_plane.settings import OIDCProvider
@@ -42,6 +45,11 @@ ASYMMETRIC_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512
                              "ES256", "ES384", "ES512", "EdDSA"})
 _KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 SCOPES = "openid email profile"
+APPLE_SCOPES = "openid email name"
+APPLE_AUDIENCE = "https://appleid.apple.com"
+# Apple accepts a client secret valid for at most six months; mint a new one a day early.
+APPLE_SECRET_TTL_S = 150 * 86_400
+APPLE_SECRET_RENEW_S = 86_400
 
 
 class ProviderUnavailable(SignInRefused):
@@ -88,12 +96,33 @@ class _Cached:
 class Client:
     """One provider: discovery, JWKS, authorization URL, code exchange, verification."""
 
-    def __init__(self, provider: OIDCProvider, http: aiohttp.ClientSession) -> None:
+    def __init__(self, provider: OIDCProvider, http: aiohttp.ClientSession,
+                 clock: Callable[[], float] = time.time) -> None:
         self.provider = provider
         self._http = http
         self._discovery: _Cached | None = None
         self._jwks: _Cached | None = None
         self._lock = asyncio.Lock()
+        self._clock = clock
+        # Read once at start-up: the .p8 key that signs Apple client secrets.
+        self._apple_key = None if provider.apple is None else \
+            Path(provider.apple.private_key_file).read_bytes()
+        self._apple_secret: tuple[float, str] | None = None
+
+    def client_secret(self) -> str:
+        """The configured secret; for Apple, an ES256 JWT minted and cached here."""
+        apple = self.provider.apple
+        if apple is None or self._apple_key is None:
+            return self.provider.client_secret
+        now = self._clock()
+        if self._apple_secret is None or self._apple_secret[0] - now < APPLE_SECRET_RENEW_S:
+            expires = now + APPLE_SECRET_TTL_S
+            token = jwt.encode(
+                {"iss": apple.team_id, "iat": int(now), "exp": int(expires),
+                 "aud": APPLE_AUDIENCE, "sub": self.provider.client_id},
+                self._apple_key, algorithm="ES256", headers={"kid": apple.key_id})
+            self._apple_secret = (expires, token)
+        return self._apple_secret[1]
 
     async def _get_json(self, url: str) -> dict[str, Any]:
         try:
@@ -123,28 +152,35 @@ class Client:
 
     async def authorization_url(self, flow: Flow, redirect_uri: str) -> str:
         meta = await self.metadata()
-        query = urlencode({
+        params = {
             "response_type": "code", "client_id": self.provider.client_id,
             "redirect_uri": redirect_uri, "scope": SCOPES, "state": flow.state,
             "nonce": flow.nonce, "code_challenge": flow.challenge,
             "code_challenge_method": "S256",
-        })
+        }
+        if self.provider.apple is not None:
+            # Apple posts the callback (a cross-site POST) when name or email is asked.
+            params |= {"scope": APPLE_SCOPES, "response_mode": "form_post"}
+        query = urlencode(params)
         endpoint: str = meta["authorization_endpoint"]
         return f"{endpoint}{'&' if '?' in endpoint else '?'}{query}"
 
-    async def exchange(self, code: str, flow: Flow, redirect_uri: str) -> Identity:
-        """Trade the code for tokens and verify the ID token; raises SignInRefused."""
+    async def exchange(self, code: str, flow: Flow, redirect_uri: str,
+                       apple_user: str | None = None) -> Identity:
+        """Trade the code for tokens and verify the ID token; raises SignInRefused.
+
+        ``apple_user`` is the ``user`` field of Apple's first callback, the only place
+        Apple ever sends the person's name."""
         meta = await self.metadata()
         form = {"grant_type": "authorization_code", "code": code,
                 "redirect_uri": redirect_uri, "code_verifier": flow.verifier}
         methods = meta.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
         headers = {"Accept": "application/json"}
+        secret = self.client_secret()
         if "client_secret_basic" in methods:
-            headers["Authorization"] = _basic(self.provider.client_id,
-                                              self.provider.client_secret)
-        else:
-            form |= {"client_id": self.provider.client_id,
-                     "client_secret": self.provider.client_secret}
+            headers["Authorization"] = _basic(self.provider.client_id, secret)
+        else:  # client_secret_post (Apple)
+            form |= {"client_id": self.provider.client_id, "client_secret": secret}
         try:
             async with self._http.post(meta["token_endpoint"], data=form, headers=headers,
                                        timeout=HTTP_TIMEOUT) as r:
@@ -156,7 +192,9 @@ class Client:
             error = body.get("error") if isinstance(body, dict) else None
             raise SignInRefused("the sign-in provider refused the code; please start again",
                                 f"token endpoint answered {status} {error}")
-        return await self.verify(str(body["id_token"]), flow.nonce)
+        identity = await self.verify(str(body["id_token"]), flow.nonce)
+        name = _apple_name(apple_user) if identity.name is None else None
+        return identity if name is None else replace(identity, name=name)
 
     async def verify(self, id_token: str, nonce: str) -> Identity:
         meta = await self.metadata()
@@ -223,6 +261,22 @@ class Client:
         value = self._jwks.value
         assert isinstance(value, dict)
         return value
+
+
+def _apple_name(raw: str | None) -> str | None:
+    """The name from Apple's ``user`` form field: {"name": {"firstName", "lastName"}}."""
+    if not raw:
+        return None
+    try:
+        user = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    name = user.get("name") if isinstance(user, dict) else None
+    if not isinstance(name, dict):
+        return None
+    parts = [name.get(k) for k in ("firstName", "lastName")]
+    text = " ".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
+    return text[:200] or None
 
 
 def _basic(client_id: str, secret: str) -> str:

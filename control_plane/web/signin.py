@@ -135,7 +135,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
         raise SignInRefused("this sign-in was started in another browser; please start "
                             "again", "state not bound to this browser")
     flow = Flow(state, record["nonce"], record["verifier"])
-    identity = await client.exchange(code, flow, _redirect_uri(request, client.provider.name))
+    user = params.get("user")  # Apple's form_post, first sign-in only
+    identity = await client.exchange(code, flow, _redirect_uri(request, client.provider.name),
+                                     user if isinstance(user, str) else None)
     response = await _signed_in(request, identity, record["next"])
     clear_cookie(response, SIGNIN_COOKIE)
     return response

@@ -90,3 +90,12 @@ def test_oidc_providers_are_read_from_json() -> None:
                 '"client_secret": "s"}]'):
         with pytest.raises(SettingsError, match="QNP_OIDC_PROVIDERS"):
             Settings.from_env({**BASE, "QNP_OIDC_PROVIDERS": bad})
+
+
+def test_an_apple_provider_needs_its_key_instead_of_a_secret() -> None:
+    raw = ('[{"name": "apple", "issuer": "https://appleid.apple.com", "client_id": "web.id",'
+           ' "apple": {"team_id": "T", "key_id": "K", "private_key_file": "/keys/a.p8"}}]')
+    (apple,) = Settings.from_env({**BASE, "QNP_OIDC_PROVIDERS": raw}).oidc_providers
+    assert apple.apple is not None and apple.apple.key_id == "K" and apple.client_secret == ""
+    with pytest.raises(SettingsError, match="QNP_OIDC_PROVIDERS"):
+        Settings.from_env({**BASE, "QNP_OIDC_PROVIDERS": raw.replace('"key_id": "K", ', "")})

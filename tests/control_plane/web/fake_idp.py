@@ -38,6 +38,10 @@ class FakeIdP:
         self.make_token: Callable[[str], str] = self.good_token
         self.nonce = ""
         self.token_requests: list[dict[str, str]] = []
+        # Apple mode: client_secret_post with an ES256 JWT checked against this key.
+        self.apple_public_key: Any = None
+        self.apple_team_id = "TEAM123456"
+        self.apple_key_id = "KEY1234567"
 
     @property
     def public_pem(self) -> bytes:
@@ -71,7 +75,10 @@ class FakeIdP:
         app = web.Application()
 
         async def discovery(request: web.Request) -> web.Response:
-            return web.json_response({
+            apple = {"token_endpoint_auth_methods_supported": ["client_secret_post"],
+                     "response_modes_supported": ["query", "fragment", "form_post"]} \
+                if self.apple_public_key is not None else {}
+            return web.json_response({**apple,
                 "issuer": self.issuer,
                 "authorization_endpoint": f"{self.issuer}/authorize",
                 "token_endpoint": f"{self.issuer}/token",
@@ -85,7 +92,10 @@ class FakeIdP:
             return web.json_response({"keys": [jwk]})
 
         async def token(request: web.Request) -> web.Response:
-            self.token_requests.append(dict(await request.post()))
+            form = {k: str(v) for k, v in (await request.post()).items()}
+            self.token_requests.append(form)
+            if self.apple_public_key is not None and not self._apple_secret_ok(form):
+                return web.json_response({"error": "invalid_client"}, status=400)
             return web.json_response({"access_token": "x", "token_type": "Bearer",
                                       "id_token": self.make_token(self.nonce)})
 
@@ -93,6 +103,22 @@ class FakeIdP:
         app.router.add_get("/jwks", jwks)
         app.router.add_post("/token", token)
         return app
+
+    def _apple_secret_ok(self, form: dict[str, str]) -> bool:
+        """What Apple checks of a client_secret_post: an ES256 JWT by our key, claims
+        iss = team id, sub = client id, aud = appleid, exp at most six months out."""
+        secret = form.get("client_secret", "")
+        try:
+            header = jwt.get_unverified_header(secret)
+            claims = jwt.decode(secret, self.apple_public_key, algorithms=["ES256"],
+                                audience="https://appleid.apple.com",
+                                issuer=self.apple_team_id,
+                                options={"require": ["iss", "sub", "aud", "exp", "iat"]})
+        except jwt.PyJWTError:
+            return False
+        return (header.get("kid") == self.apple_key_id
+                and claims["sub"] == self.client_id == form.get("client_id")
+                and claims["exp"] - claims["iat"] <= 15_777_000)
 
     async def serve(self) -> AsyncIterator[FakeIdP]:
         server = TestServer(self.app(), host="127.0.0.1", port=self.port)
