@@ -214,3 +214,22 @@ async def test_the_same_email_from_another_provider_is_not_linked_silently(
                              allow_redirects=False)
     assert r.status == 400 and "already exists" in await r.text()
     assert await _identities(pool, subject) == 0
+
+
+async def test_a_second_provider_is_linked_from_a_signed_in_session(
+    web: Web, fake_idp: FakeIdP, pool: asyncpg.Pool
+) -> None:
+    me = await sign_in_new_user(web)
+    authorize = await start_signin(web, "fake", "/settings")
+    q = query_of(authorize)
+    fake_idp.nonce = q["nonce"]
+    subject = f"linked-{uuid.uuid4().hex[:8]}"
+    fake_idp.make_token = lambda nonce: fake_idp.good_token(
+        nonce, sub=subject, email=me["user"]["email"])
+    r = await web.client.get(f"/auth/fake/callback?code=c&state={q['state']}",
+                             allow_redirects=False)
+    assert (r.status, r.headers["Location"]) == (302, "/settings")
+    after = (await (await web.client.get("/api/v1/session")).json())["data"]
+    assert after["account_id"] == me["account_id"]
+    assert after["user"]["providers"] == ["dev", "fake"]
+    assert await _identities(pool, subject) == 1
