@@ -35,6 +35,7 @@ from control_plane.errors import (
     classify,
 )
 from control_plane.metrics import Metrics
+from control_plane.outages import POSTGRES_ERRORS
 from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
 
@@ -238,7 +239,7 @@ async def healthz(request: web.Request) -> web.Response:
     checks = {"postgres": True, "redis": True}
     try:
         await app[POOL].fetchval("SELECT 1")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+    except POSTGRES_ERRORS:
         checks["postgres"] = False
     try:
         await app[REDIS].ping()

@@ -79,7 +79,8 @@ def classify(exc: BaseException) -> ControlPlaneError | None:
     if isinstance(
         exc,
         OSError | TimeoutError | asyncpg.PostgresConnectionError
-        | asyncpg.CannotConnectNowError | asyncpg.InterfaceError,
+        | asyncpg.CannotConnectNowError | asyncpg.InterfaceError
+        | asyncpg.InternalClientError,
     ):
         return Unavailable("Postgres is unavailable; try again")
     return None

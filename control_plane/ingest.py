@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from control_plane.metrics import Metrics
-from control_plane.outages import POSTGRES, REDIS, Outages
+from control_plane.outages import POSTGRES, POSTGRES_ERRORS, REDIS, Outages
 from control_plane.partitions import Partitions
 from control_plane.settings import Settings
 from control_plane.usage_logs import Inserted, RowError, UsageRow, insert_rows, to_row
@@ -40,7 +40,7 @@ CLAIM_EVERY_S = 30.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 5.0  # an outage's end is noticed within this
 
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DB_ERRORS = POSTGRES_ERRORS
 # Errors that belong to a row rather than to Postgres being unavailable: bad data, a
 # constraint, a trigger raising. Anything else (connections, shutdown, deadlocks, lack
 # of resources) defers the whole batch and counts against no entry.

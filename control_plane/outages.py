@@ -3,19 +3,30 @@
 Ingest, the reconciler and the maintenance job all retry against Postgres and Redis;
 each reports here. The first failure of an outage is one WARNING naming the store and
 the error class (never a traceback: the cause is known and retried); the first success
-after it is one INFO line. Must not import other control-plane modules or ``proxy``.
+after it is one INFO line. ``POSTGRES_ERRORS`` is the one list of what "Postgres is
+unavailable" looks like. Must not import other control-plane modules or ``proxy``.
 """
 
 from __future__ import annotations
 
 import logging
 
+import asyncpg
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
 POSTGRES = "postgres"
 REDIS = "redis"
+
+# What a Postgres call raises when Postgres is down or goes away mid-query: asyncpg's
+# own errors, refused or timed-out connects, and InternalClientError ("cannot switch to
+# state ...; another operation is in progress"), which a connection lost mid-query
+# leaves behind.
+POSTGRES_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+    TimeoutError,
+)
 
 
 def store_of(error: BaseException) -> str:

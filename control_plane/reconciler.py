@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from control_plane import keys, ledger
 from control_plane.metrics import Metrics
-from control_plane.outages import POSTGRES, REDIS, Outages, store_of
+from control_plane.outages import POSTGRES, POSTGRES_ERRORS, REDIS, Outages, store_of
 from control_plane.publisher import publish_all_states
 from control_plane.sweeper import DEFAULT_MAX_AGE_MS, ReservationSweeper, SweepResult
 from shared.redis_names import RedisNames
@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 0.5
 DEFAULT_SWEEP_INTERVAL_S = 30.0
 STARTUP = "start-up"
-_STORE_ERRORS = (RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                 TimeoutError)
+_STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, *POSTGRES_ERRORS)
 
 
 class Reconciler:

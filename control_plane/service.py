@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from control_plane import retention, roles
 from control_plane.metrics import Metrics
-from control_plane.outages import POSTGRES, REDIS, Outages
+from control_plane.outages import POSTGRES, POSTGRES_ERRORS, REDIS, Outages
 from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
 from control_plane.trim import Trimmer
@@ -56,7 +56,7 @@ async def maintain_once(
             result = await retention.apply(conn, clock(), settings.retention_days)
         metrics.partitions_dropped.inc(len(result.dropped))
         outages.ok(POSTGRES)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
+    except POSTGRES_ERRORS as e:
         outages.failed(POSTGRES, e, "retention")
 
 
