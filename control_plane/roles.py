@@ -24,6 +24,7 @@ from aiohttp import web
 
 from control_plane import admin_api
 from control_plane.ingest import Consumer
+from control_plane.logs import AccessLog
 from control_plane.reconciler import STARTUP, Reconciler
 from control_plane.runtime import Stores
 from control_plane.web.app import make_web_app
@@ -67,7 +68,7 @@ class Listener:
         self._server: asyncio.Server | None = None
         # In-flight requests get the grace; idle keep-alive connections are closed.
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace_s,
-                                     **server)
+                                     access_log_class=AccessLog, **server)
 
     async def start(self) -> None:
         await self._runner.setup()
