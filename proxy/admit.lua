@@ -55,69 +55,63 @@ if redis.call('HEXISTS', KEYS[9], id) == 1 or redis.call('ZSCORE', KEYS[2], id)
   return {0, 0, -1, 0, 0, -1, 0}
 end
 
--- Days, Monday weeks and months since the epoch, UTC (months: civil_from_days, after
--- Howard Hinnant). shared/redis_names.spend_periods computes the same in Python.
-local function periods(secs)
-  local day = math.floor(secs / 86400)
-  local z = day + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-                          - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return day, math.floor((day + 3) / 7), y * 12 + m - 1
-end
-
--- The key's spend, its ended periods rolled over to 0 (in this table, not yet in Redis).
-local function spend_now(h, secs)
-  local f = redis.call('HMGET', h, 'day', 'week', 'month', 'spent_day', 'spent_week',
-                       'spent_month', 'spent_total', 'held')
-  local day, week, month = periods(secs)
-  local s = {day = day, week = week, month = month, total = tonumber(f[7]) or 0,
-             held = math.max(0, tonumber(f[8]) or 0)}
-  s.spent_day = tonumber(f[1]) == day and (tonumber(f[4]) or 0) or 0
-  s.spent_week = tonumber(f[2]) == week and (tonumber(f[5]) or 0) or 0
-  s.spent_month = tonumber(f[3]) == month and (tonumber(f[6]) or 0) or 0
-  return s
-end
-
-local klimit = #KEYS >= 12 and not count_only and tonumber(ARGV[11]) or nil
-local spend
-
--- Refuses (returns {5, remaining}) when the key's limit does not cover `cost` (a request
--- that costs nothing always fits). The hold of a request whose proxy died before
--- settling frees itself after the in-flight lifetime.
-local function key_credit_check()
-  if not klimit or cost <= 0 then return nil end
-  local stale = redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', now)
-  local freed = 0
-  for _, m in ipairs(stale) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end
-  if #stale > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', now)
-    redis.call('HINCRBY', KEYS[11], 'held', 0 - freed)
+-- A key with a credit limit (and a request that costs something): its spend is read
+-- and checked here; a key without one pays for none of this, not even the closures.
+local klimit = #KEYS >= 12 and not count_only and cost > 0 and tonumber(ARGV[11]) or nil
+local key_credit_check, key_credit_reserve
+if klimit then
+  -- Days, Monday weeks and months since the epoch, UTC (months: civil_from_days, after
+  -- Howard Hinnant). shared/redis_names.spend_periods computes the same in Python.
+  local function periods(secs)
+    local day = math.floor(secs / 86400)
+    local z = day + 719468
+    local era = math.floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                            - math.floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    local m = mp < 10 and mp + 3 or mp - 9
+    local y = yoe + era * 400
+    if m <= 2 then y = y + 1 end
+    return day, math.floor((day + 3) / 7), y * 12 + m - 1
   end
-  spend = spend_now(KEYS[11], tonumber(t[1]))
-  local per = ARGV[12]
-  local used = per == 'total' and spend.total or spend['spent_' .. per] or spend.total
-  local left = klimit - used - spend.held
-  if cost > left then return {5, left} end
-  return nil
-end
 
-local function key_credit_reserve()
-  if not klimit or cost <= 0 then return end
-  local lifetime = tonumber(ARGV[10])
-  redis.call('ZADD', KEYS[12], now + lifetime, id .. ':' .. ARGV[9])  -- as sent: settle names it so
-  -- No TTL on the holds: one lapsing unseen would leave `held` counting it for ever.
-  -- Settled and lapsed holds leave the set, so it holds only requests in flight.
-  redis.call('HSET', KEYS[11], 'day', spend.day, 'week', spend.week, 'month', spend.month,
-             'spent_day', spend.spent_day, 'spent_week', spend.spent_week,
-             'spent_month', spend.spent_month, 'spent_total', spend.total,
-             'held', spend.held + cost)
+  local spend  -- the key's spend, its ended periods rolled over to 0 (not yet in Redis)
+
+  -- Refuses ({5, remaining}) when the limit does not cover `cost`. The hold of a
+  -- request whose proxy died before settling frees itself after the in-flight lifetime.
+  key_credit_check = function()
+    local stale = redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', now)
+    local freed = 0
+    for _, m in ipairs(stale) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+    if #stale > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', now)
+      redis.call('HINCRBY', KEYS[11], 'held', 0 - freed)
+    end
+    local f = redis.call('HMGET', KEYS[11], 'day', 'week', 'month', 'spent_day',
+                         'spent_week', 'spent_month', 'spent_total', 'held')
+    local day, week, month = periods(tonumber(t[1]))
+    spend = {day = day, week = week, month = month, spent_total = tonumber(f[7]) or 0,
+             held = math.max(0, tonumber(f[8]) or 0)}
+    spend.spent_day = tonumber(f[1]) == day and (tonumber(f[4]) or 0) or 0
+    spend.spent_week = tonumber(f[2]) == week and (tonumber(f[5]) or 0) or 0
+    spend.spent_month = tonumber(f[3]) == month and (tonumber(f[6]) or 0) or 0
+    local left = klimit - (spend['spent_' .. ARGV[12]] or spend.spent_total) - spend.held
+    if cost > left then return {5, left} end
+    return nil
+  end
+
+  key_credit_reserve = function()
+    -- The member names the cost as sent, so settle (given the same string) finds it.
+    -- No TTL on the holds: one lapsing unseen would leave `held` counting it for ever;
+    -- settled and lapsed holds leave the set, so it holds only requests in flight.
+    redis.call('ZADD', KEYS[12], now + tonumber(ARGV[10]), id .. ':' .. ARGV[9])
+    redis.call('HSET', KEYS[11], 'day', spend.day, 'week', spend.week, 'month', spend.month,
+               'spent_day', spend.spent_day, 'spent_week', spend.spent_week,
+               'spent_month', spend.spent_month, 'spent_total', spend.spent_total,
+               'held', spend.held + cost)
+  end
 end
 
 local function lim(v) v = tonumber(v) or 0; if v > 0 then return v end; return nil end
@@ -130,11 +124,13 @@ local bal = tonumber(st[1])
 if not (a_rpm or a_tpm or a_conc or k_rpm or k_tpm or k_conc) then
   if cost > 0 then
     if bal < cost then return {2, bal} end
-    local refused = key_credit_check()
-    if refused then return refused end
+    if klimit then
+      local refused = key_credit_check()
+      if refused then return refused end
+      key_credit_reserve()
+    end
     redis.call('HINCRBY', KEYS[1], 'bal', 0 - cost)
     redis.call('HSET', KEYS[9], id, cost)
-    key_credit_reserve()
   end
   return {0, -1, -1, 0, -1, -1, 0}
 end
@@ -198,8 +194,10 @@ end
 
 -- Credit: the reservation must be covered by the live balance.
 if cost > 0 and bal < cost then return {2, bal} end
-local refused = key_credit_check()
-if refused then return refused end
+if klimit then
+  local refused = key_credit_check()
+  if refused then return refused end
+end
 
 -- Admitted: record everything (a counted refusal only its place in the windows).
 redis.call('ZADD', KEYS[2], now, id)
@@ -219,7 +217,7 @@ if not count_only then
     redis.call('HINCRBY', KEYS[1], 'bal', 0 - cost)
     redis.call('HSET', KEYS[9], id, cost)
   end
-  key_credit_reserve()
+  if klimit then key_credit_reserve() end
 end
 for _, k in ipairs({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}) do
   redis.call('PEXPIRE', k, window * 2)

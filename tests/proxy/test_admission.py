@@ -363,7 +363,7 @@ def test_scripts_never_hand_redis_a_negative_zero() -> None:
 def _lua_periods() -> str:
     source = (Path(__import__("proxy").__file__).parent / "admit.lua").read_text()
     start = source.index("local function periods(")
-    return source[start:source.index("\nend\n", start) + 5]
+    return source[start:source.index("\n  end\n", start) + 7]
 
 
 async def test_the_scripts_number_periods_as_the_control_plane_does(redis_url: str) -> None:
