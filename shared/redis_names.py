@@ -105,7 +105,7 @@ class RedisNames:
         ``limit_remaining = limit - usage - held``. Spend is tracked only while the key
         has a credit limit: a limit set later starts from 0 here unless the control
         plane seeds the fields from its ledger. The hash has no TTL (a lifetime cap must
-        outlive any period); the control plane deletes it with the key.
+        outlive any period): it is the control plane's to delete when it deletes the key.
         """
         return f"{self.account_tag(account_id)}:kspend:{key_id}"
 

@@ -182,6 +182,8 @@ async def check_a_key_credit_limit_admits_exactly_what_it_allows(
     assert len(ok) == 10
     assert all(isinstance(e, errors.KeyLimitExceeded) for e in refused)
     assert refused[0].status == 402 and refused[0].code == "key_limit_exceeded"  # type: ignore[attr-defined]
+    # A request refused before admission is still counted, never refused for credit.
+    assert await adm.count(key, str(uuid.uuid4())) == {}
     # The account's balance lost only what the key was allowed to reserve.
     assert int(await client.hget(names.account_state(account), "bal")) == 10**9 - 10_000  # type: ignore[misc]
     for ticket in ok:
