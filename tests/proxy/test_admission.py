@@ -264,8 +264,28 @@ async def check_a_hold_never_settled_frees_itself(client: Client, names: RedisNa
     assert (await _spend(client, names, key))["held"] == 1_000
 
 
+async def check_spend_admitted_without_redis_state_still_counts(
+    client: Client, names: RedisNames,
+) -> None:
+    adm = Admission(client, names, AdmissionConfig())
+    account = str(uuid.uuid4())  # its state not published yet: admitted locally
+    key = _limited(account, 1_000, "weekly")
+    ticket = await adm.admit(key, str(uuid.uuid4()), 1, 900)
+    assert ticket.mode == "local"
+    adm.settle(ticket, 1, 700)
+    await adm.close(5)
+    spend = await _spend(client, names, key)
+    assert spend["spent_week"] == spend["spent_total"] == 700 and spend["held"] == 0
+    await client.hset(names.account_state(account),  # type: ignore[misc]
+                      mapping={"bal": 10**9, "status": "active"})
+    with pytest.raises(errors.KeyLimitExceeded):  # 700 of 1,000 already spent
+        await adm.admit(key, str(uuid.uuid4()), 1, 301)
+    await adm.admit(key, str(uuid.uuid4()), 1, 300)
+
+
 CHECKS = [
     check_a_key_credit_limit_admits_exactly_what_it_allows,
+    check_spend_admitted_without_redis_state_still_counts,
     check_changing_a_key_limit_keeps_what_it_spent,
     check_a_period_that_ended_starts_from_zero,
     check_a_hold_never_settled_frees_itself,
