@@ -43,10 +43,9 @@ for _, c in ipairs({{KEYS[4], 'a'}, {KEYS[5], 'k:' .. kid}}) do
 end
 
 if #KEYS >= 12 then
-  local secs = tonumber(t[1])
-  local day = math.floor(secs / 86400)
-  local week, month = math.floor((day + 3) / 7), 0
-  do  -- the month as in admit.lua's periods() (civil_from_days)
+  -- The same periods as admit.lua's (the tests hold the two to spend_periods).
+  local function periods(secs)
+    local day = math.floor(secs / 86400)
     local z = day + 719468
     local era = math.floor(z / 146097)
     local doe = z - era * 146097
@@ -57,8 +56,9 @@ if #KEYS >= 12 then
     local m = mp < 10 and mp + 3 or mp - 9
     local y = yoe + era * 400
     if m <= 2 then y = y + 1 end
-    month = y * 12 + m - 1
+    return day, math.floor((day + 3) / 7), y * 12 + m - 1
   end
+  local day, week, month = periods(tonumber(t[1]))
   local f = redis.call('HMGET', KEYS[11], 'day', 'week', 'month', 'spent_day', 'spent_week',
                        'spent_month', 'spent_total', 'held')
   local function spent(at, now_id, v)

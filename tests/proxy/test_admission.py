@@ -382,19 +382,22 @@ def test_scripts_never_hand_redis_a_negative_zero() -> None:
     assert negated == []
 
 
-def _lua_periods() -> str:
-    source = (Path(__import__("proxy").__file__).parent / "admit.lua").read_text()
+def _lua_periods(script: str) -> str:
+    source = (Path(__import__("proxy").__file__).parent / script).read_text()
     start = source.index("local function periods(")
     return source[start:source.index("\n  end\n", start) + 7]
 
 
-async def test_the_scripts_number_periods_as_the_control_plane_does(redis_url: str) -> None:
+@pytest.mark.parametrize("script", ["admit.lua", "settle.lua"])
+async def test_the_scripts_number_periods_as_the_control_plane_does(
+    redis_url: str, script: str
+) -> None:
     """Every third day from 1999 to 2101, at its first and last second (leap years,
     December into January, Sundays into Mondays): admit.lua's UTC periods are
     ``spend_periods``'s, which the control plane uses to read a key's spend."""
     client = aioredis.Redis.from_url(redis_url)
     try:
-        script = _lua_periods() + """
+        lua = _lua_periods(script) + """
 local out = {}
 for i = 1, #ARGV do
   local d, w, m = periods(tonumber(ARGV[i]))
@@ -403,7 +406,7 @@ end
 return out"""
         stamps = [s + off for s in range(915_148_800, 4_133_980_800, 86_400 * 3)
                   for off in (0, 86_399)]
-        got = await client.eval(script, 0, *stamps)
+        got = await client.eval(lua, 0, *stamps)
         want = [v for s in stamps for v in spend_periods(s).values()]
         assert got == want
         # 2026-11-30 is a Monday, 2026-11-29 a Sunday: weeks start on Monday.
