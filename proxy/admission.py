@@ -1,15 +1,18 @@
 """Admission: one atomic Redis step per request for limits and credit, then settlement.
 
 ``admit`` runs ``admit.lua`` once: requests, tokens and concurrency per key and per
-account over a sliding window, and a credit reservation (estimated prompt + max
-tokens, priced by the catalog). ``count`` runs the same script in its count-only mode
-for a request refused before admission (unknown model, bad body): it takes its place
-in the request windows and reserves nothing, so refusals are not a free way past
-``rpm``; only refused requests pay that round trip. ``settle`` runs ``settle.lua``
-after the response with what was really used, off the request's path. Both scripts
-are idempotent and their keys share the account's hash tag, so they run unchanged on
-Redis Cluster; redis-py's ``Script`` reloads them after a restart or failover flushed
-the script cache.
+account over a sliding window, and a credit reservation (estimated prompt + max tokens,
+priced by the catalog), held against the account's balance and, for a key with a credit
+limit, against what the key may still spend in its period (402 ``key_limit_exceeded``
+otherwise). Only such keys pass the two extra script keys and arguments, so a key
+without a credit limit costs exactly what it did. ``count`` runs the same script in its
+count-only mode for a request refused before admission (unknown model, bad body): it
+takes its place in the request windows and reserves nothing, so refusals are not a free
+way past ``rpm``; only refused requests pay that round trip. ``settle`` runs
+``settle.lua`` after the response with what was really used, off the request's path.
+Both scripts are idempotent and their keys share the account's hash tag, so they run
+unchanged on Redis Cluster; redis-py's ``Script`` reloads them after a restart or
+failover flushed the script cache.
 
 When Redis is unreachable (or has lost the account's state), admission degrades by
 policy (``QNP_DEGRADED_POLICY``): ``local`` (default) admits against this process's
@@ -50,6 +53,8 @@ _MAX_PENDING_SETTLEMENTS = 100_000
 _SETTLE_BATCH = 256
 _WARN_EVERY = 60.0  # seconds between two warnings about one unpublished account
 _SHAPES_MAX = 10_000  # keys whose packed script calls are kept
+# A key's limit_reset → the period admit.lua holds its credit limit for.
+_PERIODS = {None: "total", "daily": "day", "weekly": "week", "monthly": "month"}
 
 
 def _script(name: str) -> str:
@@ -74,6 +79,7 @@ class _Shape:
     admit_tail: bytes  # in-flight lifetime
     settle_head: bytes  # EVALSHA settle, keys, version 0
     key_id: bytes
+    limited: bool  # the key has a credit limit: settle names the cost it reserved
 
 
 @dataclass(slots=True)
@@ -90,6 +96,14 @@ class Ticket:
     shape: _Shape | None = None  # the same, packed (plain Redis, not Cluster)
     headers: dict[str, str] = field(default_factory=dict)
     local_scopes: list[str] = field(default_factory=list)
+    limited: bool = False  # reserved against the key's credit limit: settle counts it
+
+
+def _limit_args(key: KeyRecord) -> list[str | int]:
+    """admit.lua's extra arguments for a key with a credit limit (none without)."""
+    if key.credit_limit_micros is None:
+        return []
+    return [key.credit_limit_micros, _PERIODS[key.limit_reset]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +135,8 @@ class Admission:
         self._admit = redis.register_script(_script("admit.lua"))
         self._settle = redis.register_script(_script("settle.lua"))
         self._pipe = resp.Pipe.of(redis)
-        self._shapes: dict[tuple[str, str, int, int, int], _Shape] = {}
+        self._shapes: dict[tuple[str, str, int, int, int, int | None, str | None],
+                           _Shape] = {}
         self._local = LocalLimiter(
             window_s=config.window_ms / 1000,
             share=config.degraded_fraction / max(1, config.fleet_processes),
@@ -187,15 +202,18 @@ class Admission:
     async def _run_admit(self, ticket: Ticket, key: KeyRecord, *,
                          count_only: bool = False) -> list[object]:
         if self._pipe is None:  # Cluster: redis-py routes each call to its slot's node
-            ticket.keys = self._names.admission_keys(key.account_id, key.key_id)
+            ticket.limited = key.credit_limit_micros is not None
+            ticket.keys = self._names.admission_keys(key.account_id, key.key_id,
+                                                     credit_limited=ticket.limited)
             reply: list[object] = await self._admit(keys=ticket.keys, args=[
                 int(count_only), ticket.request_id, key.key_id, self._cfg.window_ms,
                 key.limits.get("rpm", 0), key.limits.get("tpm", 0),
                 key.limits.get("conc", 0), ticket.tokens, ticket.cost,
-                self._cfg.in_flight_lifetime_ms,
+                self._cfg.in_flight_lifetime_ms, *_limit_args(key),
             ])
             return reply
         shape = ticket.shape = self._shape(key)
+        ticket.limited = shape.limited
         head = shape.count_head if count_only else shape.admit_head
         packed = b"".join((head, resp.bulk(ticket.request_id), shape.admit_mid,
                            resp.bulk(ticket.tokens), resp.bulk(ticket.cost),
@@ -210,28 +228,37 @@ class Admission:
     def _shape(self, key: KeyRecord) -> _Shape:
         limits = (key.limits.get("rpm", 0), key.limits.get("tpm", 0),
                   key.limits.get("conc", 0))
-        cache_key = (key.account_id, key.key_id, *limits)
+        # The credit limit and its reset are part of the call: a changed limit is a new
+        # shape (the key record changed, so this key's entry is looked up afresh).
+        cache_key = (key.account_id, key.key_id, *limits, key.credit_limit_micros,
+                     key.limit_reset)
         shape = self._shapes.get(cache_key)
         if shape is None:
             if len(self._shapes) >= _SHAPES_MAX:
                 self._shapes.clear()
-            keys = self._names.admission_keys(key.account_id, key.key_id)
+            limited = key.credit_limit_micros is not None
+            keys = self._names.admission_keys(key.account_id, key.key_id,
+                                              credit_limited=limited)
+            extra = _limit_args(key)
             packed_keys = b"".join(resp.bulk(k) for k in keys)
             call = resp.bulk("EVALSHA")
+            admit_len = resp.header(13 + len(keys) + len(extra))
             shape = self._shapes[cache_key] = _Shape(
-                admit_head=b"".join((resp.header(13 + len(keys)), call,
+                admit_head=b"".join((admit_len, call,
                                      resp.bulk(self._admit.sha), resp.bulk(len(keys)),
                                      packed_keys, resp.bulk(0))),
-                count_head=b"".join((resp.header(13 + len(keys)), call,
+                count_head=b"".join((admit_len, call,
                                      resp.bulk(self._admit.sha), resp.bulk(len(keys)),
                                      packed_keys, resp.bulk(1))),
                 admit_mid=b"".join(resp.bulk(v) for v in (
                     key.key_id, self._cfg.window_ms, *limits)),
-                admit_tail=resp.bulk(self._cfg.in_flight_lifetime_ms),
-                settle_head=b"".join((resp.header(10 + len(keys)), call,
+                admit_tail=b"".join(resp.bulk(v) for v in (
+                    self._cfg.in_flight_lifetime_ms, *extra)),
+                settle_head=b"".join((resp.header(10 + len(keys) + int(limited)), call,
                                       resp.bulk(self._settle.sha), resp.bulk(len(keys)),
                                       packed_keys, resp.bulk(0))),
                 key_id=resp.bulk(key.key_id),
+                limited=limited,
             )
         return shape
 
@@ -248,6 +275,9 @@ class Admission:
     def _admit_degraded(self, ticket: Ticket, key: KeyRecord) -> Ticket:
         if self._cfg.policy == "deny":
             raise errors.AdmissionUnavailable()
+        # Credit is not checked while degraded, but what a limited key spends still
+        # counts against its limit once settled.
+        ticket.limited = key.credit_limit_micros is not None
         if self._cfg.policy == "allow":
             ticket.mode = "open"
             return ticket
@@ -310,7 +340,8 @@ class Admission:
             memory = resp.bulk(self._cfg.settled_memory_ms)
             packed = [
                 b"".join((t.shape.settle_head, resp.bulk(t.request_id), t.shape.key_id,
-                          resp.bulk(t.tokens), resp.bulk(used), resp.bulk(cost), memory))
+                          resp.bulk(t.tokens), resp.bulk(used), resp.bulk(cost), memory,
+                          resp.bulk(t.cost) if t.limited else b""))
                 for t, used, cost in batch if t.shape is not None
             ]
             try:
@@ -320,8 +351,10 @@ class Admission:
                 await self._pipe.call_many(packed)
             return
         calls: list[tuple[list[str], list[str | int]]] = [
-            (t.keys or self._names.admission_keys(t.account_id, t.key_id),
-             [0, t.request_id, t.key_id, t.tokens, used, cost, self._cfg.settled_memory_ms])
+            (t.keys or self._names.admission_keys(t.account_id, t.key_id,
+                                                  credit_limited=t.limited),
+             [0, t.request_id, t.key_id, t.tokens, used, cost, self._cfg.settled_memory_ms,
+              *([t.cost] if t.limited else [])])
             for t, used, cost in batch
         ]
         if isinstance(self._redis, RedisCluster):
@@ -401,4 +434,6 @@ def _decide(ticket: Ticket, reply: list[object]) -> Ticket:
         raise errors.RateLimited(which, wait, {f"x-ratelimit-reset-{which}": _duration(wait)})
     if code == 2:
         raise errors.InsufficientCredit()
+    if code == 5:
+        raise errors.KeyLimitExceeded()
     raise errors.AccountSuspended()

@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.admission import Admission, AdmissionConfig
 from proxy.auth import Authenticator
+from proxy.catalog import model_object
 from proxy.connections import ConnectionPool
 from proxy.emitter import EventEmitter
 from proxy.handlers import ROUTES, ChatHandler, Endpoint
@@ -213,15 +214,11 @@ def dispatcher(app: web.Application) -> Handler:
     """Every request's answer: the public APIs, the model list and health;
     405 for a known path and another method, 404 in the OpenAI format for the rest."""
     settings, chat, endpoints = app[SETTINGS], app[_HANDLER], _Endpoints()
-    models_body = orjson.dumps(
-        {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": m.provider.name}
-                for name, m in settings.catalog.models.items()
-            ],
-        }
-    )
+    # OpenAI's model list, each entry also OpenRouter's model object (catalog.model_object).
+    models_body = orjson.dumps({
+        "object": "list",
+        "data": [model_object(name, m) for name, m in settings.catalog.models.items()],
+    })
 
     async def models() -> Reply:
         return Reply(200, models_body)
@@ -238,7 +235,9 @@ def dispatcher(app: web.Application) -> Handler:
 
     # /metrics is not here: it has a listener of its own (proxy.metrics_group), so the
     # public port shows no traffic figures and costs no scrape CPU to strangers.
-    gets = {"/v1/models": models, "/healthz": healthz, "/readyz": readyz}
+    # /api/v1/models too: OpenRouter's clients list models under its /api/v1 base.
+    gets = {"/v1/models": models, "/api/v1/models": models, "/healthz": healthz,
+            "/readyz": readyz}
 
     async def dispatch(request: Request) -> Reply | StreamReply:
         endpoint = endpoints.find(request)

@@ -10,6 +10,9 @@
 - Verifications that may fail are throttled per key id and per client IP, and bcrypt
   work for unverified secrets is bounded (``proxy.auth_throttle``); a verified key is a
   cache hit and never waits behind them.
+- A key past its ``expires_at`` (Unix seconds, from the control plane) is refused with
+  401 ``key_expired`` on every path, the cache's too: a key that expires while cached
+  costs one comparison with the wall clock, a key without expiry not even that.
 - Revocations and other changes arrive on a pub/sub channel and evict the entry at once;
   the bounded cache lifetime covers a lost message, and every entry is marked stale when
   the subscription has to reconnect (messages may have been missed meanwhile).
@@ -39,7 +42,7 @@ from redis.exceptions import RedisError
 
 from proxy.auth_errors import auth_unavailable
 from proxy.auth_throttle import VerifyThrottle
-from proxy.errors import AccountSuspended, AuthUnavailable, KeyRevoked, Unauthorized
+from proxy.errors import AccountSuspended, AuthUnavailable, KeyExpired, KeyRevoked, Unauthorized
 from proxy.tasks import cancel_requested
 from shared import apikeys
 from shared.apikeys import KeyRecord, KeyRecordError
@@ -314,4 +317,7 @@ def _active(record: KeyRecord) -> KeyRecord:
         raise AccountSuspended()
     if not record.active:
         raise KeyRevoked()
+    # The wall clock, not the monotonic one: expires_at is a date the user chose.
+    if record.expires_at is not None and record.expires_at <= time.time():
+        raise KeyExpired()
     return record

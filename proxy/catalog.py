@@ -32,6 +32,34 @@ Loaded once at start-up from a TOML file::
 Everything the hot path needs per deployment (base URL, request headers, price) is
 computed here, once. A model without a price is a start-up error, never a silent $0.
 A deployment inherits the model's prices and may override any of them.
+
+What ``GET /v1/models`` tells people about a model (OpenRouter's model object, beside
+OpenAI's fields) comes from optional fields of the model's table, named as OpenRouter
+names them; prices are the model's own (per token, as decimal strings)::
+
+    [models."gpt-4o-mini"]
+    name = "OpenAI: GPT-4o mini"          # display name; default: the model's id
+    canonical_slug = "openai/gpt-4o-mini-2024-07-18"  # default: the model's id
+    created = 1721260800                  # Unix seconds the model was added; default 0
+    description = "A small, fast model."  # default ""
+    context_length = 128000               # tokens; default null
+    hugging_face_id = ""                  # default null
+    supported_parameters = ["max_tokens", "temperature", "tools"]  # default []
+    default_parameters = { temperature = 1.0 }  # default null
+    per_request_limits = { prompt_tokens = 100000 }  # default null
+
+    [models."gpt-4o-mini".architecture]   # default: text in, text out, the rest null
+    input_modalities = ["text", "image"]  # modality is derived: "text+image->text"
+    output_modalities = ["text"]
+    tokenizer = "GPT"
+    instruct_type = "chatml"
+
+    [models."gpt-4o-mini".top_provider]
+    max_completion_tokens = 16384         # default null
+    is_moderated = true                   # default false
+    context_length = 128000               # default: the model's context_length
+
+A model without any of them still loads: its object carries the defaults above.
 """
 
 from __future__ import annotations
@@ -39,6 +67,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -54,6 +83,28 @@ _PRICE_FIELDS = ("prompt_price", "completion_price", "cache_read_price", "cache_
 
 class CatalogError(ValueError):
     """The catalog file is missing, unreadable or inconsistent; the message names the entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the model list says about a model beyond its id and prices (all optional)."""
+
+    name: str | None = None
+    canonical_slug: str | None = None
+    created: int = 0
+    description: str = ""
+    context_length: int | None = None
+    hugging_face_id: str | None = None
+    input_modalities: tuple[str, ...] = ("text",)
+    output_modalities: tuple[str, ...] = ("text",)
+    tokenizer: str | None = None
+    instruct_type: str | None = None
+    max_completion_tokens: int | None = None
+    top_context_length: int | None = None
+    is_moderated: bool = False
+    supported_parameters: tuple[str, ...] = ()
+    default_parameters: Mapping[str, Any] | None = None
+    per_request_limits: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +151,7 @@ class Model:
     price: Price
     chat_url: str
     deployments: tuple[Deployment, ...] = ()
+    info: ModelInfo = ModelInfo()  # immutable: one shared default is safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +241,119 @@ def _deployment(key: str, table: Mapping[str, Any], where: str, default_model: s
                       _price(_prices(table, where, inherited)), weight)
 
 
+def _optional(table: Mapping[str, Any], name: str, where: str, kind: type | tuple[type, ...],
+              default: Any = None) -> Any:
+    value = table.get(name, default)
+    if value is not default and (isinstance(value, bool) and kind is int
+                                 or not isinstance(value, kind)):
+        raise CatalogError(f"{where}: {name} has the wrong type")
+    return value
+
+
+def _strings(table: Mapping[str, Any], name: str, where: str,
+             default: tuple[str, ...]) -> tuple[str, ...]:
+    value = table.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise CatalogError(f"{where}: {name} must be an array of non-empty strings")
+    return tuple(value)
+
+
+def _table(table: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
+    value = table.get(name, {})
+    if not isinstance(value, dict):
+        raise CatalogError(f"{where}: {name} must be a table")
+    return value
+
+
+def _count(table: Mapping[str, Any], name: str, where: str) -> int | None:
+    value = _optional(table, name, where, int)
+    if value is not None and value < 1:
+        raise CatalogError(f"{where}: {name} must be a positive integer")
+    return value  # type: ignore[no-any-return]
+
+
+def _info(table: Mapping[str, Any], where: str) -> ModelInfo:
+    arch = _table(table, "architecture", where)
+    top = _table(table, "top_provider", where)
+    a_where, t_where = f"{where}.architecture", f"{where}.top_provider"
+    context_length = _count(table, "context_length", where)
+    default_parameters = _optional(table, "default_parameters", where, dict)
+    per_request_limits = _optional(table, "per_request_limits", where, dict)
+    created = _optional(table, "created", where, int, 0)
+    if created < 0:
+        raise CatalogError(f"{where}: created must be Unix seconds")
+    return ModelInfo(
+        name=_optional(table, "name", where, str),
+        canonical_slug=_optional(table, "canonical_slug", where, str),
+        created=created,
+        description=_optional(table, "description", where, str, ""),
+        context_length=context_length,
+        hugging_face_id=_optional(table, "hugging_face_id", where, str),
+        input_modalities=_strings(arch, "input_modalities", a_where, ("text",)),
+        output_modalities=_strings(arch, "output_modalities", a_where, ("text",)),
+        tokenizer=_optional(arch, "tokenizer", a_where, str),
+        instruct_type=_optional(arch, "instruct_type", a_where, str),
+        max_completion_tokens=_count(top, "max_completion_tokens", t_where),
+        top_context_length=_count(top, "context_length", t_where) or context_length,
+        is_moderated=_optional(top, "is_moderated", t_where, bool, False),
+        supported_parameters=_strings(table, "supported_parameters", where, ()),
+        default_parameters=None if default_parameters is None
+        else MappingProxyType(dict(default_parameters)),
+        per_request_limits=None if per_request_limits is None
+        else MappingProxyType(dict(per_request_limits)),
+    )
+
+
+def _per_token(micros_per_million: int) -> str:
+    """USD per token as a plain decimal string, as OpenRouter writes prices: 0.00000015."""
+    return format(Decimal(micros_per_million).scaleb(-12).normalize(), "f")
+
+
+def model_object(name: str, model: Model) -> dict[str, Any]:
+    """The model's entry in ``GET /v1/models``: OpenAI's fields, then OpenRouter's."""
+    info, price = model.info, model.price
+    pricing = {"prompt": _per_token(price.prompt), "completion": _per_token(price.completion),
+               "request": "0", "image": "0"}
+    # Only the prices the catalog names: absent ones bill as prompt / completion.
+    for key, value in (("input_cache_read", price.cache_read),
+                       ("input_cache_write", price.cache_write),
+                       ("internal_reasoning", price.reasoning)):
+        if value is not None:
+            pricing[key] = _per_token(value)
+    return {
+        "id": name,
+        "object": "model",
+        "created": info.created,
+        "owned_by": model.provider.name,
+        "name": info.name or name,
+        "canonical_slug": info.canonical_slug or name,
+        "hugging_face_id": info.hugging_face_id,
+        "description": info.description,
+        "context_length": info.context_length,
+        "architecture": {
+            "modality": f"{'+'.join(info.input_modalities)}->"
+                        f"{'+'.join(info.output_modalities)}",
+            "input_modalities": list(info.input_modalities),
+            "output_modalities": list(info.output_modalities),
+            "tokenizer": info.tokenizer,
+            "instruct_type": info.instruct_type,
+        },
+        "pricing": pricing,
+        "top_provider": {
+            "context_length": info.top_context_length,
+            "max_completion_tokens": info.max_completion_tokens,
+            "is_moderated": info.is_moderated,
+        },
+        "per_request_limits": None if info.per_request_limits is None
+        else dict(info.per_request_limits),
+        "supported_parameters": list(info.supported_parameters),
+        "default_parameters": None if info.default_parameters is None
+        else dict(info.default_parameters),
+    }
+
+
 def _model(name: str, table: Mapping[str, Any], providers: Mapping[str, Provider]) -> Model:
     where = f'models."{name}"'
     tables = table.get("deployments")
@@ -213,6 +378,7 @@ def _model(name: str, table: Mapping[str, Any], providers: Mapping[str, Provider
         price=first.price,
         chat_url=f"{first.provider.base_url}/chat/completions",
         deployments=deployments,
+        info=_info(table, where),
     )
 
 

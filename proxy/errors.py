@@ -73,6 +73,11 @@ class KeyRevoked(Unauthorized):
     message = "This API key has been revoked."
 
 
+class KeyExpired(Unauthorized):
+    code = "key_expired"
+    message = "This API key has expired; create a new key or extend its expiry."
+
+
 class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
@@ -179,6 +184,20 @@ class InsufficientCredit(ProxyError):
     )
 
 
+class KeyLimitExceeded(ProxyError):
+    """The key's own credit limit (OpenRouter's per-key ``limit``) is spent for its
+    period; 402, as OpenRouter answers a key over its limit."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "key_limit_exceeded"
+    outcome = "insufficient_credit"
+    message = (
+        "This API key's credit limit does not cover this request's maximum cost in the "
+        "current period. Raise the key's limit, wait for it to reset, or lower max_tokens."
+    )
+
+
 class UpstreamRefused(ProxyError):
     """The upstream refused the request for the client's own reasons (4xx, 429).
 
@@ -199,9 +218,10 @@ class UpstreamRefused(ProxyError):
 
 _STATIC: dict[type[ProxyError], bytes] = {
     cls: cls().body()
-    for cls in (InvalidJSON, BodyTooLarge, Unauthorized, KeyRevoked, UpstreamUnavailable,
-                UpstreamFailed, UpstreamTimeout, AuthUnavailable, Internal,
-                MethodNotAllowed, RouteNotFound, AccountSuspended, InsufficientCredit)
+    for cls in (InvalidJSON, BodyTooLarge, Unauthorized, KeyRevoked, KeyExpired,
+                UpstreamUnavailable, UpstreamFailed, UpstreamTimeout, AuthUnavailable,
+                Internal, MethodNotAllowed, RouteNotFound, AccountSuspended,
+                InsufficientCredit, KeyLimitExceeded)
 }
 
 

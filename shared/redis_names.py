@@ -8,10 +8,22 @@ land in one Redis Cluster slot.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "qnp"
 INGEST_GROUP = "ingest"
+
+
+def spend_periods(unix_s: int) -> dict[str, int]:
+    """The period numbers a key's spend is kept under (see ``RedisNames.key_spend``), as
+    the admission scripts compute them from Redis's clock: UTC days since 1970-01-01,
+    weeks starting on Monday (week 0 began on Monday 1969-12-29), months as
+    ``year * 12 + month - 1``. Keys are the ``limit_reset`` values they serve."""
+    day = unix_s // 86400
+    when = time.gmtime(unix_s)
+    return {"daily": day, "weekly": (day + 3) // 7,
+            "monthly": when.tm_year * 12 + when.tm_mon - 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +67,16 @@ class RedisNames:
         """
         return f"{self.account_tag(account_id)}:state"
 
-    def admission_keys(self, account_id: str, key_id: str) -> list[str]:
+    def admission_keys(self, account_id: str, key_id: str, *,
+                       credit_limited: bool = False) -> list[str]:
         """The keys one admission or settlement script touches, in the scripts' order.
 
         state, request logs (account, key), token logs (account, key), token totals,
-        in-flight sets (account, key), credit reservations, recently settled requests.
+        in-flight sets (account, key), credit reservations, recently settled requests;
+        then, for a key with a credit limit only, its spend and its holds.
         """
         t = self.account_tag(account_id)
-        return [
+        keys = [
             f"{t}:state",
             f"{t}:req:a", f"{t}:req:k:{key_id}",
             f"{t}:tok:a", f"{t}:tok:k:{key_id}",
@@ -71,6 +85,35 @@ class RedisNames:
             f"{t}:resv",
             f"{t}:settled",
         ]
+        if credit_limited:
+            keys += [self.key_spend(account_id, key_id),
+                     self.key_spend_holds(account_id, key_id)]
+        return keys
+
+    def key_spend(self, account_id: str, key_id: str) -> str:
+        """Hash: what a credit-limited key has spent, per period, written by the proxy's
+        admission scripts (the control plane reads it for ``limit_remaining``).
+
+        Fields (integers): ``day``, ``week``, ``month`` — the periods the ``spent_*``
+        fields belong to, as ``spend_periods`` numbers them; ``spent_day``,
+        ``spent_week``, ``spent_month``, ``spent_total`` — settled cost in micro-dollars
+        in that day / week / month and ever; ``held`` — micro-dollars reserved by
+        requests in flight. A ``spent_*`` field whose period is not the current one
+        (compare with ``spend_periods(now)``) means 0 spent in the current period: the
+        scripts roll periods over in place, on the next request. So the key's usage in
+        its current period is ``spent_<period>`` (``spent_total`` without a reset), and
+        ``limit_remaining = limit - usage - held``. Spend is tracked only while the key
+        has a credit limit: a limit set later starts from 0 here unless the control
+        plane seeds the fields from its ledger. The hash has no TTL (a lifetime cap must
+        outlive any period): it is the control plane's to delete when it deletes the key.
+        """
+        return f"{self.account_tag(account_id)}:kspend:{key_id}"
+
+    def key_spend_holds(self, account_id: str, key_id: str) -> str:
+        """Sorted set: a credit-limited key's reservations in flight, members
+        ``<request id>:<micro-dollars>`` scored by when they lapse (a proxy that died
+        before settling frees its hold after the in-flight lifetime). Proxy-only."""
+        return f"{self.account_tag(account_id)}:kspend:{key_id}:held"
 
     def account_reservations(self, account_id: str) -> str:
         """Hash: request id → credit reserved and not yet settled (micro-dollars)."""

@@ -137,14 +137,16 @@ def proxy_env(redis_url: str, names: RedisNames, catalog: Path, **extra: str) ->
 async def publish_key(
     redis: aioredis.Redis, names: RedisNames, account_id: str = "acct-test",
     status: str = "active", limits: dict[str, int] | None = None,
-    balance_micros: int = 10**12,
+    balance_micros: int = 10**12, *, credit_limit_micros: int | None = None,
+    limit_reset: str | None = None, expires_at: int | None = None,
 ) -> tuple[str, KeyRecord]:
     """Issue a key the way the control plane does: bcrypt hash in Redis, secret returned."""
     key, parts = apikeys.generate()
     record = KeyRecord(
         key_id=parts.key_id, account_id=account_id, status=status,
         secret_hash=bcrypt.hashpw(parts.secret.encode(), bcrypt.gensalt(4)).decode(),
-        limits=limits or {},
+        limits=limits or {}, credit_limit_micros=credit_limit_micros,
+        limit_reset=limit_reset, expires_at=expires_at,
     )
     await redis.set(names.key_record(parts.key_id), record.encode())
     # Redis is filled, as the control plane's reconciler marks it once it has published

@@ -13,6 +13,7 @@ import re
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from proxy import errors
 from proxy.admission import Admission, AdmissionConfig
 from proxy.app import connect_redis
 from shared.apikeys import KeyRecord
-from shared.redis_names import RedisNames
+from shared.redis_names import RedisNames, spend_periods
 from tests.support import free_port
 
 Client = aioredis.Redis | RedisCluster
@@ -156,7 +157,138 @@ async def check_counted_refusals_take_a_place_and_reserve_nothing(
     assert await client.hlen(names.account_reservations(account)) == 0  # type: ignore[misc]
 
 
+def _limited(account: str, limit: int, reset: str | None = "daily", **limits: int) -> KeyRecord:
+    return KeyRecord(uuid.uuid4().hex[:12], account, "active", "-", limits,
+                     credit_limit_micros=limit, limit_reset=reset)
+
+
+async def _spend(client: Client, names: RedisNames, key: KeyRecord) -> dict[str, int]:
+    raw = await client.hgetall(names.key_spend(key.account_id, key.key_id))  # type: ignore[misc]
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def _redis_periods(client: Client) -> dict[str, int]:
+    seconds, _ = await client.time()  # the scripts' clock, not this host's
+    return spend_periods(int(seconds))
+
+
+async def check_a_key_credit_limit_admits_exactly_what_it_allows(
+    client: Client, names: RedisNames,
+) -> None:
+    adm = Admission(client, names, AdmissionConfig())
+    account = await _account(client, names, balance=10**9)
+    key = _limited(account, 10_000)
+    ok, refused = await _admit_many(adm, key, 50, cost=1_000)
+    assert len(ok) == 10
+    assert all(isinstance(e, errors.KeyLimitExceeded) for e in refused)
+    assert refused[0].status == 402 and refused[0].code == "key_limit_exceeded"  # type: ignore[attr-defined]
+    # A request refused before admission is still counted, never refused for credit.
+    assert await adm.count(key, str(uuid.uuid4())) == {}
+    # The account's balance lost only what the key was allowed to reserve.
+    assert int(await client.hget(names.account_state(account), "bal")) == 10**9 - 10_000  # type: ignore[misc]
+    for ticket in ok:
+        adm.settle(ticket, 5, 300)  # each really cost 300 of the 1,000 it held
+        adm.settle(ticket, 5, 300)  # a retried settlement counts nothing more
+    await adm.close(5)
+    spend = await _spend(client, names, key)
+    periods = await _redis_periods(client)
+    assert (spend["day"], spend["week"], spend["month"]) == (
+        periods["daily"], periods["weekly"], periods["monthly"])
+    assert spend["held"] == 0
+    assert spend["spent_day"] == spend["spent_week"] == spend["spent_month"] == 3_000
+    assert spend["spent_total"] == 3_000
+    # 7,000 of the limit is left: exactly seven more requests of 1,000 fit.
+    ok2, refused2 = await _admit_many(adm, key, 20, cost=1_000)
+    assert len(ok2) == 7 and len(refused2) == 13
+    # Another key of the account has no limit of its own: the first key's is not its.
+    assert len((await _admit_many(adm, _key(account), 20, cost=1_000))[0]) == 20
+
+
+async def check_changing_a_key_limit_keeps_what_it_spent(
+    client: Client, names: RedisNames,
+) -> None:
+    adm = Admission(client, names, AdmissionConfig())
+    account = await _account(client, names)
+    key = _limited(account, 5_000, "daily")
+    adm.settle(await adm.admit(key, str(uuid.uuid4()), 10, 4_000), 10, 3_000)
+    await adm.close(5)
+    raised = replace(key, credit_limit_micros=6_000)  # the control plane raised it
+    with pytest.raises(errors.KeyLimitExceeded):
+        await adm.admit(raised, str(uuid.uuid4()), 10, 3_001)
+    await adm.admit(raised, str(uuid.uuid4()), 10, 3_000)  # 6,000 - 3,000 spent: fits
+    # A monthly reset instead of a daily one: the month's spend is kept as well.
+    monthly = replace(key, credit_limit_micros=9_000, limit_reset="monthly")
+    with pytest.raises(errors.KeyLimitExceeded):  # 3,000 spent + 3,000 held
+        await adm.admit(monthly, str(uuid.uuid4()), 10, 3_001)
+    lifetime = replace(key, credit_limit_micros=6_000, limit_reset=None)
+    with pytest.raises(errors.KeyLimitExceeded):
+        await adm.admit(lifetime, str(uuid.uuid4()), 10, 1)
+
+
+async def check_a_period_that_ended_starts_from_zero(client: Client, names: RedisNames) -> None:
+    adm = Admission(client, names, AdmissionConfig())
+    account = await _account(client, names)
+    key = _limited(account, 1_000, "daily")
+    p = await _redis_periods(client)
+    # Yesterday's day, last week and last month all spent to the limit.
+    await client.hset(names.key_spend(account, key.key_id), mapping={  # type: ignore[misc]
+        "day": p["daily"] - 1, "week": p["weekly"] - 1, "month": p["monthly"] - 1,
+        "spent_day": 1_000, "spent_week": 1_000, "spent_month": 1_000,
+        "spent_total": 1_000, "held": 0})
+    for reset in ("daily", "weekly", "monthly"):
+        await adm.admit(replace(key, limit_reset=reset), str(uuid.uuid4()), 1, 300)
+    with pytest.raises(errors.KeyLimitExceeded):  # the lifetime cap never resets
+        await adm.admit(replace(key, limit_reset=None), str(uuid.uuid4()), 1, 1)
+    spend = await _spend(client, names, key)
+    assert spend["day"] == p["daily"] and spend["spent_day"] == 0 and spend["held"] == 900
+    assert spend["spent_total"] == 1_000
+
+
+async def check_a_hold_never_settled_frees_itself(client: Client, names: RedisNames) -> None:
+    # A proxy that died mid-request never settles: its hold lapses with its slot.
+    adm = Admission(client, names, AdmissionConfig(in_flight_lifetime_ms=300))
+    account = await _account(client, names)
+    key = _limited(account, 1_000, None)
+    await adm.admit(key, str(uuid.uuid4()), 1, 1_000)
+    with pytest.raises(errors.KeyLimitExceeded):
+        await adm.admit(key, str(uuid.uuid4()), 1, 1)
+    for _ in range(100):  # until the hold has lapsed (a hang guard, not a measurement)
+        await asyncio.sleep(0.05)
+        try:
+            await adm.admit(key, str(uuid.uuid4()), 1, 1_000)
+            break
+        except errors.KeyLimitExceeded:
+            continue
+    else:
+        raise AssertionError("the hold never lapsed")
+    assert (await _spend(client, names, key))["held"] == 1_000
+
+
+async def check_spend_admitted_without_redis_state_still_counts(
+    client: Client, names: RedisNames,
+) -> None:
+    adm = Admission(client, names, AdmissionConfig())
+    account = str(uuid.uuid4())  # its state not published yet: admitted locally
+    key = _limited(account, 1_000, "weekly")
+    ticket = await adm.admit(key, str(uuid.uuid4()), 1, 900)
+    assert ticket.mode == "local"
+    adm.settle(ticket, 1, 700)
+    await adm.close(5)
+    spend = await _spend(client, names, key)
+    assert spend["spent_week"] == spend["spent_total"] == 700 and spend["held"] == 0
+    await client.hset(names.account_state(account),  # type: ignore[misc]
+                      mapping={"bal": 10**9, "status": "active"})
+    with pytest.raises(errors.KeyLimitExceeded):  # 700 of 1,000 already spent
+        await adm.admit(key, str(uuid.uuid4()), 1, 301)
+    await adm.admit(key, str(uuid.uuid4()), 1, 300)
+
+
 CHECKS = [
+    check_a_key_credit_limit_admits_exactly_what_it_allows,
+    check_spend_admitted_without_redis_state_still_counts,
+    check_changing_a_key_limit_keeps_what_it_spent,
+    check_a_period_that_ended_starts_from_zero,
+    check_a_hold_never_settled_frees_itself,
     check_counted_refusals_take_a_place_and_reserve_nothing,
     check_requests_per_window_are_exact,
     check_tokens_reserve_and_settle,
@@ -248,3 +380,38 @@ def test_scripts_never_hand_redis_a_negative_zero() -> None:
         if re.search(r"redis\.call\('HINCRBY'[^)]*,\s*-[A-Za-z_(]", line)
     ]
     assert negated == []
+
+
+def _lua_periods(script: str) -> str:
+    source = (Path(__import__("proxy").__file__).parent / script).read_text()
+    start = source.index("local function periods(")
+    return source[start:source.index("\n  end\n", start) + 7]
+
+
+@pytest.mark.parametrize("script", ["admit.lua", "settle.lua"])
+async def test_the_scripts_number_periods_as_the_control_plane_does(
+    redis_url: str, script: str
+) -> None:
+    """Every third day from 1999 to 2101, at its first and last second (leap years,
+    December into January, Sundays into Mondays): admit.lua's UTC periods are
+    ``spend_periods``'s, which the control plane uses to read a key's spend."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        lua = _lua_periods(script) + """
+local out = {}
+for i = 1, #ARGV do
+  local d, w, m = periods(tonumber(ARGV[i]))
+  out[#out + 1] = d; out[#out + 1] = w; out[#out + 1] = m
+end
+return out"""
+        stamps = [s + off for s in range(915_148_800, 4_133_980_800, 86_400 * 3)
+                  for off in (0, 86_399)]
+        got = await client.eval(lua, 0, *stamps)
+        want = [v for s in stamps for v in spend_periods(s).values()]
+        assert got == want
+        # 2026-11-30 is a Monday, 2026-11-29 a Sunday: weeks start on Monday.
+        monday, sunday = spend_periods(1_795_996_800), spend_periods(1_795_996_799)
+        assert monday["weekly"] == sunday["weekly"] + 1 and monday["daily"] == sunday["daily"] + 1
+        assert spend_periods(1_795_996_800 + 6 * 86_400 + 86_399)["weekly"] == monday["weekly"]
+    finally:
+        await client.aclose()

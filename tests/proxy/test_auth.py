@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
 import bcrypt
+import openai
 import pytest
 import redis.asyncio as aioredis
 
@@ -345,3 +347,46 @@ async def test_a_malformed_stored_hash_refuses_the_key_with_401_not_a_500(
     a = Authenticator(redis, redis_names, ttl=60.0, max_entries=1000)
     with pytest.raises(errors.Unauthorized):
         await a.authenticate(key)
+
+
+# --- expiry ---------------------------------------------------------------------------
+
+
+async def test_a_key_expiring_while_cached_is_refused_from_the_cache(
+    redis: aioredis.Redis, redis_names: RedisNames
+) -> None:
+    a = auth(redis, redis_names, Bcrypt())
+    expires = int(time.time()) + 2
+    key, record = await publish_key(redis, redis_names, expires_at=expires)
+    assert await a.authenticate(key) == record
+    assert a.cached(key) == record  # verified and not yet expired: served from the cache
+    for _ in range(100):  # until the wall clock passes expires_at (a hang guard)
+        if time.time() > expires:
+            break
+        await asyncio.sleep(0.05)
+    with pytest.raises(errors.KeyExpired) as exc:
+        a.cached(key)  # synchronous: the cache alone says so, no Redis read
+    assert exc.value.status == 401 and exc.value.code == "key_expired"
+    with pytest.raises(errors.KeyExpired):
+        await a.authenticate(key)
+
+
+async def test_an_expired_key_gets_401_key_expired_recorded_as_any_401(
+    gateway: Gateway, redis: aioredis.Redis, redis_names: RedisNames
+) -> None:
+    key, record = await publish_key(redis, redis_names, expires_at=int(time.time()) - 1)
+    fresh, _ = await publish_key(redis, redis_names, expires_at=int(time.time()) + 3600)
+    async with gateway.client(key) as client:
+        with pytest.raises(openai.AuthenticationError) as exc:
+            await client.chat.completions.create(
+                model="demo-mini", messages=[{"role": "user", "content": "hi"}])
+    assert exc.value.status_code == 401
+    assert exc.value.code == "key_expired" and "expired" in exc.value.message
+    async with gateway.client(fresh) as client:  # an expiry still ahead: served
+        reply = await client.chat.completions.create(
+            model="demo-mini", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices
+    events = await gateway.events(2)
+    refused = [e for e in events if e.status == 401]
+    assert len(refused) == 1
+    assert refused[0].outcome == "unauthorized" and refused[0].error_code == "key_expired"

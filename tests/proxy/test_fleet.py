@@ -196,6 +196,44 @@ async def test_credit_for_ten_streams_admits_ten_of_fifty(
     assert int(await fleet.redis.hget(state, "bal")) == 10 * reservation - spent
 
 
+async def test_a_key_credit_limit_holds_exactly_across_the_fleet(
+    fleet: Fleet, mock_upstream: MockOpenAIUpstream
+) -> None:
+    mock_upstream.behaviour.chunks = 10
+    # Every admitted stream stays open until all fifty are decided, so nothing settles
+    # (and frees part of its hold) during the burst.
+    mock_upstream.behaviour.first_byte_delay = 1.5
+    body = BODY.replace(b'"max_tokens":20,', b'"max_tokens":20,"stream":true,')
+    reservation = -(-((len(body) // 4) * 150_000 + 20 * 600_000) // 1_000_000)
+    limit = 10 * reservation
+    account = str(uuid.uuid4())
+    key, record = await publish_key(fleet.redis, fleet.names, account,
+                                    credit_limit_micros=limit, limit_reset="daily")
+    spend = fleet.names.key_spend(account, record.key_id)
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(fleet.post(s, i, key, body) for i in range(50)))
+        statuses = [status for status, _ in results]
+        assert statuses.count(200) == 10 and statuses.count(402) == 40
+        for _ in range(300):  # settlements run just after each response (hang guard)
+            if int(await fleet.redis.hget(spend, "held") or -1) == 0:
+                break
+            await asyncio.sleep(0.02)
+        events = [decode(f[STREAM_FIELD])
+                  for _i, f in await fleet.redis.xrange(fleet.names.events)]
+        refused = [e for e in events if e.status == 402]
+        assert len(refused) == 40 and {e.error_code for e in refused} == {"key_limit_exceeded"}
+        spent = sum(e.cost_micros for e in events if e.status == 200)
+        assert 0 < spent <= limit
+        # The key's spend is, to the micro-dollar, what its events cost.
+        assert int(await fleet.redis.hget(spend, "spent_day")) == spent
+        # What is left admits exactly as many more requests as it covers (held open
+        # again, so none frees part of its hold for another during the burst).
+        second = [st for st, _ in await asyncio.gather(
+            *(fleet.post(s, i, key, body) for i in range(30)))]
+    assert second.count(200) == (limit - spent) // reservation > 0
+    assert second.count(402) == 30 - second.count(200)
+
+
 async def test_token_limit_holds_fleet_wide_and_settles_to_real_usage(
     fleet: Fleet, mock_upstream: MockOpenAIUpstream
 ) -> None:
