@@ -27,6 +27,7 @@ from control_plane import retention
 from control_plane.admin_api import METRICS, POOL, REDIS, make_app
 from control_plane.metrics import Metrics
 from control_plane.settings import Settings
+from control_plane.tls import listener_context
 from control_plane.trim import Trimmer
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ async def serve(settings: Settings) -> None:
         maintain(settings, app[POOL], app[REDIS], app[METRICS]), name="maintenance"
     )
     try:
-        site = web.TCPSite(runner, settings.admin_host, settings.admin_port)
+        site = web.TCPSite(runner, settings.admin_host, settings.admin_port,
+                           ssl_context=listener_context(settings.tls.admin))  # TLS (H8)
         await site.start()
         log.info("admin API listening host=%s port=%d", settings.admin_host, settings.admin_port)
         stop = asyncio.Event()
