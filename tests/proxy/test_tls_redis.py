@@ -13,6 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from devstack.servers import RunningServer
@@ -69,6 +70,25 @@ async def test_the_fast_pipe_runs_over_tls(client: aioredis.Redis) -> None:
                                  resp.command("GET", "qnptls:k")]) == [b"OK", b"v"]
     assert _pipe_protocol(pipe) in ("TLSv1.2", "TLSv1.3")
     await pipe.close()
+
+
+def test_the_fast_pipe_runs_over_tls_on_uvloop(tls_redis: RunningServer, pki: Pki) -> None:
+    """As in production: uvloop's own TLS transport hands the pipe its bytes too."""
+
+    async def main() -> tuple[object, str]:
+        c = connect_redis(tls_redis.url, tls=_trust(pki))
+        try:
+            pipe = resp.Pipe.of(c)
+            assert pipe is not None
+            replies = await pipe.call_many([resp.command("SET", "qnptls:uv", "1"),
+                                            resp.command("INCR", "qnptls:uv"), PING])
+            return replies, _pipe_protocol(pipe)
+        finally:
+            await c.aclose()
+
+    replies, protocol = uvloop.run(main())
+    assert replies == [b"OK", 2, b"PONG"]
+    assert protocol in ("TLSv1.2", "TLSv1.3")
 
 
 async def test_the_server_speaks_nothing_but_tls(tls_redis: RunningServer) -> None:
