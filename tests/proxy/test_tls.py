@@ -142,6 +142,23 @@ async def test_plain_http_on_the_tls_port_gets_no_answer(tls_gateway: Gateway) -
     assert b"200" not in data and b"ok" not in data
 
 
+async def test_a_client_that_never_finishes_its_handshake_is_cut_off(
+    start_gateway: GatewayFactory, pki: Pki,
+) -> None:
+    """A stalled handshake gets the head timeout (asyncio's default would be 60 s):
+    connecting and saying nothing cannot hold a socket for longer than a stalled head."""
+    gw: Gateway = await start_gateway(QNP_TLS_CERT=str(pki.cert), QNP_TLS_KEY=str(pki.key),
+                                      QNP_HTTP_HEAD_TIMEOUT="0.3")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.running.port)
+    try:
+        data = await asyncio.wait_for(reader.read(), 20)  # generous: only the end matters
+    except ConnectionResetError:
+        data = b""
+    finally:
+        writer.close()
+    assert data == b""
+
+
 async def test_openai_sdk_through_https_non_stream_and_stream(
     tls_gateway: Gateway, pki: Pki, api_key: str, mock_upstream: MockOpenAIUpstream,
 ) -> None:
