@@ -22,6 +22,7 @@ import ctypes
 import dataclasses
 import multiprocessing
 import os
+import ssl
 import sys
 import time
 from collections import deque
@@ -65,12 +66,13 @@ class LoadSpec:
     cpus: str | None = None  # e.g. "1", "0,2" or "2-3"
     timeout: float = 30.0
     grace: float = 5.0  # after the duration, how long outstanding requests may finish
+    ca: str | None = None  # https: the CA file to trust (None: the system's)
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
             raise ValueError("give exactly one of concurrency (closed loop) or rate (open)")
-        if urlsplit(self.url).scheme != "http":
-            raise ValueError(f"only http:// URLs are supported: {self.url}")
+        if urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError(f"only http:// and https:// URLs are supported: {self.url}")
         if (self.concurrency or 1) < 1 or (self.rate or 1) <= 0 or self.processes < 1:
             raise ValueError("concurrency, rate and processes must be positive")
 
@@ -164,7 +166,13 @@ class _Run:
     def __init__(self, spec: LoadSpec, progress: Progress | None) -> None:
         url = urlsplit(spec.url)
         self.spec, self.progress, self.loop = spec, progress, asyncio.get_running_loop()
-        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.host = url.hostname or "127.0.0.1"
+        # https: one client context for the run; handshakes happen once per connection
+        # (they are kept alive), so a run measures TLS's steady cost, as Cloudflare's
+        # kept-alive origin connections see it.
+        self.tls = ssl.create_default_context(cafile=spec.ca) if url.scheme == "https" \
+            else None
+        self.port = url.port or (443 if self.tls else 80)
         self.request, self.stream = build_request(spec), spec.stream
         self.marker = spec.end_marker.encode()
         self.closed_loop = spec.concurrency is not None
@@ -216,7 +224,8 @@ class _Run:
 
     async def _connect(self, conn: _Connection) -> None:
         try:
-            await self.loop.create_connection(lambda: conn, self.host, self.port)
+            await self.loop.create_connection(lambda: conn, self.host, self.port,
+                                              ssl=self.tls)
         except OSError:
             if not conn.retired:
                 self.retire(conn)
@@ -555,6 +564,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         ("--timeout", float, 30.0, "per request, seconds"),
         ("--grace", float, 5.0, "seconds requests still out may finish after the duration"),
         ("--output", str, "-", "result JSON file; '-' = stdout"),
+        ("--ca", str, None, "https: trust this CA file"),
     ):
         parser.add_argument(flag, type=kind, default=default, help=f"{text} ({default})")
     return parser.parse_args(argv)
@@ -563,7 +573,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     flags = ("concurrency", "rate", "connections", "duration", "warmup", "max_requests",
-             "stream", "end_marker", "processes", "cpus", "timeout", "grace")
+             "stream", "end_marker", "processes", "cpus", "timeout", "grace", "ca")
     spec = LoadSpec(url=args.url, body=args.body_file.read_bytes() if args.body_file else b"",
                     headers=tuple(args.header), **{flag: getattr(args, flag) for flag in flags})
     if spec.processes == 1 and spec.cpus:  # this process is the load generator: pin it

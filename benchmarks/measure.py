@@ -156,6 +156,8 @@ class Runner:
                 "--body-file", str(self._body_file(load.model, load.stream))]
         for name, value in target.headers.items():
             argv += ["--header", f"{name}: {value}"]
+        if target.ca is not None:
+            argv += ["--ca", target.ca]
         if load.rate is not None:
             argv += ["--rate", f"{load.rate:g}"]
             if load.connections:

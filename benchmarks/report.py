@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.stack import DIRECT, PASSTHROUGH, PROXY
+from benchmarks.stack import DIRECT, PASSTHROUGH, PROXY, PROXY_TLS
 
 DASH = "–"
 BASELINE_BAR = 0.97  # rps per core against the baseline: at most 3 % dearer
@@ -121,6 +121,26 @@ def baseline_targets(report: dict[str, Any]) -> list[dict[str, str]]:
         rows.append(_row(what, f"{ratio:.3f}×", target, baseline_verdict(ratio, by_round),
                          f"CPU µs/req {_num(ours, ',.1f')} vs {_num(theirs, ',.1f')}"
                          f"{spread}"))
+    return rows
+
+
+def tls_cost(report: dict[str, Any]) -> list[list[str]]:
+    """Per scenario measured with ``--with-tls``: the HTTPS proxy against the plain one,
+    same run (rps per core, CPU per request, added latency; p50 and p99)."""
+    rows = []
+    for sc in report["scenarios"]:
+        c = _get(sc, "comparisons", PROXY_TLS, "vs_plain")
+        if sc.get("kind") != "rounds" or c is None:
+            continue
+        h = "gap" if sc["name"].startswith("paced") else "ttft" if sc["stream"] else "latency"
+        unit = "cpu_us_per_chunk" if sc["stream"] else "cpu_us_per_request"
+        plain, tls = (_get(sc, "targets", n, unit) for n in (PROXY, PROXY_TLS))
+        added = _get(c, "added_ms", h) or {}
+        by_round = c["rps_per_core_ratio_by_round"]
+        rows.append([sc["name"], _ratio(c["rps_per_core_ratio"]),
+                     f"{min(by_round):.3f}–{max(by_round):.3f}×" if by_round else DASH,
+                     f"{_num(plain, ',.1f')} → {_num(tls, ',.1f')}",
+                     f"{_signed(added.get('p50'))} / {_signed(added.get('p99'))} ({h})"])
     return rows
 
 
@@ -261,6 +281,13 @@ def render(report: dict[str, Any]) -> str:
                   *_table(["what", "measured", "target", "met?", "note"],
                           [[r["what"], r["measured"], r["target"], r["met"], r["note"]]
                            for r in report["baseline_targets"]])]
+    if tls := tls_cost(report):
+        lines += ["", "## What TLS costs", "",
+                  f"`{PROXY_TLS}` is `{PROXY}` serving HTTPS itself (TLS 1.3, ECDSA P-256, "
+                  "keep-alive connections: one handshake per connection), rounds alternating "
+                  "in this run.", "",
+                  *_table(["scenario", "rps/core, tls / plain", "rounds",
+                           "CPU µs per request (chunk)", "added ms p50 / p99"], tls)]
     for sc in report["scenarios"]:
         title = sc.get("description", "")
         lines += ["", f"## {sc['name']}" + (f": {title}" if title else ""), ""]

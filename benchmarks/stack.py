@@ -22,6 +22,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ HOST = "127.0.0.1"
 UPSTREAM_KEY = "sk-bench-upstream"
 ROOT = Path(__file__).resolve().parent.parent
 DIRECT, PASSTHROUGH, PROXY, NOADMIT = "direct", "passthrough", "proxy", "proxy-noadmit"
+PROXY_TLS = "proxy-tls"  # our proxy serving HTTPS itself (--with-tls): what TLS costs
 BASELINE_PREFIX = f"{PROXY}@"  # a baseline's name: proxy@<the ref it was built from>
 # The warning a proxy logs when it admits an account with no published state: it then
 # runs the degraded local policy, which is not what production measures.
@@ -170,10 +172,12 @@ class Child:
         return self.log_text()[-3000:]
 
 
-def http_ok(url: str) -> Callable[[], bool]:
+def http_ok(url: str, ca: str | None = None) -> Callable[[], bool]:
+    context = ssl.create_default_context(cafile=ca) if url.startswith("https:") else None
+
     def ready() -> bool:
         with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                 return bool(resp.status == 200)
         return False
 
@@ -197,6 +201,7 @@ class Target:
     pids: tuple[int, ...] = ()  # roots of the process trees whose CPU and RSS we sample
     log: Path | None = None  # our proxies' output (they log at WARNING)
     cpus: str | None = None  # what it is pinned to, for the report
+    ca: str | None = None  # https: the CA file the load generator trusts
 
     @property
     def is_ours(self) -> bool:
@@ -244,11 +249,13 @@ class Stack:
 
     @contextlib.contextmanager
     def proxy(self, name: str, *, workers: int, cpus: frozenset[int] | None,
-              admission: bool = True, tree: Path | None = None) -> Iterator[Target]:
+              admission: bool = True, tree: Path | None = None,
+              tls: tuple[Path, Path, Path] | None = None) -> Iterator[Target]:
         """Our proxy as ``python -m proxy``; its ``--workers`` children inherit its pinning.
 
         With ``tree`` (another commit's source), that tree's proxy: run from it, with it
         alone on PYTHONPATH, so neither our checkout nor an editable install is imported.
+        With ``tls`` (certificate, key, the CA that signed them) it serves HTTPS.
         """
         port = free_port()
         env = {**self.env, "REDIS_URL": self.redis_url, "QNP_REDIS_PREFIX": self.names.prefix,
@@ -264,11 +271,15 @@ class Stack:
             env["PYTHONPATH"] = str(tree)
         argv = [sys.executable, "-m", "proxy", "--catalog", str(self.catalog), "--host", HOST,
                 "--port", str(port), "--workers", str(workers)]
-        with self._child(name, argv, env, cpus, http_ok(f"http://{HOST}:{port}/readyz"),
+        scheme, ca = "http", None
+        if tls is not None:
+            argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+            scheme, ca = "https", str(tls[2])
+        with self._child(name, argv, env, cpus, http_ok(f"{scheme}://{HOST}:{port}/readyz", ca),
                          cwd=tree or ROOT) as c:
-            yield Target(name, f"http://{HOST}:{port}/v1", self.proxy_headers(),
+            yield Target(name, f"{scheme}://{HOST}:{port}/v1", self.proxy_headers(),
                          "proxy" if tree is None else "baseline", (c.pid,), c.log,
-                         cpu_list(cpus) if cpus else None)
+                         cpu_list(cpus) if cpus else None, ca)
 
     @contextlib.contextmanager
     def _child(self, name: str, argv: list[str], env: Mapping[str, str],
@@ -327,6 +338,7 @@ class StackSpec:
     with_noadmit: bool
     externals: Mapping[str, tuple[str, str | None, int | None]]  # name → (url, key, pid)
     baselines: Mapping[str, Path] = field(default_factory=dict)  # name → source tree
+    with_tls: bool = False  # also our proxy serving HTTPS, with a throwaway certificate
 
 
 @contextlib.contextmanager
@@ -386,6 +398,14 @@ def running_stack(spec: StackSpec, env: Mapping[str, str], tmp: Path) -> Iterato
         if spec.with_noadmit:
             stack.targets.append(exits.enter_context(
                 stack.proxy(NOADMIT, workers=1, cpus=pin.proxy, admission=False)))
+        if spec.with_tls:
+            # The tests' throwaway CA (ECDSA P-256, as Cloudflare's origin certificates
+            # may be): this checkout's tests/ folder, like the rest of the suite's tools.
+            from tests.tls_certs import make_pki
+
+            pki = make_pki(tmp / "pki")
+            stack.targets.append(exits.enter_context(stack.proxy(
+                PROXY_TLS, workers=1, cpus=pin.proxy, tls=(pki.cert, pki.key, pki.ca))))
         for name, (url, key, pid) in spec.externals.items():
             headers = {"Content-Type": "application/json"}
             if key:

@@ -97,6 +97,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--proxy-cpus", help="CPUs of the proxy and passthrough, e.g. 0 (default: first CPU)")
     a("--load-cpus", help="CPUs of mock, load generator, Redis, e.g. 1 (default: the next)")
     a("--with-noadmit", action="store_true", help="also measure our proxy with admission off")
+    a("--with-tls", action="store_true", help="also measure our proxy serving HTTPS itself "
+      "(proxy-tls, a throwaway certificate): what TLS costs, against plain proxy")
     a("--baseline", action="append", default=[], metavar="REF",
       help="also measure our proxy as git commit REF built it, labelled proxy@REF "
       "(same catalog, key and pinning; repeatable)")
@@ -199,7 +201,7 @@ def measure(args: argparse.Namespace, s: Settings, pinning: Pinning,
     baselines = [baseline.export(ref, tmp) for ref in args.baseline]
     spec = StackSpec(s.models, pinning, os.environ.get("REDIS_URL") or None, args.mock_port,
                      args.mock_processes, args.with_noadmit, args.externals,
-                     {b.name: b.tree for b in baselines})
+                     {b.name: b.tree for b in baselines}, with_tls=args.with_tls)
     entries: list[dict[str, Any]] = []
     with running_stack(spec, os.environ, tmp) as stack:
         targets = stack.targets
@@ -273,7 +275,7 @@ def run(args: argparse.Namespace) -> Path:
                      "sweep_rates": list(s.sweep_rates),
                      "soak_minutes": s.soak_minutes, "scenarios": args.scenarios,
                      "loadgen_processes": args.loadgen_processes,
-                     "mock_processes": args.mock_processes},
+                     "mock_processes": args.mock_processes, "with_tls": args.with_tls},
         "machine": machine,
         "pinning": {"proxy": cpu_list(pinning.proxy) if pinning.proxy else None,
                     "load": cpu_list(pinning.load) if pinning.load else None,

@@ -10,6 +10,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from control_plane.settings import Settings
+from control_plane.tls import redis_options
 
 CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 60.0
@@ -33,11 +34,12 @@ async def open_pool(
 
 def open_redis(settings: Settings) -> aioredis.Redis:
     """A client whose socket timeout outlasts the ingest BLOCK, so a blocked read is
-    never mistaken for a dead connection."""
+    never mistaken for a dead connection; over TLS for a ``rediss://`` URL."""
     client: aioredis.Redis = aioredis.Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=settings.ingest_block_ms / 1000 + CONNECT_TIMEOUT_S,
         health_check_interval=30,
+        **redis_options(settings.redis_url, settings.tls),
     )
     return client

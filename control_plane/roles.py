@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from control_plane.ingest import Consumer
 from control_plane.logs import AccessLog
 from control_plane.reconciler import STARTUP, Reconciler
 from control_plane.runtime import Stores
+from control_plane.tls import listener_context
 from control_plane.web.app import make_web_app
 from control_plane.web.edge import HEADS, SERVER_LIMITS
 
@@ -62,8 +64,8 @@ class Listener:
     """An aiohttp app on its own host and port."""
 
     def __init__(self, name: str, app: web.Application, host: str, port: int,
-                 grace_s: float, **server: Any) -> None:
-        self.name, self._host, self._port = name, host, port
+                 grace_s: float, tls: ssl.SSLContext | None = None, **server: Any) -> None:
+        self.name, self._host, self._port, self._tls = name, host, port, tls
         self._heads = app.get(HEADS)
         self._server: asyncio.Server | None = None
         # In-flight requests get the grace; idle keep-alive connections are closed.
@@ -73,12 +75,16 @@ class Listener:
     async def start(self) -> None:
         await self._runner.setup()
         if self._heads is None:
-            await web.TCPSite(self._runner, self._host, self._port).start()
+            await web.TCPSite(self._runner, self._host, self._port,
+                              ssl_context=self._tls).start()
         else:  # the protocol factory wrapped, for the head deadline
             server = self._runner.server
             assert server is not None
+            # A TLS handshake gets the head's deadline, not asyncio's 60 s default.
             self._server = await asyncio.get_running_loop().create_server(
-                self._heads.factory(server), self._host, self._port, reuse_address=True)
+                self._heads.factory(server), self._host, self._port, reuse_address=True,
+                ssl=self._tls,
+                ssl_handshake_timeout=self._heads.timeout if self._tls else None)
         log.info("%s listening host=%s port=%d", self.name, self._host, self._port)
 
     async def stop(self, grace_s: float) -> None:
@@ -131,9 +137,10 @@ def build(names: tuple[str, ...], stores: Stores) -> list[Role]:
             roles.append(Ingest(stores))
         elif name == ADMIN:
             roles.append(Listener("admin API", admin_api.make_app(settings, stores),
-                                  settings.admin_host, settings.admin_port, grace))
+                                  settings.admin_host, settings.admin_port, grace,
+                                  listener_context(settings.tls.admin)))
         elif name == WEB:
             roles.append(Listener("web", make_web_app(settings, stores),
                                   settings.web_host, settings.web_port, grace,
-                                  **SERVER_LIMITS))
+                                  listener_context(settings.tls.web), **SERVER_LIMITS))
     return roles

@@ -101,16 +101,23 @@ async def serve(settings: Settings, names: tuple[str, ...] = roles.ALL_ROLES) ->
     serving = asyncio.Event()
     running = asyncio.create_task(_run_roles(settings, names, stop, serving), name="roles")
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not running.done() and not serving.is_set():
-        # A signal during start-up (a store slow to answer): nothing to finish, cancel.
-        running.cancel()
     try:
-        await running
-    except asyncio.CancelledError:
-        log.info("start-up cancelled")
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not running.done() and not serving.is_set():
+            # A signal during start-up (a store slow to answer): nothing to finish, cancel.
+            running.cancel()
+        try:
+            await running
+        except asyncio.CancelledError:
+            if not running.cancelled():
+                raise  # serve itself is being cancelled: the finally below stops the roles
+            log.info("start-up cancelled")
     finally:
         stopping.cancel()
+        if not running.done():  # serve was cancelled from outside: roles stop in order
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
     log.info("control plane stopped")
 
 

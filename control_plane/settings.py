@@ -13,6 +13,7 @@ import secrets
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import orjson
@@ -84,6 +85,8 @@ class Settings:
     retention_days: int = 30
     maintenance_interval_s: int = 60
     log_level: str = "INFO"
+    # TLS (H8): listeners' certificates and rediss:// trust; see TlsSettings below.
+    tls: TlsSettings = field(default_factory=lambda: TlsSettings())
 
     @property
     def names(self) -> RedisNames:
@@ -146,6 +149,7 @@ class Settings:
                 e, "QNP_MAINTENANCE_INTERVAL_S", 60, _int_in(1, 86_400)
             ),
             log_level=_parse(e, "QNP_LOG_LEVEL", "INFO", _log_level),
+            tls=TlsSettings.from_env(e),  # TLS (H8)
         )
 
 
@@ -280,3 +284,50 @@ def _log_level(raw: str) -> str:
     if level not in _LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
     return level
+
+
+# --- TLS (H8): certificates for the listeners, trust for rediss:// ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """One listener's certificate chain and key; both None: it serves plain HTTP."""
+
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    web: ListenerTls = ListenerTls()
+    admin: ListenerTls = ListenerTls()
+    # For a rediss:// REDIS_URL: the CA to trust (None: the system's) and a client
+    # certificate for a Redis that asks for one (Redis' default).
+    redis_ca: Path | None = None
+    redis_cert: Path | None = None
+    redis_key: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TlsSettings:
+        redis_cert, redis_key = _pair(env, "QNP_REDIS_TLS_CERT", "QNP_REDIS_TLS_KEY")
+        return cls(
+            web=ListenerTls(*_pair(env, "QNP_WEB_TLS_CERT", "QNP_WEB_TLS_KEY")),
+            admin=ListenerTls(*_pair(env, "QNP_ADMIN_TLS_CERT", "QNP_ADMIN_TLS_KEY")),
+            redis_ca=_parse(env, "QNP_REDIS_TLS_CA", None, _readable_file),
+            redis_cert=redis_cert,
+            redis_key=redis_key,
+        )
+
+
+def _readable_file(raw: str) -> Path | None:
+    path = Path(raw)
+    if not path.is_file():
+        raise ValueError("not a readable file")
+    return path
+
+
+def _pair(env: Mapping[str, str], cert: str, key: str) -> tuple[Path | None, Path | None]:
+    pair = (_parse(env, cert, None, _readable_file), _parse(env, key, None, _readable_file))
+    if (pair[0] is None) != (pair[1] is None):
+        raise SettingsError(f"{cert} and {key} go together: set both or neither")
+    return pair

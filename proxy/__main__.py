@@ -15,9 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="listen address (default: $QNP_PROXY_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default: $QNP_PROXY_PORT or 8080)")
     parser.add_argument("--workers", type=int, help="worker processes sharing the port")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate chain "
+                        "(default: $QNP_TLS_CERT)")
+    parser.add_argument("--tls-key", help="the certificate's PEM private key "
+                        "(default: $QNP_TLS_KEY)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    cli = CommandLine(args.catalog, args.host, args.port, args.workers)
+    cli = CommandLine(args.catalog, args.host, args.port, args.workers, args.tls_cert,
+                      args.tls_key)
     try:
         settings = load(environment(), cli)
     except SettingsError as e:

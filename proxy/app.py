@@ -30,6 +30,7 @@ from proxy.routing import Router
 from proxy.settings import Settings
 from proxy.spool import Spool
 from proxy.tasks import stop_task
+from proxy.tls import RedisTls, redis_options
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("qnp.proxy")
@@ -49,10 +50,12 @@ _OK = b'{"status":"ok"}'
 _NOT_READY = b'{"status":"unavailable","reason":"redis"}'
 
 
-def connect_redis(url: str, max_connections: int = 64) -> aioredis.Redis:
+def connect_redis(url: str, max_connections: int = 64,
+                  tls: RedisTls | None = None) -> aioredis.Redis:
     """The proxy's Redis client: a bounded pool that makes callers wait for a free
     connection (a full pool is load, not an outage) and short timeouts (a dead Redis
-    must fail fast so admission can degrade instead of stalling requests)."""
+    must fail fast so admission can degrade instead of stalling requests). A
+    ``rediss://`` URL connects over TLS, verified with ``tls`` (``proxy.tls``)."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -60,12 +63,14 @@ def connect_redis(url: str, max_connections: int = 64) -> aioredis.Redis:
         socket_connect_timeout=1.0,
         socket_timeout=2.0,
         health_check_interval=15,
+        **redis_options(url, tls or RedisTls()),
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
 
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    client = connect_redis(app[SETTINGS].redis_url)
+    settings = app[SETTINGS]
+    client = connect_redis(settings.redis_url, tls=settings.redis_tls)
     app[REDIS] = client
     yield
     await client.aclose()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ssl
 import time
 from collections.abc import Callable
 
@@ -119,11 +120,18 @@ class HttpServer:
             self._date = email.utils.formatdate(now, usegmt=True).encode()
         return self._date
 
-    async def start(self, host: str, port: int, *, backlog: int = 4096) -> int:
-        """Listen (SO_REUSEPORT, so worker processes share the port); the bound port."""
+    async def start(self, host: str, port: int, *, backlog: int = 4096,
+                    tls: ssl.SSLContext | None = None) -> int:
+        """Listen (SO_REUSEPORT, so worker processes share the port); the bound port.
+
+        With ``tls``, every connection is TLS: a connection is handed to us only once
+        its handshake is done, and a handshake gets ``head_timeout``, as a head does,
+        so a client cannot hold a socket by stalling before its first request.
+        """
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: Connection(self), host, port, reuse_port=True, backlog=backlog)
+            lambda: Connection(self), host, port, reuse_port=True, backlog=backlog, ssl=tls,
+            ssl_handshake_timeout=self.head_timeout if tls is not None else None)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def shutdown(self, grace: float) -> None:

@@ -16,9 +16,12 @@ order sent), without redis-py's per-reply coroutine, timeout context and pool ro
 The socket itself is one of the client's pooled connections, checked out once and kept:
 redis-py opens it (AUTH, SELECT, its timeouts and errors), and the pool still closes
 it, so ``client.aclose()`` ends the pipe too and nobody has to remember a second
-``close``. Only plain TCP connections speaking RESP2 with bytes replies qualify; for
-anything else (TLS, unix sockets, RESP3, decoded replies, Redis Cluster, whose keys
-live on different nodes) ``Pipe.of`` returns None and callers keep redis-py.
+``close``. TCP connections, plain or TLS (``rediss://``), speaking RESP2 with bytes
+replies qualify. A TLS connection is redis-py's too, handshake and certificate checks
+done with the pool's options before we see it; its transport hands us decrypted
+bytes, so nothing below differs. For anything else (unix sockets, RESP3, decoded
+replies, Redis Cluster, whose keys live on different nodes) ``Pipe.of`` returns None
+and callers keep redis-py.
 
 Must not import the handlers, auth, admission or the emitter.
 """
@@ -34,12 +37,13 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
-from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = bytes | str | int
+_TCP = (Connection, SSLConnection)  # connection classes whose socket we can take over
 _CONFIRM = 0.05  # seconds: a timed-out wait is confirmed after the loop has polled once
 
 
@@ -81,12 +85,12 @@ class Pipe:
 
     @classmethod
     def of(cls, client: Any) -> Pipe | None:
-        """A pipe over a plain TCP, RESP2, bytes-replies client; None otherwise."""
+        """A pipe over a TCP (plain or TLS), RESP2, bytes-replies client; None otherwise."""
         if not isinstance(client, aioredis.Redis):
             return None
         pool = client.connection_pool
         kwargs = pool.connection_kwargs
-        if (pool.connection_class is not Connection or kwargs.get("decode_responses")
+        if (pool.connection_class not in _TCP or kwargs.get("decode_responses")
                 or kwargs.get("protocol") not in (None, 2, "2")):
             return None
         return cls(pool)

@@ -32,6 +32,7 @@ from proxy.app import METRICS, build_app, dispatcher, head_check
 from proxy.http_server import HttpLimits, HttpServer
 from proxy.metrics_group import MetricsPortTaken, scrape_group, serve_socket, start_listener
 from proxy.settings import METRICS_SOCKET_DIR, Settings, environment
+from proxy.tls import TlsError, server_context
 
 log = logging.getLogger("qnp.proxy")
 
@@ -65,6 +66,9 @@ class Running:
 
 async def start(settings: Settings) -> Running:
     """Open the resources and start listening; the caller ends it with ``stop()``."""
+    tls = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        tls = server_context(settings.tls_cert, settings.tls_key)  # before Redis: fail fast
     app = build_app(settings)
     # As aiohttp's AppRunner does: its startup signal frozen, then the app once started.
     app.on_startup.freeze()
@@ -88,7 +92,7 @@ async def start(settings: Settings) -> Running:
             head_check=head_check(app),
             on_reject=app[METRICS].rejected,
         )
-        port = await server.start(settings.host, settings.port)
+        port = await server.start(settings.host, settings.port, tls=tls)
     except BaseException:
         await app.cleanup()
         raise
@@ -119,7 +123,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("proxy listening on http://%s:%d (node %s)", settings.host, running.port,
+    scheme = "https" if settings.tls_cert is not None else "http"
+    log.info("proxy listening on %s://%s:%d (node %s)", scheme, settings.host, running.port,
              settings.node_id)
     if running.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
@@ -161,6 +166,9 @@ def run_worker(settings: Settings) -> int:
             uvloop.run(serve(settings))
     except MetricsPortTaken as e:  # a configuration error: one line, not a traceback
         log.error("%s", e.strerror)
+        return 1
+    except TlsError as e:  # so is a certificate that does not load
+        log.error("%s", e)
         return 1
     return 0
 

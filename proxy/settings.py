@@ -16,10 +16,12 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from proxy.catalog import Catalog, CatalogError
 from proxy.catalog import load as load_catalog
 from proxy.routing import RoutingPolicy
+from proxy.tls import RedisTls
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
 
 # Cloudflare's published edge ranges (https://www.cloudflare.com/ips/). A
@@ -91,6 +93,11 @@ class Settings:
     http_max_connections: int = 0
     http_max_connections_per_ip: int = 256
     http_max_buffered_body: int = 256 * 1024 * 1024
+    # The public listener serves TLS with this certificate chain and key; None: plain HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Trust and client identity for a rediss:// REDIS_URL (proxy.tls.redis_options).
+    redis_tls: RedisTls = field(default_factory=RedisTls)
 
 
 def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -158,6 +165,8 @@ class CommandLine:
     host: str | None = None
     port: int | None = None
     workers: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def environment() -> dict[str, str]:
@@ -233,7 +242,34 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         http_max_connections_per_ip=_int(env, "QNP_HTTP_MAX_CONNECTIONS_PER_IP", 256),
         http_max_buffered_body=_int(env, "QNP_HTTP_MAX_BUFFERED_BODY_MB", 256, minimum=1)
         * 1024 * 1024,
+        **_tls(env, cli),
     )
+
+
+def _file(env: Mapping[str, str], name: str, given: str | None = None) -> Path | None:
+    """A file named by ``given`` (the command line) or the variable; it must exist."""
+    raw = given or env.get(name)
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        where = f"--{name.removeprefix('QNP_').lower().replace('_', '-')}" if given else name
+        raise SettingsError(f"{where}={raw!r} is not a readable file")
+    return path
+
+
+def _tls(env: Mapping[str, str], cli: CommandLine) -> dict[str, Any]:
+    cert = _file(env, "QNP_TLS_CERT", cli.tls_cert)
+    key = _file(env, "QNP_TLS_KEY", cli.tls_key)
+    if (cert is None) != (key is None):
+        raise SettingsError("QNP_TLS_CERT (--tls-cert) and QNP_TLS_KEY (--tls-key) "
+                            "go together: set both or neither")
+    redis = RedisTls(_file(env, "QNP_REDIS_TLS_CA"), _file(env, "QNP_REDIS_TLS_CERT"),
+                     _file(env, "QNP_REDIS_TLS_KEY"))
+    if (redis.cert is None) != (redis.key is None):
+        raise SettingsError("QNP_REDIS_TLS_CERT and QNP_REDIS_TLS_KEY go together: "
+                            "set both or neither")
+    return {"tls_cert": cert, "tls_key": key, "redis_tls": redis}
 
 
 def _default_max_connections() -> int:

@@ -58,6 +58,11 @@ class HeadDeadline:
         self._connections: dict[int, _Connection] = {}
         self.closed = 0
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a connection has for its head (and, with TLS, for its handshake)."""
+        return self._deadline_s
+
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Deadlined(inner(), self)
 
