@@ -94,9 +94,13 @@ def _hash_secret(secret: str, rounds: int) -> str:
 
 
 def _record_status(key_status: str, account_status: str, disabled: bool = False) -> str:
+    """What the proxy enforces: revoked wins, then the account's suspension, then the
+    key's own switch (so the refusal names the real reason)."""
     if key_status != "active":
         return key_status
-    return "active" if account_status == "active" and not disabled else "suspended"
+    if account_status != "active":
+        return "suspended"
+    return "disabled" if disabled else "active"
 
 
 async def _publish(redis: aioredis.Redis, names: RedisNames, record: KeyRecord) -> None:
@@ -197,8 +201,8 @@ def _unix(at: datetime | None) -> int | None:
 
 
 def _record(row: asyncpg.Record) -> KeyRecord:
-    """The record the proxy sees: a key of a suspended account, or a disabled key,
-    reads as suspended."""
+    """The record the proxy sees: a key of a suspended account reads as suspended, a
+    disabled key as disabled."""
     return KeyRecord(
         row["key_id"], str(row["account_id"]),
         _record_status(row["status"], row["account_status"], row["disabled"]),

@@ -42,7 +42,14 @@ from redis.exceptions import RedisError
 
 from proxy.auth_errors import auth_unavailable
 from proxy.auth_throttle import VerifyThrottle
-from proxy.errors import AccountSuspended, AuthUnavailable, KeyExpired, KeyRevoked, Unauthorized
+from proxy.errors import (
+    AccountSuspended,
+    AuthUnavailable,
+    KeyDisabled,
+    KeyExpired,
+    KeyRevoked,
+    Unauthorized,
+)
 from proxy.tasks import cancel_requested
 from shared import apikeys
 from shared.apikeys import KeyRecord, KeyRecordError
@@ -315,6 +322,8 @@ def _bounded_put(cache: dict[str, _V], key: str, value: _V, limit: int) -> None:
 def _active(record: KeyRecord) -> KeyRecord:
     if record.status == "suspended":
         raise AccountSuspended()
+    if record.status == "disabled":
+        raise KeyDisabled()
     if not record.active:
         raise KeyRevoked()
     # The wall clock, not the monotonic one: expires_at is a date the user chose.

@@ -73,6 +73,11 @@ class KeyRevoked(Unauthorized):
     message = "This API key has been revoked."
 
 
+class KeyDisabled(Unauthorized):
+    code = "key_disabled"
+    message = "This API key is disabled; enable it again in the dashboard or the API."
+
+
 class KeyExpired(Unauthorized):
     code = "key_expired"
     message = "This API key has expired; create a new key or extend its expiry."
@@ -218,7 +223,7 @@ class UpstreamRefused(ProxyError):
 
 _STATIC: dict[type[ProxyError], bytes] = {
     cls: cls().body()
-    for cls in (InvalidJSON, BodyTooLarge, Unauthorized, KeyRevoked, KeyExpired,
+    for cls in (InvalidJSON, BodyTooLarge, Unauthorized, KeyRevoked, KeyDisabled, KeyExpired,
                 UpstreamUnavailable, UpstreamFailed, UpstreamTimeout, AuthUnavailable,
                 Internal, MethodNotAllowed, RouteNotFound, AccountSuspended,
                 InsufficientCredit, KeyLimitExceeded)

@@ -81,7 +81,7 @@ class KeyRecordError(ValueError):
     """Bytes in Redis that are not a valid key record."""
 
 
-KEY_STATUSES = frozenset({"active", "revoked", "suspended"})
+KEY_STATUSES = frozenset({"active", "revoked", "suspended", "disabled"})
 LIMIT_RESETS = frozenset({None, "daily", "weekly", "monthly"})
 
 

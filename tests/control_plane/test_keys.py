@@ -94,3 +94,20 @@ async def test_republish_restores_records_redis_lost(
     assert await asyncio.to_thread(
         bcrypt.checkpw, secret.encode(), kept_rec.secret_hash.encode()
     )
+
+
+async def test_a_disabled_key_is_published_as_disabled_and_enabled_again(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, account_id: str
+) -> None:
+    # The proxy names the reason it refuses a key: a disabled key must not read as an
+    # account suspension (403), nor as revoked (it can be switched back on).
+    names = settings.names
+    issued = await keys.issue_key(pool, rclient, names, account_id, bcrypt_rounds=4)
+    key_id = issued.info.key_id
+    account = issued.info.account_id
+    await keys.update_key(pool, rclient, names, account, key_id, {"disabled": True})
+    record = KeyRecord.decode(await rclient.get(names.key_record(key_id)))
+    assert record.status == "disabled" and not record.active
+    await keys.update_key(pool, rclient, names, account, key_id, {"disabled": False})
+    record = KeyRecord.decode(await rclient.get(names.key_record(key_id)))
+    assert record.status == "active"

@@ -390,3 +390,15 @@ async def test_an_expired_key_gets_401_key_expired_recorded_as_any_401(
     refused = [e for e in events if e.status == 401]
     assert len(refused) == 1
     assert refused[0].outcome == "unauthorized" and refused[0].error_code == "key_expired"
+
+
+async def test_a_disabled_key_is_refused_as_disabled_not_as_a_suspended_account(
+    redis: aioredis.Redis, redis_names: RedisNames
+) -> None:
+    key, _ = await publish_key(redis, redis_names, status="disabled")
+    a = Authenticator(redis, redis_names, ttl=60.0, max_entries=1000)
+    with pytest.raises(errors.KeyDisabled) as refused:
+        await a.authenticate(key)
+    assert (refused.value.status, refused.value.code) == (401, "key_disabled")
+    with pytest.raises(errors.KeyDisabled):
+        a.cached(key)  # known from the cache now, without an await
