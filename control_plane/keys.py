@@ -14,18 +14,19 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import bcrypt
 import redis.asyncio as aioredis
 
+from control_plane import account_usage
 from control_plane.accounts import clean_name, get_account
 from control_plane.errors import Conflict, NotFound
 from control_plane.publisher import decode_limits
 from shared.apikeys import KEY_ID_SHAPE, KeyRecord, generate
-from shared.redis_names import RedisNames
+from shared.redis_names import RedisNames, spend_periods
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ async def revoke_key(
             raise NotFound("key not found")
         info = KeyInfo.from_row(row)
         await publish_keys(conn, redis, names, key_id=key_id)
+        # The proxy's spend counter of a limited key has no TTL: it goes with the key.
+        await redis.delete(names.key_spend(str(info.account_id), key_id))
     log.info("key revoked key_id=%s account_id=%s", info.key_id, info.account_id)
     return info
 
@@ -289,6 +292,31 @@ async def update_key(
         if row is None:
             raise NotFound("key not found")
         info = KeyInfo.from_row(row)
+        if "credit_limit_micros" in changes:  # before the proxy learns of the limit
+            await _seed_spend(conn, redis, names, info)
         await publish_keys(conn, redis, names, key_id=key_id)
     log.info("key updated key_id=%s fields=%s", key_id, ",".join(fields))
     return info
+
+
+async def _seed_spend(conn: asyncpg.Connection, redis: aioredis.Redis, names: RedisNames,
+                      info: KeyInfo) -> None:
+    """Changing a limit never resets usage. The proxy counts a key's spend only while it
+    has a credit limit, so a key that gets its first limit starts from what the usage
+    logs say it spent in each current period (``shared.redis_names.key_spend``); a
+    limit removed drops the counter, so a later one is seeded afresh. A counter the
+    proxy already keeps (the limit only changed) is left as it is."""
+    spend = names.key_spend(str(info.account_id), info.key_id)
+    if info.credit_limit_micros is None:
+        await redis.delete(spend)
+        return
+    if await redis.exists(spend):
+        return
+    now = datetime.now(UTC)
+    used = (await account_usage.key_usage(conn, [info.key_id], now))[info.key_id]
+    periods = spend_periods(int(now.timestamp()))
+    await redis.hset(spend, mapping={
+        "day": periods["daily"], "week": periods["weekly"], "month": periods["monthly"],
+        "spent_day": used["daily"], "spent_week": used["weekly"],
+        "spent_month": used["monthly"], "spent_total": used["total"],
+    })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 import bcrypt
@@ -11,8 +12,13 @@ import redis.asyncio as aioredis
 
 from control_plane import accounts, keys
 from control_plane.errors import InvalidInput, NotFound
+from control_plane.ingest import Consumer
+from control_plane.metrics import Metrics
 from control_plane.settings import Settings
 from shared.apikeys import KeyRecord, parse
+from shared.events import STREAM_FIELD
+from shared.redis_names import spend_periods
+from tests.control_plane.factories import make_event
 
 
 async def test_issued_key_parses_and_its_record_verifies(
@@ -111,3 +117,41 @@ async def test_a_disabled_key_is_published_as_disabled_and_enabled_again(
     await keys.update_key(pool, rclient, names, account, key_id, {"disabled": False})
     record = KeyRecord.decode(await rclient.get(names.key_record(key_id)))
     assert record.status == "active"
+
+
+async def test_a_first_credit_limit_starts_from_what_the_key_already_spent(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, account_id: str
+) -> None:
+    # Changing a limit never resets usage: the proxy counts spend only for limited
+    # keys, so the key's first limit seeds its counter from the usage logs.
+    names = settings.names
+    issued = await keys.issue_key(pool, rclient, names, account_id, bcrypt_rounds=4)
+    info = issued.info
+    for cost in (300_000, 200_000):
+        event = make_event(account_id, key_id=info.key_id, cost_micros=cost)
+        await rclient.xadd(names.events, {STREAM_FIELD: event.encode()})
+    consumer = Consumer(settings, pool, rclient, Metrics())
+    stored = 0
+    for _ in range(20):  # hang guard
+        stored += (await consumer.run_once()).inserted
+        if stored == 2:
+            break
+    spend = names.key_spend(account_id, info.key_id)
+    await keys.update_key(pool, rclient, names, info.account_id, info.key_id,
+                          {"credit_limit_micros": 1_000_000, "limit_reset": "daily"})
+    seeded = {k.decode(): int(v) for k, v in (await rclient.hgetall(spend)).items()}
+    assert seeded["spent_total"] == 500_000 and seeded["spent_day"] == 500_000
+    assert seeded["day"] == spend_periods(int(time.time()))["daily"]
+    # Raising the limit keeps the counter the proxy now maintains.
+    await rclient.hincrby(spend, "spent_day", 1)
+    await keys.update_key(pool, rclient, names, info.account_id, info.key_id,
+                          {"credit_limit_micros": 2_000_000})
+    assert int(await rclient.hget(spend, "spent_day")) == 500_001
+    # No limit: no counter; revoking drops it too.
+    await keys.update_key(pool, rclient, names, info.account_id, info.key_id,
+                          {"credit_limit_micros": None})
+    assert not await rclient.exists(spend)
+    await keys.update_key(pool, rclient, names, info.account_id, info.key_id,
+                          {"credit_limit_micros": 1_000_000})
+    await keys.revoke_key(pool, rclient, names, info.key_id)
+    assert not await rclient.exists(spend)
