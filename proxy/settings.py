@@ -67,7 +67,10 @@ class Settings:
     log_level: str = "INFO"
     spool_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir(), "qnp-spool"))
     spool_max_bytes: int = 256 * 1024 * 1024
-    event_stream_max_len: int = 2_000_000
+    event_stream_max_len: int = 2_000_000  # per shard
+    # Stream keys the events are spread over (shared.redis_names.event_shards); the
+    # control plane's QNP_EVENT_SHARDS must be the same or larger.
+    event_shards: int = 1
     rate_window_ms: int = 60_000
     default_max_tokens: int = 4096
     admission: bool = True
@@ -208,6 +211,7 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         spool_dir=_spool_dir(env),
         spool_max_bytes=_int(env, "QNP_SPOOL_MAX_MB", 256, minimum=1) * 1024 * 1024,
         event_stream_max_len=_int(env, "QNP_EVENT_STREAM_MAXLEN", 2_000_000),
+        event_shards=_int(env, "QNP_EVENT_SHARDS", 1, minimum=1),
         rate_window_ms=_int(env, "QNP_RATE_WINDOW_MS", 60_000, minimum=100),
         default_max_tokens=_int(env, "QNP_DEFAULT_MAX_TOKENS", 4096, minimum=1),
         admission=_choice(env, "QNP_ADMISSION", ("on", "off")) == "on",
