@@ -255,6 +255,8 @@ async def _reconcile(app: web.Application) -> AsyncIterator[None]:
     reconciler = app[RECONCILER] = Reconciler(
         app[POOL], app[REDIS], app[SETTINGS].names, app[METRICS],
         interval_s=app[RECONCILE_INTERVAL],
+        sweep_interval_s=app[SETTINGS].sweep_interval_s,
+        reservation_max_age_ms=app[SETTINGS].sweep_max_age_ms,
     )
     await reconciler.refill(STARTUP)
     task = asyncio.create_task(reconciler.run(), name="reconciler")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from shared.inflight import IN_FLIGHT_LIFETIME_MS
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
 
 _T = TypeVar("_T")
@@ -38,6 +39,11 @@ class Settings:
     ingest_block_ms: int = 1000
     # Pending entries of a consumer silent this long are claimed by a live one.
     ingest_claim_idle_ms: int = 60_000
+    # Shards of the event stream ingest reads; at least the proxies' QNP_EVENT_SHARDS.
+    event_shards: int = 1
+    # The reservation sweep: how often, and the age past which a reservation is refunded.
+    sweep_interval_s: float = 30.0
+    sweep_max_age_ms: int = IN_FLIGHT_LIFETIME_MS
     retention_days: int = 30
     maintenance_interval_s: int = 60
     log_level: str = "INFO"
@@ -76,6 +82,10 @@ class Settings:
             ingest_claim_idle_ms=_parse(
                 e, "QNP_INGEST_CLAIM_IDLE_MS", 60_000, _int_in(100, 86_400_000)
             ),
+            event_shards=_parse(e, "QNP_EVENT_SHARDS", 1, _int_in(1, 256)),
+            sweep_interval_s=_parse(e, "QNP_SWEEP_INTERVAL_S", 30.0, _seconds_in(0.1, 86_400)),
+            sweep_max_age_ms=_parse(e, "QNP_SWEEP_MAX_AGE_S", IN_FLIGHT_LIFETIME_MS,
+                                    _ms_from_seconds(1, 7 * 86_400)),
             retention_days=_parse(e, "QNP_RETENTION_DAYS", 30, _int_in(1, 3650)),
             maintenance_interval_s=_parse(
                 e, "QNP_MAINTENANCE_INTERVAL_S", 60, _int_in(1, 86_400)
@@ -114,6 +124,21 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return convert
+
+
+def _seconds_in(low: float, high: float) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        value = float(raw)
+        if not low <= value <= high:  # also refuses nan
+            raise ValueError(f"must be between {low:g} and {high:g} seconds")
+        return value
+
+    return convert
+
+
+def _ms_from_seconds(low: float, high: float) -> Callable[[str], int]:
+    seconds = _seconds_in(low, high)
+    return lambda raw: round(seconds(raw) * 1000)
 
 
 def _non_empty(raw: str) -> str:

@@ -41,3 +41,21 @@ def test_serve_needs_an_admin_token() -> None:
     with pytest.raises(SettingsError, match="QNP_ADMIN_TOKEN"):
         Settings.from_env(BASE).require_admin_token()
     assert Settings.from_env({**BASE, "QNP_ADMIN_TOKEN": "t0k"}).require_admin_token() == "t0k"
+
+
+def test_event_shards_and_the_reservation_sweep_are_settable() -> None:
+    s = Settings.from_env(BASE)
+    assert (s.event_shards, s.sweep_interval_s, s.sweep_max_age_ms) == (1, 30.0, 900_000)
+    s = Settings.from_env({**BASE, "QNP_EVENT_SHARDS": "4", "QNP_SWEEP_INTERVAL_S": "5",
+                           "QNP_SWEEP_MAX_AGE_S": "1200"})
+    assert (s.event_shards, s.sweep_interval_s, s.sweep_max_age_ms) == (4, 5.0, 1_200_000)
+    assert len(s.names.event_shards(s.event_shards)) == 4
+
+
+@pytest.mark.parametrize(("variable", "raw"), [
+    ("QNP_EVENT_SHARDS", "0"), ("QNP_SWEEP_INTERVAL_S", "0"), ("QNP_SWEEP_INTERVAL_S", "nan"),
+    ("QNP_SWEEP_MAX_AGE_S", "0.5"), ("QNP_SWEEP_MAX_AGE_S", "soon"),
+])
+def test_bad_shard_and_sweep_settings_name_the_variable(variable: str, raw: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({**BASE, variable: raw})
