@@ -12,13 +12,23 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from shared.inflight import IN_FLIGHT_LIFETIME_MS
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
+from shared.secrets_env import SecretFileError, with_secrets
 
 _T = TypeVar("_T")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Settings that may also come from a mounted file, as NAME_FILE (shared.secrets_env).
+# A new secret setting adds its name here.
+SECRETS = (
+    "DATABASE_URL", "REDIS_URL", "QNP_ADMIN_TOKEN",
+    "QNP_SESSION_SECRET", "QNP_SESSION_SECRET_PREVIOUS",
+    "QNP_STRIPE_SECRET_KEY", "QNP_STRIPE_WEBHOOK_SECRET",
+    "QNP_OIDC_GOOGLE_CLIENT_SECRET", "QNP_OIDC_APPLE_CLIENT_SECRET",
+)
 
 
 class SettingsError(ValueError):
@@ -65,7 +75,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every variable; ``env`` defaults to the process environment."""
-        e = os.environ if env is None else env
+        e = _secrets(os.environ if env is None else env)
         return cls(
             database_url=_required(e, "DATABASE_URL"),
             redis_url=_required(e, "REDIS_URL"),
@@ -92,6 +102,13 @@ class Settings:
             ),
             log_level=_parse(e, "QNP_LOG_LEVEL", "INFO", _log_level),
         )
+
+
+def _secrets(env: Mapping[str, str]) -> dict[str, str]:
+    try:
+        return with_secrets(env, SECRETS, lambda path: Path(path).read_text("utf-8"))
+    except SecretFileError as e:
+        raise SettingsError(str(e)) from None
 
 
 def _required(env: Mapping[str, str], name: str) -> str:

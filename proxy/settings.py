@@ -21,6 +21,7 @@ from proxy.catalog import Catalog, CatalogError
 from proxy.catalog import load as load_catalog
 from proxy.routing import RoutingPolicy
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
+from shared.secrets_env import SecretEnv, SecretFileError, with_secrets
 
 # Cloudflare's published edge ranges (https://www.cloudflare.com/ips/). A
 # CF-Connecting-IP header is believed only from a peer inside these (or the
@@ -171,6 +172,10 @@ def environment() -> dict[str, str]:
 def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -> Settings:
     """Settings from the environment and the command line."""
     env = os.environ if env is None else env
+    # Secrets may come as NAME_FILE too (shared.secrets_env): REDIS_URL, and every
+    # provider key variable the catalog names.
+    catalog_env = SecretEnv(env, _read_secret_file)
+    env = _secrets(env, ("REDIS_URL",))
     cli = cli or CommandLine()
     catalog_path, host, port, workers = cli.catalog_path, cli.host, cli.port, cli.workers
     redis_url = env.get("REDIS_URL")
@@ -181,9 +186,11 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         raise SettingsError("no catalog: pass --catalog PATH or set QNP_CATALOG")
     path = Path(path_str)
     try:
-        catalog = load_catalog(path, env)
+        catalog = load_catalog(path, catalog_env)
     except CatalogError as e:
         raise SettingsError(f"QNP_CATALOG: {e}") from None
+    except SecretFileError as e:
+        raise SettingsError(str(e)) from None
     level = env.get("QNP_LOG_LEVEL", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"QNP_LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
@@ -238,6 +245,17 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         http_max_buffered_body=_int(env, "QNP_HTTP_MAX_BUFFERED_BODY_MB", 256, minimum=1)
         * 1024 * 1024,
     )
+
+
+def _read_secret_file(path: str) -> str:
+    return Path(path).read_text("utf-8")
+
+
+def _secrets(env: Mapping[str, str], names: tuple[str, ...]) -> Mapping[str, str]:
+    try:
+        return with_secrets(env, names, _read_secret_file)
+    except SecretFileError as e:
+        raise SettingsError(str(e)) from None
 
 
 def _default_max_connections() -> int:
