@@ -10,6 +10,14 @@ row by row under savepoints, so the rest never wait for it. When Postgres or Red
 unavailable nothing is acked or dead-lettered: the entries stay pending and are re-read
 after a back-off. Logs entry ids and reasons, never entry contents. Never imports
 ``proxy``.
+
+A sharded stream (``QNP_EVENT_SHARDS`` > 1) is read shard by shard: the group exists on
+every shard, and each shard has its own loop (its own blocking read, pending list,
+stale-entry claiming and dead-letter stream), so a quiet shard never delays a busy one
+and every command touches one shard's keys (one Redis Cluster slot). Exactly once
+holds across shards too: the writes are keyed by the event id, whatever shard brought
+it. The unsharded stream, if it exists, is drained as one more shard, so raising the
+shard count loses nothing still on it.
 """
 
 from __future__ import annotations
@@ -72,6 +80,22 @@ Failure = tuple[bytes, bytes | None, str]  # entry id, raw event (if any), reaso
 
 
 @dataclass(slots=True)
+class _Shard:
+    """One shard of the stream, and where this consumer is in it."""
+
+    stream: str
+    dead: str
+    # The unsharded stream read alongside shards: only if it exists, never created.
+    leftover: bool = False
+    group_ready: bool = False
+    # Start by re-reading our own pending entries: a previous run may have stored
+    # them without acking.
+    backlog: bool = True
+    next_claim: float = 0.0
+    gone: bool = False  # a leftover stream that does not exist: nothing to read
+
+
+@dataclass(slots=True)
 class _Sorted:
     rows: list[UsageRow] = field(default_factory=list)
     row_ids: list[bytes] = field(default_factory=list)
@@ -93,8 +117,10 @@ class Consumer:
     ) -> None:
         names = settings.names
         self._outages = Outages() if outages is None else outages
-        self._stream = names.events
-        self._dead_stream = names.events_dead
+        self._shards = [_Shard(s.stream, s.dead) for s in names.event_shards(settings.event_shards)]
+        if settings.event_shards > 1:
+            self._shards.append(_Shard(names.events, names.events_dead, leftover=True))
+        self._turn = 0  # the shard ``run_once`` reads next
         self._group = names.ingest_group
         self._consumer = settings.consumer_name
         self._count = settings.ingest_batch_size
@@ -107,27 +133,32 @@ class Consumer:
         self._metrics = metrics
         self._partitions = Partitions()
         self._stop = asyncio.Event()
-        self._group_ready = False
-        # Start by re-reading our own pending entries: a previous run may have stored
-        # them without acking.
-        self._backlog = True
-        self._next_claim = 0.0
 
     def stop(self) -> None:
         """Ask ``run`` to return once the batch in hand is finished."""
         self._stop.set()
 
     async def run(self) -> None:
+        streams = ",".join(shard.stream for shard in self._shards)
+        log.info("ingest started consumer=%s streams=%s", self._consumer, streams)
+        if len(self._shards) == 1:
+            await self._run_shard(self._shards[0])
+        else:
+            async with asyncio.TaskGroup() as shards:
+                for shard in self._shards:
+                    shards.create_task(self._run_shard(shard), name=f"ingest {shard.stream}")
+        log.info("ingest stopped consumer=%s", self._consumer)
+
+    async def _run_shard(self, shard: _Shard) -> None:
         delay = BACKOFF_FIRST_S
-        log.info("ingest started consumer=%s stream=%s", self._consumer, self._stream)
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not shard.gone:
             try:
-                result = await self.run_once()
+                result = await self._run_batch(shard)
             except IngestRetry as e:
                 # One line per outage (``outages``), not one per retry.
                 self._outages.failed(e.store, e.__cause__ or e, "ingest")
             except Exception:  # top of the task: a bug must not end ingestion
-                self._backlog = True
+                shard.backlog = True
                 log.exception("ingest batch failed unexpectedly; retry in %.1fs", delay)
             else:
                 self._outages.ok(REDIS)
@@ -137,14 +168,19 @@ class Consumer:
                 continue
             await self._sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
-        log.info("ingest stopped consumer=%s", self._consumer)
 
-    async def run_once(self) -> BatchResult:
-        """Read one batch, store it, ack it. Raises IngestRetry if a store failed."""
+    async def run_once(self, shard: int | None = None) -> BatchResult:
+        """Read one batch from a shard (by index; default the next in turn), store it,
+        ack it. Raises IngestRetry if a store failed."""
+        if shard is None:
+            shard, self._turn = self._turn, (self._turn + 1) % len(self._shards)
+        return await self._run_batch(self._shards[shard])
+
+    async def _run_batch(self, shard: _Shard) -> BatchResult:
         try:
-            entries = await self._read()
+            entries = await self._read(shard)
         except _REDIS_ERRORS as e:
-            raise self._retry(REDIS, e) from e
+            raise self._retry(shard, REDIS, e) from e
         if not entries:
             return BatchResult()
         self._metrics.batch_size.observe(len(entries))
@@ -154,9 +190,9 @@ class Consumer:
         except asyncpg.CheckViolationError as e:
             if e.constraint_name is None:  # no partition: retention dropped one we knew
                 self._partitions.forget()
-            raise self._retry(POSTGRES, e) from e
+            raise self._retry(shard, POSTGRES, e) from e
         except _DB_ERRORS as e:
-            raise self._retry(POSTGRES, e) from e
+            raise self._retry(shard, POSTGRES, e) from e
         committed = time.time()
         failed_at = {i for i, _ in failed_rows}
         batch.failed += [(batch.row_ids[i], batch.raws[i], why) for i, why in failed_rows]
@@ -166,17 +202,17 @@ class Consumer:
         acks = [entry_id for i, entry_id in enumerate(batch.row_ids) if i not in failed_at]
         try:
             if acks:
-                await self._redis.xack(self._stream, self._group, *acks)
+                await self._redis.xack(shard.stream, self._group, *acks)
             # Stored and acked before anything is dead-lettered: a Redis failure from
             # here on re-delivers only entries that are harmless to see again.
-            dead = await self._give_up(batch.failed)
-            await self._dead_letter(dead, batch.gone)
+            dead = await self._give_up(shard, batch.failed)
+            await self._dead_letter(shard, dead, batch.gone)
         except _REDIS_ERRORS as e:
-            raise self._retry(REDIS, e) from e
+            raise self._retry(shard, REDIS, e) from e
         result.dead_lettered = len(dead)
         result.retrying = len(batch.failed) - len(dead)
         if result.retrying:
-            self._backlog = True  # re-read them from our pending list
+            shard.backlog = True  # re-read them from our pending list
         log.debug(
             "ingest batch read=%d inserted=%d duplicates=%d dead_lettered=%d retrying=%d",
             result.read, result.inserted, result.duplicates, result.dead_lettered,
@@ -195,36 +231,45 @@ class Consumer:
         if done:
             m.lag_seconds.observe(max(0.0, committed - min(done)))
 
-    def _retry(self, store: str, cause: BaseException) -> IngestRetry:
-        self._backlog = True
+    def _retry(self, shard: _Shard, store: str, cause: BaseException) -> IngestRetry:
+        shard.backlog = True
         if store == REDIS:
-            self._group_ready = False  # Redis may have restarted empty: recreate it
+            shard.group_ready = False  # Redis may have restarted empty: recreate it
         self._metrics.errors.labels(store).inc()
         return IngestRetry(store, cause)
 
-    async def _read(self) -> list[tuple[bytes, dict[Any, Any] | None]]:
-        if not self._group_ready:
-            await self._ensure_group()
-            self._group_ready = True
-        if not self._backlog and time.monotonic() >= self._next_claim:
-            self._next_claim = time.monotonic() + self._claim_every_s
-            self._backlog = await self._claim_stale()
-        if self._backlog:
+    async def _read(self, shard: _Shard) -> list[tuple[bytes, dict[Any, Any] | None]]:
+        if not shard.group_ready:
+            if not await self._ensure_group(shard):
+                return []
+            shard.group_ready = True
+        if not shard.backlog and time.monotonic() >= shard.next_claim:
+            shard.next_claim = time.monotonic() + self._claim_every_s
+            shard.backlog = await self._claim_stale(shard)
+        if shard.backlog:
             # Id "0" returns this consumer's pending entries and never blocks.
-            entries = await self._xreadgroup("0", block=None)
+            entries = await self._xreadgroup(shard, "0", block=None)
             if entries:
                 return entries
-            self._backlog = False
-        return await self._xreadgroup(">", block=self._block_ms)
+            shard.backlog = False
+        return await self._xreadgroup(shard, ">", block=self._block_ms)
 
-    async def _ensure_group(self) -> None:
+    async def _ensure_group(self, shard: _Shard) -> bool:
+        """Create the group on the shard if missing; False if there is nothing to read
+        (a leftover unsharded stream that does not exist, which is never created)."""
         try:
-            await self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+            await self._redis.xgroup_create(shard.stream, self._group, id="0",
+                                            mkstream=not shard.leftover)
         except ResponseError as e:
-            if not str(e).startswith("BUSYGROUP"):
-                raise
+            if str(e).startswith("BUSYGROUP"):
+                return True
+            if shard.leftover and not await self._redis.exists(shard.stream):
+                shard.gone = True
+                return False
+            raise
+        return True
 
-    async def _claim_stale(self) -> bool:
+    async def _claim_stale(self, shard: _Shard) -> bool:
         """Take over entries pending too long with other consumers; True if any."""
         start: Any = "0-0"
         claimed = False
@@ -232,22 +277,23 @@ class Consumer:
             # Not JUSTID: redis-py then drops the cursor. The claimed entries are read
             # again by the pending read that follows.
             reply = await self._redis.xautoclaim(
-                self._stream, self._group, self._consumer, self._claim_idle_ms,
+                shard.stream, self._group, self._consumer, self._claim_idle_ms,
                 start_id=start, count=self._count,
             )
             start, entries = reply[0], reply[1]
             if entries:
                 claimed = True
-                log.info("ingest claimed stale entries count=%d", len(entries))
+                log.info("ingest claimed stale entries count=%d stream=%s", len(entries),
+                         shard.stream)
             if start in (b"0-0", "0-0"):
                 break
         return claimed
 
     async def _xreadgroup(
-        self, start: str, block: int | None
+        self, shard: _Shard, start: str, block: int | None
     ) -> list[tuple[bytes, dict[Any, Any] | None]]:
         reply = await self._redis.xreadgroup(
-            self._group, self._consumer, {self._stream: start}, count=self._count, block=block
+            self._group, self._consumer, {shard.stream: start}, count=self._count, block=block
         )
         if not reply:
             return []
@@ -282,13 +328,13 @@ class Consumer:
             batch.raws.append(raw)
         return batch
 
-    async def _give_up(self, failed: list[Failure]) -> list[Failure]:
+    async def _give_up(self, shard: _Shard, failed: list[Failure]) -> list[Failure]:
         """The failed entries delivered ``MAX_DELIVERIES`` times: to be dead-lettered."""
         if not failed:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry_id, _, _ in failed:
-                pipe.xpending_range(self._stream, self._group, min=entry_id, max=entry_id,
+                pipe.xpending_range(shard.stream, self._group, min=entry_id, max=entry_id,
                                     count=1)
             replies = await pipe.execute()
         dead: list[Failure] = []
@@ -301,7 +347,8 @@ class Consumer:
                          failure[2], deliveries, MAX_DELIVERIES)
         return dead
 
-    async def _dead_letter(self, dead: list[Failure], gone: list[bytes]) -> None:
+    async def _dead_letter(self, shard: _Shard, dead: list[Failure], gone: list[bytes]
+                           ) -> None:
         if not dead and not gone:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -309,10 +356,8 @@ class Consumer:
                 fields: dict[Any, Any] = {"reason": reason, "entry_id": entry_id}
                 if raw is not None:
                     fields[STREAM_FIELD] = raw
-                pipe.xadd(
-                    self._dead_stream, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True
-                )
-            pipe.xack(self._stream, self._group, *[d[0] for d in dead], *gone)
+                pipe.xadd(shard.dead, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.xack(shard.stream, self._group, *[d[0] for d in dead], *gone)
             await pipe.execute()
         for entry_id, _, reason in dead:
             log.warning("ingest dead-lettered entry=%s reason=%s", _id(entry_id), reason)

@@ -105,7 +105,9 @@ class Ingest:
         s = stores
         self._consumer = Consumer(s.settings, s.pool, s.redis, s.metrics, s.outages)
         self._reconciler = Reconciler(s.pool, s.redis, s.settings.names, s.metrics,
-                                      outages=s.outages)
+                                      outages=s.outages,
+                                      sweep_interval_s=s.settings.sweep_interval_s,
+                                      reservation_max_age_ms=s.settings.sweep_max_age_ms)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:

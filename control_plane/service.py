@@ -62,7 +62,8 @@ async def maintain_once(
 
 async def maintain(stores: Stores, clock: Clock = _utc_now) -> None:
     settings = stores.settings
-    trimmer = Trimmer(stores.redis, settings.names.events, stores.metrics)
+    trimmer = Trimmer(stores.redis, settings.names.event_streams(settings.event_shards),
+                      stores.metrics)
     while True:
         try:
             await maintain_once(settings, stores.pool, trimmer, stores.metrics, clock,

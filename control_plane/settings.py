@@ -18,10 +18,20 @@ from typing import TypeVar
 
 import orjson
 
+from shared.inflight import IN_FLIGHT_LIFETIME_MS
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
+from shared.secrets_env import SecretFileError, with_secrets
 
 _T = TypeVar("_T")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Settings that may also come from a mounted file, as NAME_FILE (shared.secrets_env).
+# A new secret setting adds its name here.
+SECRETS = (
+    "DATABASE_URL", "REDIS_URL", "QNP_ADMIN_TOKEN",
+    "QNP_SESSION_SECRET", "QNP_SESSION_SECRET_PREVIOUS",
+    "QNP_STRIPE_SECRET_KEY", "QNP_STRIPE_WEBHOOK_SECRET",
+    "QNP_OIDC_GOOGLE_CLIENT_SECRET", "QNP_OIDC_APPLE_CLIENT_SECRET",
+)
 
 
 class SettingsError(ValueError):
@@ -82,6 +92,11 @@ class Settings:
     ingest_block_ms: int = 1000
     # Pending entries of a consumer silent this long are claimed by a live one.
     ingest_claim_idle_ms: int = 60_000
+    # Shards of the event stream ingest reads; at least the proxies' QNP_EVENT_SHARDS.
+    event_shards: int = 1
+    # The reservation sweep: how often, and the age past which a reservation is refunded.
+    sweep_interval_s: float = 30.0
+    sweep_max_age_ms: int = IN_FLIGHT_LIFETIME_MS
     retention_days: int = 30
     maintenance_interval_s: int = 60
     log_level: str = "INFO"
@@ -120,7 +135,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every variable; ``env`` defaults to the process environment."""
-        e = os.environ if env is None else env
+        e = _secrets(os.environ if env is None else env)
         return cls(
             database_url=_required(e, "DATABASE_URL"),
             redis_url=_required(e, "REDIS_URL"),
@@ -144,6 +159,10 @@ class Settings:
             ingest_claim_idle_ms=_parse(
                 e, "QNP_INGEST_CLAIM_IDLE_MS", 60_000, _int_in(100, 86_400_000)
             ),
+            event_shards=_parse(e, "QNP_EVENT_SHARDS", 1, _int_in(1, 256)),
+            sweep_interval_s=_parse(e, "QNP_SWEEP_INTERVAL_S", 30.0, _seconds(0.1, 86_400)),
+            sweep_max_age_ms=_parse(e, "QNP_SWEEP_MAX_AGE_S", IN_FLIGHT_LIFETIME_MS,
+                                    _ms_from_seconds(1, 7 * 86_400)),
             retention_days=_parse(e, "QNP_RETENTION_DAYS", 30, _int_in(1, 3650)),
             maintenance_interval_s=_parse(
                 e, "QNP_MAINTENANCE_INTERVAL_S", 60, _int_in(1, 86_400)
@@ -151,6 +170,13 @@ class Settings:
             log_level=_parse(e, "QNP_LOG_LEVEL", "INFO", _log_level),
             tls=TlsSettings.from_env(e),  # TLS (H8)
         )
+
+
+def _secrets(env: Mapping[str, str]) -> dict[str, str]:
+    try:
+        return with_secrets(env, SECRETS, lambda path: Path(path).read_text("utf-8"))
+    except SecretFileError as e:
+        raise SettingsError(str(e)) from None
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -267,6 +293,11 @@ def _public_url_ok(url: str) -> bool:
     except (ValueError, IndexError):
         return False
     return True
+
+
+def _ms_from_seconds(low: float, high: float) -> Callable[[str], int]:
+    seconds = _seconds(low, high)
+    return lambda raw: round(seconds(raw) * 1000)
 
 
 def _non_empty(raw: str) -> str:

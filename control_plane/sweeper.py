@@ -14,11 +14,12 @@ and proxies compare against one clock; only the proxy host's skew when it minted
 id enters, and that is seconds against a maximum age of minutes. Fields that are not
 UUIDv7 are never touched.
 
-Why this is safe: the maximum age defaults to the proxy's in-flight lifetime (15
-minutes), past which a request no longer counts as in flight anyway. A request still
-running when its reservation is swept finds no reservation at settlement, and
-settle.lua then charges its full cost directly, so the live balance still ends equal
-to the ledger; what is lost is only the hold on that credit while the request runs.
+Why this is safe: the maximum age defaults to the proxy's in-flight lifetime
+(``shared.inflight``, 15 minutes; ``QNP_SWEEP_MAX_AGE_S`` sets it), past which a
+request no longer counts as in flight anyway. A request still running when its
+reservation is swept finds no reservation at settlement, and settle.lua then charges
+its full cost directly, so the live balance still ends equal to the ledger; what is
+lost is only the hold on that credit while the request runs.
 The script refunds only where the state hash exists: without it there is no balance
 to correct, and the next rebuild subtracts every reservation still on record (the
 sweep then refunds the stale ones). Several control-plane replicas may sweep at once:
@@ -35,10 +36,11 @@ from dataclasses import dataclass
 import asyncpg
 import redis.asyncio as aioredis
 
+from shared.inflight import IN_FLIGHT_LIFETIME_MS
 from shared.redis_names import RedisNames
 
-# The same as the proxy's ``AdmissionConfig.in_flight_lifetime_ms``.
-DEFAULT_MAX_AGE_MS = 15 * 60_000
+# The proxy's in-flight lifetime: past it a request no longer counts as in flight.
+DEFAULT_MAX_AGE_MS = IN_FLIGHT_LIFETIME_MS
 DEFAULT_BATCH = 500
 
 # KEYS: state, reservations. ARGV: max age ms. Returns {reservations refunded, micros}.

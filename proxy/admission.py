@@ -44,6 +44,7 @@ from proxy import errors, resp
 from proxy.local_limits import LocalLimiter
 from proxy.tasks import cancel_requested
 from shared.apikeys import KeyRecord
+from shared.inflight import IN_FLIGHT_LIFETIME_MS
 from shared.redis_names import RedisNames
 
 log = logging.getLogger("qnp.proxy.admission")
@@ -109,7 +110,7 @@ def _limit_args(key: KeyRecord) -> list[str | int]:
 @dataclass(frozen=True, slots=True)
 class AdmissionConfig:
     window_ms: int = 60_000
-    in_flight_lifetime_ms: int = 15 * 60_000
+    in_flight_lifetime_ms: int = IN_FLIGHT_LIFETIME_MS
     settled_memory_ms: int = 60 * 60_000
     enabled: bool = True  # off only to measure what admission costs (benchmarks)
     policy: str = "local"  # local | allow | deny

@@ -81,7 +81,7 @@ async def _emitter_ctx(app: web.Application) -> AsyncIterator[None]:
     spool = _open_spool(settings)
     emitter = EventEmitter(
         app[REDIS],
-        settings.redis_names.events,
+        settings.redis_names.event_streams(settings.event_shards),
         max_buffer=settings.event_queue_max,
         batch_size=settings.event_batch,
         flush_interval=settings.event_flush_interval,

@@ -11,6 +11,12 @@ with backoff; once a write succeeds it closes the breaker and drains the spool o
 first, alongside new events that again go straight to Redis. Without a spool (it could
 not be opened) batches wait at the head of the buffer and are retried.
 
+Sharded streams (``QNP_EVENT_SHARDS``): the emitter is given every shard's stream and
+sends each batch to the next one in turn, one pipeline to one key (so to one Redis
+Cluster node). A batch that failed is sent again to the same shard; only a batch that
+went through the spool may land on another one, which ingest's idempotent writes make
+harmless.
+
 Delivery to the stream is at-least-once (a batch whose reply was lost, or a replayed
 chunk cut short, is sent again); ingest stores each event id exactly once.
 
@@ -31,7 +37,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -58,7 +64,7 @@ class EventEmitter:
     def __init__(
         self,
         redis: aioredis.Redis,
-        stream: str,
+        stream: str | Sequence[str],
         *,
         max_buffer: int,
         batch_size: int,
@@ -73,11 +79,17 @@ class EventEmitter:
     ) -> None:
         self._redis = redis
         self._pipe = resp.Pipe.of(redis)
-        # Every XADD is this, then the payload: packed once.
+        self._streams = (stream,) if isinstance(stream, str) else tuple(stream)
+        if not self._streams:
+            raise ValueError("no event stream to write to")
+        # Every XADD is its shard's head, then the payload: packed once per shard.
         trim: tuple[resp.Arg, ...] = ("MAXLEN", "~", stream_max_len) if stream_max_len else ()
-        self._xadd_head = resp.header(5 + len(trim)) + b"".join(
-            resp.bulk(a) for a in ("XADD", stream, *trim, "*", STREAM_FIELD))
-        self._stream = stream
+        self._xadd_heads = tuple(
+            resp.header(5 + len(trim)) + b"".join(
+                resp.bulk(a) for a in ("XADD", name, *trim, "*", STREAM_FIELD))
+            for name in self._streams
+        )
+        self._shard = 0  # the shard the next batch goes to; moves on once one is sent
         self._max = max_buffer
         self._batch = batch_size
         self._interval = flush_interval
@@ -131,20 +143,25 @@ class EventEmitter:
         self._spool_wake.set()
 
     async def _xadd(self, payloads: list[bytes]) -> None:
+        """One batch to the current shard; the next batch goes to the next shard only
+        once this one is in (a failed batch is retried where it was sent)."""
+        shard = self._shard
         if self._pipe is not None:
-            head = self._xadd_head
+            head = self._xadd_heads[shard]
             async with asyncio.timeout(self._send_timeout):
                 await self._pipe.call_many([head + resp.bulk(p) for p in payloads])
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for payload in payloads:
-            if self._max_len:
-                pipe.xadd(self._stream, {STREAM_FIELD: payload},
-                          maxlen=self._max_len, approximate=True)
-            else:
-                pipe.xadd(self._stream, {STREAM_FIELD: payload})
-        async with asyncio.timeout(self._send_timeout):
-            await pipe.execute()
+        else:
+            stream = self._streams[shard]
+            pipe = self._redis.pipeline(transaction=False)
+            for payload in payloads:
+                if self._max_len:
+                    pipe.xadd(stream, {STREAM_FIELD: payload},
+                              maxlen=self._max_len, approximate=True)
+                else:
+                    pipe.xadd(stream, {STREAM_FIELD: payload})
+            async with asyncio.timeout(self._send_timeout):
+                await pipe.execute()
+        self._shard = (shard + 1) % len(self._streams)
 
     async def _send(self) -> int:
         """Send up to one batch from the head of the buffer; the count sent."""

@@ -23,6 +23,7 @@ from proxy.catalog import load as load_catalog
 from proxy.routing import RoutingPolicy
 from proxy.tls import RedisTls
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
+from shared.secrets_env import SecretEnv, SecretFileError, with_secrets
 
 # Cloudflare's published edge ranges (https://www.cloudflare.com/ips/). A
 # CF-Connecting-IP header is believed only from a peer inside these (or the
@@ -69,7 +70,10 @@ class Settings:
     log_level: str = "INFO"
     spool_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir(), "qnp-spool"))
     spool_max_bytes: int = 256 * 1024 * 1024
-    event_stream_max_len: int = 2_000_000
+    event_stream_max_len: int = 2_000_000  # per shard
+    # Stream keys the events are spread over (shared.redis_names.event_shards); the
+    # control plane's QNP_EVENT_SHARDS must be the same or larger.
+    event_shards: int = 1
     rate_window_ms: int = 60_000
     default_max_tokens: int = 4096
     admission: bool = True
@@ -177,6 +181,10 @@ def environment() -> dict[str, str]:
 def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -> Settings:
     """Settings from the environment and the command line."""
     env = os.environ if env is None else env
+    # Secrets may come as NAME_FILE too (shared.secrets_env): REDIS_URL, and every
+    # provider key variable the catalog names.
+    catalog_env = SecretEnv(env, _read_secret_file)
+    env = _secrets(env, ("REDIS_URL",))
     cli = cli or CommandLine()
     catalog_path, host, port, workers = cli.catalog_path, cli.host, cli.port, cli.workers
     redis_url = env.get("REDIS_URL")
@@ -187,9 +195,11 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         raise SettingsError("no catalog: pass --catalog PATH or set QNP_CATALOG")
     path = Path(path_str)
     try:
-        catalog = load_catalog(path, env)
+        catalog = load_catalog(path, catalog_env)
     except CatalogError as e:
         raise SettingsError(f"QNP_CATALOG: {e}") from None
+    except SecretFileError as e:
+        raise SettingsError(str(e)) from None
     level = env.get("QNP_LOG_LEVEL", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"QNP_LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
@@ -217,6 +227,7 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         spool_dir=_spool_dir(env),
         spool_max_bytes=_int(env, "QNP_SPOOL_MAX_MB", 256, minimum=1) * 1024 * 1024,
         event_stream_max_len=_int(env, "QNP_EVENT_STREAM_MAXLEN", 2_000_000),
+        event_shards=_int(env, "QNP_EVENT_SHARDS", 1, minimum=1),
         rate_window_ms=_int(env, "QNP_RATE_WINDOW_MS", 60_000, minimum=100),
         default_max_tokens=_int(env, "QNP_DEFAULT_MAX_TOKENS", 4096, minimum=1),
         admission=_choice(env, "QNP_ADMISSION", ("on", "off")) == "on",
@@ -270,6 +281,17 @@ def _tls(env: Mapping[str, str], cli: CommandLine) -> dict[str, Any]:
         raise SettingsError("QNP_REDIS_TLS_CERT and QNP_REDIS_TLS_KEY go together: "
                             "set both or neither")
     return {"tls_cert": cert, "tls_key": key, "redis_tls": redis}
+
+
+def _read_secret_file(path: str) -> str:
+    return Path(path).read_text("utf-8")
+
+
+def _secrets(env: Mapping[str, str], names: tuple[str, ...]) -> Mapping[str, str]:
+    try:
+        return with_secrets(env, names, _read_secret_file)
+    except SecretFileError as e:
+        raise SettingsError(str(e)) from None
 
 
 def _default_max_connections() -> int:

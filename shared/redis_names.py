@@ -27,6 +27,14 @@ def spend_periods(unix_s: int) -> dict[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
+class EventShard:
+    """One shard of the event stream: the stream proxies add to, and its dead letters."""
+
+    stream: str
+    dead: str
+
+
+@dataclass(frozen=True, slots=True)
 class RedisNames:
     prefix: str = DEFAULT_PREFIX
 
@@ -48,6 +56,28 @@ class RedisNames:
     def events_dead(self) -> str:
         """Stream: entries ingest could not decode or store, with the reason."""
         return f"{self.prefix}:events:dead"
+
+    def event_shards(self, count: int) -> tuple[EventShard, ...]:
+        """The event stream split over ``count`` stream keys, each with its dead letters.
+
+        One shard is the unsharded stream, ``events`` and ``events_dead``, names
+        unchanged. Several: shard ``i`` is ``<prefix>:{ev<i>}:events`` and its dead
+        letters ``<prefix>:{ev<i>}:events:dead``; each shard's hash tag is its own, so
+        Redis Cluster spreads the shards over its masters, and a shard's two streams
+        share a slot (ingest dead-letters and acks them in one MULTI).
+        """
+        if count < 1:
+            raise ValueError("an event stream has at least one shard")
+        if count == 1:
+            return (EventShard(self.events, self.events_dead),)
+        return tuple(
+            EventShard(f"{self.prefix}:{{ev{i}}}:events", f"{self.prefix}:{{ev{i}}}:events:dead")
+            for i in range(count)
+        )
+
+    def event_streams(self, count: int) -> tuple[str, ...]:
+        """The stream keys of ``event_shards(count)``: where proxies write events."""
+        return tuple(shard.stream for shard in self.event_shards(count))
 
     @property
     def ingest_group(self) -> str:

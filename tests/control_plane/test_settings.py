@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from control_plane.settings import Settings, SettingsError
@@ -99,3 +102,58 @@ def test_an_apple_provider_needs_its_key_instead_of_a_secret() -> None:
     assert apple.apple is not None and apple.apple.key_id == "K" and apple.client_secret == ""
     with pytest.raises(SettingsError, match="QNP_OIDC_PROVIDERS"):
         Settings.from_env({**BASE, "QNP_OIDC_PROVIDERS": raw.replace('"key_id": "K", ', "")})
+
+
+def test_event_shards_and_the_reservation_sweep_are_settable() -> None:
+    s = Settings.from_env(BASE)
+    assert (s.event_shards, s.sweep_interval_s, s.sweep_max_age_ms) == (1, 30.0, 900_000)
+    s = Settings.from_env({**BASE, "QNP_EVENT_SHARDS": "4", "QNP_SWEEP_INTERVAL_S": "5",
+                           "QNP_SWEEP_MAX_AGE_S": "1200"})
+    assert (s.event_shards, s.sweep_interval_s, s.sweep_max_age_ms) == (4, 5.0, 1_200_000)
+    assert len(s.names.event_shards(s.event_shards)) == 4
+
+
+@pytest.mark.parametrize(("variable", "raw"), [
+    ("QNP_EVENT_SHARDS", "0"), ("QNP_SWEEP_INTERVAL_S", "0"), ("QNP_SWEEP_INTERVAL_S", "nan"),
+    ("QNP_SWEEP_MAX_AGE_S", "0.5"), ("QNP_SWEEP_MAX_AGE_S", "soon"),
+])
+def test_bad_shard_and_sweep_settings_name_the_variable(variable: str, raw: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({**BASE, variable: raw})
+
+
+def test_secrets_come_from_files(tmp_path: Path) -> None:
+    files = {"DATABASE_URL": "postgresql://file/qnp\n", "REDIS_URL": "redis://file:6379/0",
+             "QNP_ADMIN_TOKEN": "file-token\n"}
+    env: dict[str, str] = {}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        env[f"{name}_FILE"] = str(tmp_path / name)
+    s = Settings.from_env(env)
+    assert (s.database_url, s.redis_url, s.admin_token) == (
+        "postgresql://file/qnp", "redis://file:6379/0", "file-token")
+
+
+@pytest.mark.parametrize("name", ["DATABASE_URL", "REDIS_URL", "QNP_ADMIN_TOKEN",
+                                  "QNP_SESSION_SECRET"])
+def test_a_secret_given_twice_or_unreadable_names_the_variables(
+    tmp_path: Path, name: str,
+) -> None:
+    (tmp_path / "value").write_text("v")
+    both = {**BASE, name: "direct", f"{name}_FILE": str(tmp_path / "value")}
+    with pytest.raises(SettingsError, match=f"{name} and {name}_FILE are both set"):
+        Settings.from_env(both)
+    missing = {**BASE, f"{name}_FILE": str(tmp_path / "absent")}
+    missing.pop(name, None)
+    with pytest.raises(SettingsError, match=re.escape(f"{name}_FILE='{tmp_path / 'absent'}'")):
+        Settings.from_env(missing)
+
+
+def test_an_empty_secret_file_is_unset(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("\n")
+    assert Settings.from_env({**BASE, "QNP_ADMIN_TOKEN_FILE": str(tmp_path / "token")}
+                             ).admin_token is None
+    (tmp_path / "db").write_text("")
+    env = {"REDIS_URL": "redis://r", "DATABASE_URL_FILE": str(tmp_path / "db")}
+    with pytest.raises(SettingsError, match="DATABASE_URL is required"):
+        Settings.from_env(env)

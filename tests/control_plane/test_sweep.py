@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import uuid
 from importlib import resources
 
 import asyncpg
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
 from control_plane import ledger
+from control_plane.admin_api import RECONCILER, make_app
 from control_plane.metrics import Metrics
 from control_plane.reconciler import Reconciler
 from control_plane.settings import Settings
@@ -142,3 +146,29 @@ async def test_the_reconciler_tick_sweeps(
 
     assert await rclient.hget(names.account_state(account_id), "bal") == b"1000000"
     assert not await rclient.exists(names.account_reservations(account_id))
+
+
+async def test_the_sweep_age_and_interval_come_from_the_settings(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, account_id: str,
+) -> None:
+    names = settings.names
+    env = {"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+           "QNP_REDIS_PREFIX": settings.redis_prefix, "QNP_SWEEP_MAX_AGE_S": "300",
+           "QNP_SWEEP_INTERVAL_S": "0.2"}
+    configured = dataclasses.replace(settings, **{
+        f: getattr(Settings.from_env(env), f) for f in ("sweep_max_age_ms", "sweep_interval_s")})
+    await ledger.credit(pool, rclient, names, account_id, "topup", 1_000_000)
+    now = await redis_now_ms(rclient)
+    ten_minutes_old = uuid7_at(now - 10 * MINUTE_MS)  # kept by the 15-minute default
+    await reserve(rclient, names, account_id, ten_minutes_old, 300_000)
+    resv = names.account_reservations(account_id)
+
+    async with TestClient(TestServer(make_app(configured))) as client:
+        reconciler = client.app[RECONCILER]
+        assert (reconciler.sweep_interval_s, reconciler.sweeper.max_age_ms) == (0.2, 300_000)
+        for _ in range(200):  # hang guard: the first tick sweeps
+            if not await rclient.hexists(resv, ten_minutes_old):
+                break
+            await asyncio.sleep(0.05)
+    assert not await rclient.hexists(resv, ten_minutes_old)
+    assert await rclient.hget(names.account_state(account_id), "bal") == b"1000000"

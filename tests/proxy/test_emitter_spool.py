@@ -210,3 +210,65 @@ async def test_a_full_spool_drops_with_a_count_and_a_log_line(
     await client.aclose()
     assert (counts.spooled, counts.dropped) == (5, 3)
     assert "event spool full: dropped 3 events" in caplog.text
+
+
+async def test_sharded_events_go_to_every_shard_in_turn_each_exactly_once(
+    redis: aioredis.Redis, redis_names: RedisNames,
+) -> None:
+    streams = redis_names.event_streams(3)
+    assert len(set(streams)) == 3 and redis_names.events not in streams
+    counts = Counts()
+    emitter = EventEmitter(redis, streams, max_buffer=10_000, batch_size=10,
+                           flush_interval=0.005, **counts.hooks())  # type: ignore[arg-type]
+    task = asyncio.create_task(emitter.run())
+    batches: list[list[Event]] = []
+    try:
+        for n in range(7):  # one full batch at a time, each sent before the next
+            batch = [_event() for _ in range(10)]
+            batches.append(batch)
+            for e in batch:
+                emitter.emit(e)
+            await _until(lambda n=n: _true(counts.sent == 10 * (n + 1)))  # type: ignore[misc]
+    finally:
+        emitter.stop()
+        await asyncio.wait_for(task, 5)
+        await emitter.close(deadline=1)
+    on = [await _ids_on_stream(redis, s) for s in streams]
+    # Batch k went whole to shard k mod 3: round robin, one pipeline per batch.
+    for i in range(3):
+        assert on[i] == [e.id for k, b in enumerate(batches) if k % 3 == i for e in b]
+    assert await redis.exists(redis_names.events) == 0  # nothing on the unsharded name
+
+
+async def test_a_batch_that_failed_is_sent_again_to_the_same_shard(
+    gate: Gate, redis: aioredis.Redis, redis_names: RedisNames,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    streams = redis_names.event_streams(2)
+    client = aioredis.Redis.from_url(gate.url, socket_connect_timeout=0.5)
+    counts = Counts()
+    emitter = EventEmitter(client, streams, max_buffer=1000, batch_size=5,
+                           flush_interval=0.005, **counts.hooks())  # type: ignore[arg-type]
+    task = asyncio.create_task(emitter.run())
+    first, second, third = ([_event() for _ in range(5)] for _ in range(3))
+    try:
+        for e in first:
+            emitter.emit(e)
+        await _until(lambda: _true(counts.sent == 5))
+        await gate.cut()
+        for e in second:
+            emitter.emit(e)  # no spool: the batch waits at the head and is retried
+        await _until(lambda: _true("cannot send events" in caplog.text))
+        await gate.open()
+        await _until(lambda: _true(counts.sent == 10))
+        for e in third:
+            emitter.emit(e)
+        await _until(lambda: _true(counts.sent == 15))
+    finally:
+        emitter.stop()
+        await asyncio.wait_for(task, 5)
+        await emitter.close(deadline=1)
+        await client.aclose()
+    # The failed attempts did not move the turn on: the shards still alternate.
+    assert await _ids_on_stream(redis, streams[0]) == [e.id for e in first + third]
+    assert await _ids_on_stream(redis, streams[1]) == [e.id for e in second]
