@@ -9,12 +9,11 @@ from importlib import resources
 
 import asyncpg
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient, TestServer
 
-from control_plane import ledger
-from control_plane.admin_api import RECONCILER, make_app
+from control_plane import ledger, roles
 from control_plane.metrics import Metrics
 from control_plane.reconciler import Reconciler
+from control_plane.runtime import open_stores
 from control_plane.settings import Settings
 from control_plane.sweeper import ReservationSweeper
 from shared.events import uuid7
@@ -163,12 +162,16 @@ async def test_the_sweep_age_and_interval_come_from_the_settings(
     await reserve(rclient, names, account_id, ten_minutes_old, 300_000)
     resv = names.account_reservations(account_id)
 
-    async with TestClient(TestServer(make_app(configured))) as client:
-        reconciler = client.app[RECONCILER]
-        assert (reconciler.sweep_interval_s, reconciler.sweeper.max_age_ms) == (0.2, 300_000)
-        for _ in range(200):  # hang guard: the first tick sweeps
-            if not await rclient.hexists(resv, ten_minutes_old):
-                break
-            await asyncio.sleep(0.05)
+    # The ingest role runs the reconciler (and so the sweep) with the settings'.
+    async with open_stores(configured) as stores:
+        ingest = roles.Ingest(stores)
+        await ingest.start()
+        try:
+            for _ in range(200):  # hang guard: the first tick sweeps
+                if not await rclient.hexists(resv, ten_minutes_old):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await ingest.stop(5.0)
     assert not await rclient.hexists(resv, ten_minutes_old)
     assert await rclient.hget(names.account_state(account_id), "bal") == b"1000000"
