@@ -65,7 +65,8 @@ async def test_keys_crud_shows_the_secret_once_and_publishes_limits(
     patched = (await r.json())["data"]
     assert (patched["limit"], patched["disabled"], patched["name"]) == (None, True, "ci-2")
     record = KeyRecord.decode(await redis.get(web.settings.names.key_record(data["hash"])))
-    assert record.status == "suspended" and record.credit_limit_micros is None
+    # a disabled key is refused as such by the proxy (401 key_disabled), not as a suspension
+    assert record.status == "disabled" and record.credit_limit_micros is None
 
     for bad in ({"limit": -1}, {"limit_reset": "hourly"}, {"expires_at": "2001-01-01T00:00Z"},
                 {"expires_at": "2030-01-01T00:00"}, {"disabled": "yes"}, {"name": ""}):
