@@ -1,20 +1,19 @@
 """The admin HTTP API (aiohttp): accounts, keys, credit, limits, usage, health, metrics.
 
-Every ``/admin/`` route needs ``Authorization: Bearer <QNP_ADMIN_TOKEN>``.
+Every ``/admin/`` route needs ``Authorization: Bearer <QNP_ADMIN_TOKEN>`` or a staff
+session whose roles allow it (``admin_rbac``); every changing action is audited.
 ``error_response`` is the one place errors become responses: JSON
 ``{"error": {"message", "type"}}``, never a traceback. Resources with a lifetime (pool,
-Redis client, the ingest and reconciler tasks) live in ``AppKey``s opened by
-``cleanup_ctx``.
+Redis client) are the process's ``runtime.Stores``, handed in by ``service``; the
+background tasks belong to the roles (``roles``), not to this app.
 Never imports ``proxy``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -24,19 +23,19 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
-from control_plane import accounts, keys, ledger, limits, usage
-from control_plane.connections import open_pool, open_redis
+from control_plane import accounts, audit, keys, ledger, limits, usage
+from control_plane.accounts import parse_account_id
+from control_plane.admin_rbac import CSRF_HEADER, StaffAccess
+from control_plane.auth.sessions import Sessions
 from control_plane.errors import (
     ControlPlaneError,
     InvalidInput,
+    NotFound,
     Unauthorized,
-    Unavailable,
     classify,
 )
-from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
-from control_plane.partitions import create_days, days_around
-from control_plane.reconciler import DEFAULT_INTERVAL_S, STARTUP, Reconciler
+from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,12 +44,8 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
-RECONCILER = web.AppKey("reconciler", Reconciler)
-RECONCILE_INTERVAL = web.AppKey("reconcile_interval", float)
 
 MAX_BODY_BYTES = 64 * 1024
-# Time allowed past one BLOCKed read for the ingest task to finish its batch on stop.
-INGEST_STOP_GRACE_S = 10.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -75,21 +70,57 @@ def error_response(exc: BaseException) -> web.Response:
     return json_response({"error": {"message": error.message, "type": error.type}}, error.status)
 
 
-def _authorize(request: web.Request) -> None:
+def _bearer_ok(request: web.Request) -> bool:
     token = request.app[SETTINGS].require_admin_token()
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode())
+
+
+async def _authorize(request: web.Request) -> str:
+    """The actor of an admin request: the bearer token, or a staff session (RBAC)."""
+    if _bearer_ok(request):
+        return AUTOMATION_ACTOR
+    if "Authorization" in request.headers or STAFF not in request.app:
         raise Unauthorized("a valid admin bearer token is required")
+    resource = request.match_info.route.resource
+    staff = await request.app[STAFF].staff(
+        request.cookies, request.method, resource.canonical if resource else None,
+        request.headers.get(CSRF_HEADER))
+    return staff.actor
+
+
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+AUTOMATION_ACTOR = "admin-bearer"  # the bearer token: automation
+STAFF = web.AppKey("staff", StaffAccess)
+
+
+async def _audit(request: web.Request, response: web.StreamResponse, actor: str) -> None:
+    """Every admin action that changed something: who, what, which target."""
+    if request.method not in _UNSAFE or response.status >= 400:
+        return
+    resource = request.match_info.route.resource
+    info = request.match_info
+    target = ",".join(f"{k}:{v}" for k, v in sorted(info.items())) or request.path
+    account = info.get("account_id")
+    try:
+        account_id = None if account is None else parse_account_id(account)
+    except NotFound:
+        account_id = None
+    action = f"{request.method} {resource.canonical if resource else request.path}"
+    await audit.record(request.app[POOL], actor, action, target, account_id)
 
 
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        actor = None
         if request.path == "/admin" or request.path.startswith("/admin/"):
-            _authorize(request)
-        return await handler(request)
+            actor = await _authorize(request)
+        response = await handler(request)
+        if actor is not None:
+            await _audit(request, response, actor)
+        return response
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -223,64 +254,35 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-async def _stores(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    app[POOL] = await open_pool(settings)
-    app[REDIS] = open_redis(settings)
-    try:
-        async with app[POOL].acquire() as conn:
-            if await conn.fetchval("SELECT to_regclass('usage_logs')") is None:
-                raise Unavailable("the schema is missing: run `python -m control_plane migrate`")
-            await create_days(conn, days_around(datetime.now(UTC).date()))
+async def _own_stores(app: web.Application) -> AsyncIterator[None]:
+    """Stores of the app's own, when it runs alone (tests, tools) rather than in a role."""
+    async with open_stores(app[SETTINGS]) as stores:
+        _attach(app, stores)
         yield
-    finally:
-        await app[REDIS].aclose()
-        await app[POOL].close()
 
 
-async def _ingest(app: web.Application) -> AsyncIterator[None]:
+def _attach(app: web.Application, stores: Stores) -> None:
+    app[POOL], app[REDIS], app[METRICS] = stores.pool, stores.redis, stores.metrics
     settings = app[SETTINGS]
-    consumer = Consumer(settings, app[POOL], app[REDIS], app[METRICS])
-    task = asyncio.create_task(consumer.run(), name="ingest")
-    yield
-    consumer.stop()
-    try:
-        await asyncio.wait_for(task, settings.ingest_block_ms / 1000 + INGEST_STOP_GRACE_S)
-    except TimeoutError:
-        log.warning("ingest did not stop in time; cancelled mid-batch (entries stay pending)")
+    secret = settings.session_secret or (None if settings.public_is_https
+                                         else settings.require_session_secret())
+    if secret is not None:  # staff sessions need the web service's signing key
+        sessions = Sessions(secret, stores.pool, stores.redis, settings.names,
+                            stores.outages)
+        app[STAFF] = StaffAccess(sessions, stores.pool)
 
 
-async def _reconcile(app: web.Application) -> AsyncIterator[None]:
-    """Refill Redis at start-up, then keep watching for it to lose its data."""
-    reconciler = app[RECONCILER] = Reconciler(
-        app[POOL], app[REDIS], app[SETTINGS].names, app[METRICS],
-        interval_s=app[RECONCILE_INTERVAL],
-    )
-    await reconciler.refill(STARTUP)
-    task = asyncio.create_task(reconciler.run(), name="reconciler")
-    yield
-    reconciler.stop()
-    await task
-
-
-def make_app(
-    settings: Settings, *, ingest: bool = True,
-    reconcile_interval_s: float = DEFAULT_INTERVAL_S,
-) -> web.Application:
-    """The admin app; with ``ingest`` it also runs the ingest consumer for its lifetime.
-
-    It always runs the reconciler, which refills Redis on start-up and whenever Redis
-    is found empty.
-    """
+def make_app(settings: Settings, stores: Stores | None = None) -> web.Application:
+    """The admin app over ``stores`` (the process's, see ``service``); without them it
+    opens its own for its lifetime. Runs no background task: ingest and the reconciler
+    belong to the ingest role."""
     settings.require_admin_token()
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
-    app[RECONCILE_INTERVAL] = reconcile_interval_s
-    app.cleanup_ctx.append(_stores)
-    app.cleanup_ctx.append(_reconcile)
-    if ingest:
-        app.cleanup_ctx.append(_ingest)
+    if stores is None:
+        app.cleanup_ctx.append(_own_stores)
+    else:
+        _attach(app, stores)
     app.router.add_post("/admin/accounts", create_account)
     app.router.add_post("/admin/accounts/{account_id}/keys", issue_key)
     app.router.add_get("/admin/accounts/{account_id}/keys", list_keys)

@@ -18,10 +18,11 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from control_plane import accounts, keys, ledger, limits, logs, service, usage
+from control_plane import accounts, audit, keys, ledger, limits, logs, service, staff, usage
 from control_plane.connections import open_pool, open_redis
 from control_plane.errors import InvalidInput, classify
 from control_plane.migrate import migrate
+from control_plane.roles import ADMIN, WEB, RoleError, parse_roles
 from control_plane.settings import Settings, SettingsError
 from shared.pricing import MICROS_PER_DOLLAR, PriceError, dollars_to_micros
 
@@ -178,7 +179,45 @@ async def _usage(settings: Settings, args: argparse.Namespace) -> Output:
     return report.to_json(), "\n".join(lines)
 
 
+# Staff changes from the command line are audited as the CLI; who ran it is the
+# operator's shell history and host login records.
+CLI_ACTOR = "cli"
+
+
+async def _grant_staff(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        granted = await staff.grant(pool, args.email, args.role, CLI_ACTOR)
+    doc = {"email": args.email, "role": args.role, "granted": granted}
+    return doc, f"{args.role} {'granted to' if granted else 'already held by'} {args.email}"
+
+
+async def _revoke_staff(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        revoked = await staff.revoke(pool, args.email, args.role, CLI_ACTOR)
+    doc = {"email": args.email, "role": args.role, "revoked": revoked}
+    return doc, f"{args.role} {'revoked from' if revoked else 'not held by'} {args.email}"
+
+
+async def _list_staff(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        found = await staff.list_staff(pool)
+    lines = [f"{s['email']}  {','.join(s['roles'])}" for s in found]
+    return {"staff": found}, "\n".join(lines) or "no staff"
+
+
+async def _audit_log(settings: Settings, args: argparse.Namespace) -> Output:
+    since = usage.parse_time(args.since, "since")
+    async with _pool(settings) as pool:
+        rows = await audit.export(pool, since)
+    lines = [f"{r['at']}  {r['actor']}  {r['action']}  {r['target']}" for r in rows]
+    return {"audit": rows}, "\n".join(lines) or "no audit rows"
+
+
 _COMMANDS: dict[str, Command] = {
+    "grant-staff": _grant_staff,
+    "revoke-staff": _revoke_staff,
+    "list-staff": _list_staff,
+    "audit-log": _audit_log,
     "migrate": _migrate,
     "create-account": _create_account,
     "issue-key": _issue_key,
@@ -200,7 +239,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.set_defaults(json=False)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", parents=[common], help="apply pending schema migrations")
-    sub.add_parser("serve", help="run the admin API and the ingest consumer")
+    p = sub.add_parser("serve", help="run the control plane's roles (default: all)")
+    p.add_argument("--role", action="append", metavar="ROLE",
+                   help="web, ingest or admin; repeat or comma-separate (default: all)")
     p = sub.add_parser("create-account", parents=[common], help="create an account")
     p.add_argument("name")
     p = sub.add_parser("issue-key", parents=[common], help="issue an API key (shown once)")
@@ -232,22 +273,35 @@ def _parser() -> argparse.ArgumentParser:
     for name, what in (("suspend", "suspend an account"), ("resume", "resume an account")):
         p = sub.add_parser(name, parents=[common], help=what)
         p.add_argument("account_id")
+    for name, what in (("grant-staff", "give a signed-in user a staff role"),
+                       ("revoke-staff", "take a staff role away")):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("email")
+        p.add_argument("role", choices=staff.ROLES)
+    sub.add_parser("list-staff", parents=[common], help="staff and their roles")
+    p = sub.add_parser("audit-log", parents=[common], help="export the audit log")
+    p.add_argument("--since", default=None, help="ISO 8601 time")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    serving: tuple[str, ...] = ()
     try:
-        settings = Settings.from_env()
         if args.command == "serve":
+            serving = parse_roles(args.role)
+        settings = Settings.from_env()
+        if ADMIN in serving:
             settings.require_admin_token()
-    except SettingsError as e:
+        if WEB in serving:
+            settings.require_session_secret()
+    except (SettingsError, RoleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level_number)
     try:
         if args.command == "serve":
-            service.run(settings)
+            service.run(settings, serving)
             return 0
         doc, text = asyncio.run(_COMMANDS[args.command](settings, args))
     except Exception as e:  # top of the command: known failures become a one-line message

@@ -15,11 +15,15 @@ CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 60.0
 
 
-async def open_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool; with ``min_size=0`` nothing connects until the first use."""
+async def open_pool(
+    settings: Settings, *, min_size: int = 1, max_size: int = 10, init_size: int | None = None
+) -> asyncpg.Pool:
+    """A pool; with ``min_size=0`` (and no ``init_size``) nothing connects until the
+    first use, and nothing re-dials in the background after an outage."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         settings.database_url,
         min_size=min_size,
+        init_size=min_size if init_size is None else init_size,
         max_size=max_size,
         timeout=CONNECT_TIMEOUT_S,
         command_timeout=COMMAND_TIMEOUT_S,

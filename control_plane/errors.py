@@ -32,6 +32,23 @@ class Unauthorized(ControlPlaneError):
     type = "unauthorized"
 
 
+class Forbidden(ControlPlaneError):
+    status = 403
+    type = "forbidden"
+
+
+class SignInRefused(ControlPlaneError):
+    """A sign-in that must not go through (bad state, token, nonce...); nothing is
+    created. The message is shown to the person; the reason is logged at INFO."""
+
+    status = 400
+    type = "signin_refused"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class NotFound(ControlPlaneError):
     status = 404
     type = "not_found"

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from control_plane.metrics import Metrics
+from control_plane.outages import POSTGRES, REDIS, Outages
 from control_plane.partitions import Partitions
 from control_plane.settings import Settings
 from control_plane.usage_logs import Inserted, RowError, UsageRow, insert_rows, to_row
@@ -88,8 +89,10 @@ class Consumer:
         pool: asyncpg.Pool,
         redis: aioredis.Redis,
         metrics: Metrics,
+        outages: Outages | None = None,
     ) -> None:
         names = settings.names
+        self._outages = Outages() if outages is None else outages
         self._stream = names.events
         self._dead_stream = names.events_dead
         self._group = names.ingest_group
@@ -119,13 +122,17 @@ class Consumer:
         log.info("ingest started consumer=%s stream=%s", self._consumer, self._stream)
         while not self._stop.is_set():
             try:
-                await self.run_once()
+                result = await self.run_once()
             except IngestRetry as e:
-                log.warning("ingest batch deferred: %s; retry in %.1fs", e, delay)
+                # One line per outage (``outages``), not one per retry.
+                self._outages.failed(e.store, e.__cause__ or e, "ingest")
             except Exception:  # top of the task: a bug must not end ingestion
                 self._backlog = True
                 log.exception("ingest batch failed unexpectedly; retry in %.1fs", delay)
             else:
+                self._outages.ok(REDIS)
+                if result.inserted or result.duplicates:
+                    self._outages.ok(POSTGRES)
                 delay = BACKOFF_FIRST_S
                 continue
             await self._sleep(delay)
@@ -137,7 +144,7 @@ class Consumer:
         try:
             entries = await self._read()
         except _REDIS_ERRORS as e:
-            raise self._retry("redis", e) from e
+            raise self._retry(REDIS, e) from e
         if not entries:
             return BatchResult()
         self._metrics.batch_size.observe(len(entries))
@@ -147,9 +154,9 @@ class Consumer:
         except asyncpg.CheckViolationError as e:
             if e.constraint_name is None:  # no partition: retention dropped one we knew
                 self._partitions.forget()
-            raise self._retry("postgres", e) from e
+            raise self._retry(POSTGRES, e) from e
         except _DB_ERRORS as e:
-            raise self._retry("postgres", e) from e
+            raise self._retry(POSTGRES, e) from e
         committed = time.time()
         failed_at = {i for i, _ in failed_rows}
         batch.failed += [(batch.row_ids[i], batch.raws[i], why) for i, why in failed_rows]
@@ -165,7 +172,7 @@ class Consumer:
             dead = await self._give_up(batch.failed)
             await self._dead_letter(dead, batch.gone)
         except _REDIS_ERRORS as e:
-            raise self._retry("redis", e) from e
+            raise self._retry(REDIS, e) from e
         result.dead_lettered = len(dead)
         result.retrying = len(batch.failed) - len(dead)
         if result.retrying:
@@ -190,7 +197,7 @@ class Consumer:
 
     def _retry(self, store: str, cause: BaseException) -> IngestRetry:
         self._backlog = True
-        if store == "redis":
+        if store == REDIS:
             self._group_ready = False  # Redis may have restarted empty: recreate it
         self._metrics.errors.labels(store).inc()
         return IngestRetry(store, cause)

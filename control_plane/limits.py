@@ -112,5 +112,8 @@ async def set_account_status(
             raise NotFound("account not found")
         account = await _publish_account(conn, redis, names, row)
         announced = await publish_keys(conn, redis, names, account_id=account.id)
+        # Web sessions and the account API's key cache re-read the account's state at
+        # once on every replica ("*": everything; suspension is rare).
+        await redis.publish(names.session_revocations, "*")
     log.info("account status=%s account_id=%s keys=%d", status, account.id, len(announced))
     return account

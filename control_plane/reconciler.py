@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from control_plane import keys, ledger
 from control_plane.metrics import Metrics
+from control_plane.outages import POSTGRES, REDIS, Outages, store_of
 from control_plane.publisher import publish_all_states
 from control_plane.sweeper import DEFAULT_MAX_AGE_MS, ReservationSweeper, SweepResult
 from shared.redis_names import RedisNames
@@ -42,7 +43,9 @@ class Reconciler:
         *, interval_s: float = DEFAULT_INTERVAL_S,
         sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S,
         reservation_max_age_ms: int = DEFAULT_MAX_AGE_MS,
+        outages: Outages | None = None,
     ) -> None:
+        self.outages = Outages() if outages is None else outages
         self.pool, self.redis, self.names = pool, redis, names
         self.interval_s = interval_s
         self.sweep_interval_s = sweep_interval_s
@@ -63,7 +66,6 @@ class Reconciler:
             registry=metrics.registry,
         )
         self._stopping = asyncio.Event()
-        self._failing = False
         self._next_sweep = 0.0  # loop time; the first tick sweeps
 
     async def refill(self, reason: str) -> None:
@@ -104,13 +106,10 @@ class Reconciler:
         while not self._stopping.is_set():
             try:
                 await self.tick()
-                if self._failing:
-                    log.info("reconciler recovered")
-                self._failing = False
+                self.outages.ok(REDIS)
+                self.outages.ok(POSTGRES)
             except _STORE_ERRORS as e:
-                if not self._failing:  # one line per outage, not one per tick
-                    log.warning("reconciler cannot reach a store: %s", type(e).__name__)
-                self._failing = True
+                self.outages.failed(store_of(e), e, "reconcile")  # one line per outage
             except Exception:  # top of the task: log it, keep the task alive
                 log.exception("reconciler tick failed")
             try:

@@ -1,11 +1,14 @@
-"""``serve``: the admin API, the ingest consumer and the maintenance job in one process.
+"""``serve``: the roles one process runs (``roles``), composed over one set of stores,
+plus the maintenance job, which every process runs whatever its roles.
 
 The maintenance job runs every ``maintenance_interval_s``: it trims the event stream
 below what every consumer group still needs (``trim``), and creates partitions ahead
-and drops those past retention (``retention``). Every replica runs it; both steps are
-safe to run concurrently. SIGTERM or SIGINT stops accepting requests, lets the ingest
-task finish its batch and closes the stores. Runs on uvloop. Expects migrations to have
-been applied. Never imports ``proxy``.
+and drops those past retention (``retention``). Both steps are safe to run concurrently
+on every replica. SIGTERM or SIGINT, at any moment (start-up included), stops every
+role within QNP_SHUTDOWN_GRACE whatever the stores are doing: listeners stop accepting
+and let requests finish, ingest finishes its batch, what is still running is then
+cancelled, and the stores are closed. Runs on uvloop. Expects migrations to have been
+applied. Never imports ``proxy``.
 """
 
 from __future__ import annotations
@@ -18,14 +21,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
-import redis.asyncio as aioredis
 import uvloop
-from aiohttp import web
 from redis.exceptions import RedisError
 
-from control_plane import retention
-from control_plane.admin_api import METRICS, POOL, REDIS, make_app
+from control_plane import retention, roles
 from control_plane.metrics import Metrics
+from control_plane.outages import POSTGRES, REDIS, Outages
+from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
 from control_plane.trim import Trimmer
 
@@ -40,58 +42,78 @@ def _utc_now() -> datetime:
 
 async def maintain_once(
     settings: Settings, pool: asyncpg.Pool, trimmer: Trimmer, metrics: Metrics,
-    clock: Clock = _utc_now,
+    clock: Clock = _utc_now, outages: Outages | None = None,
 ) -> None:
     """One pass of the maintenance job; a store that is down skips its step."""
+    outages = Outages() if outages is None else outages
     try:
         await trimmer.trim()
+        outages.ok(REDIS)
     except (RedisError, OSError) as e:
-        log.warning("stream trim skipped: redis unavailable (%s)", type(e).__name__)
+        outages.failed(REDIS, e, "stream trim")
     try:
         async with pool.acquire() as conn:
             result = await retention.apply(conn, clock(), settings.retention_days)
         metrics.partitions_dropped.inc(len(result.dropped))
+        outages.ok(POSTGRES)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
-        log.warning("retention skipped: postgres unavailable (%s)", type(e).__name__)
+        outages.failed(POSTGRES, e, "retention")
 
 
-async def maintain(
-    settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, metrics: Metrics,
-    clock: Clock = _utc_now,
-) -> None:
-    trimmer = Trimmer(redis, settings.names.events, metrics)
+async def maintain(stores: Stores, clock: Clock = _utc_now) -> None:
+    settings = stores.settings
+    trimmer = Trimmer(stores.redis, settings.names.events, stores.metrics)
     while True:
         try:
-            await maintain_once(settings, pool, trimmer, metrics, clock)
+            await maintain_once(settings, stores.pool, trimmer, stores.metrics, clock,
+                                stores.outages)
         except Exception:  # top of the task: a bug must not end maintenance
             log.exception("maintenance pass failed")
         await asyncio.sleep(settings.maintenance_interval_s)
 
 
-async def serve(settings: Settings) -> None:
-    app = make_app(settings)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    job = asyncio.create_task(
-        maintain(settings, app[POOL], app[REDIS], app[METRICS]), name="maintenance"
-    )
+async def _run_roles(settings: Settings, names: tuple[str, ...], stop: asyncio.Event,
+                     serving: asyncio.Event) -> None:
+    grace = settings.shutdown_grace_s
+    async with open_stores(settings, close_within_s=grace) as stores:
+        started: list[roles.Role] = []
+        job = asyncio.create_task(maintain(stores), name="maintenance")
+        try:
+            for role in roles.build(names, stores):
+                await role.start()
+                started.append(role)
+            log.info("serving roles=%s", ",".join(names))
+            serving.set()
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            job.cancel()
+            await asyncio.gather(*(role.stop(grace) for role in reversed(started)))
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+
+
+async def serve(settings: Settings, names: tuple[str, ...] = roles.ALL_ROLES) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.Event()
+    running = asyncio.create_task(_run_roles(settings, names, stop, serving), name="roles")
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not running.done() and not serving.is_set():
+        # A signal during start-up (a store slow to answer): nothing to finish, cancel.
+        running.cancel()
     try:
-        site = web.TCPSite(runner, settings.admin_host, settings.admin_port)
-        await site.start()
-        log.info("admin API listening host=%s port=%d", settings.admin_host, settings.admin_port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down")
+        await running
+    except asyncio.CancelledError:
+        log.info("start-up cancelled")
     finally:
-        job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
-        await runner.cleanup()
+        stopping.cancel()
+    log.info("control plane stopped")
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, names: tuple[str, ...] = roles.ALL_ROLES) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(settings))
+        runner.run(serve(settings, names))

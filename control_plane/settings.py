@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
+
+import orjson
 
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
 
@@ -24,6 +27,25 @@ class SettingsError(ValueError):
     """A missing or invalid environment variable; the message names it."""
 
 
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_PROVIDER_NAME = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+@dataclass(frozen=True, slots=True)
+class OIDCProvider:
+    """One OpenID provider people may sign in with (Google, a company's IdP, dev)."""
+
+    name: str  # in URLs: /auth/<name>/start
+    label: str  # on the sign-in page
+    issuer: str  # discovery is <issuer>/.well-known/openid-configuration
+    client_id: str
+    client_secret: str = field(repr=False)
+
+    @property
+    def discovery_url(self) -> str:
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str
@@ -32,6 +54,17 @@ class Settings:
     admin_token: str | None = None
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
+    web_host: str = "127.0.0.1"
+    web_port: int = 8082
+    # How long SIGTERM waits for each role to finish what it has in hand.
+    shutdown_grace_s: float = 10.0
+    # The origin browsers see the web service at; redirect URIs and Origin checks
+    # derive from it. Plain http only on a loopback host (development).
+    public_url: str = "http://127.0.0.1:8082"
+    session_secret: str | None = field(default=None, repr=False)
+    oidc_providers: tuple[OIDCProvider, ...] = ()
+    policy_version: str = "2026-04"
+    _dev_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     bcrypt_rounds: int = 12
     consumer_name: str = "control-plane"
     ingest_batch_size: int = 500
@@ -56,6 +89,21 @@ class Settings:
             raise SettingsError("QNP_ADMIN_TOKEN is required to serve the admin API")
         return self.admin_token
 
+    @property
+    def public_is_https(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    def require_session_secret(self) -> str:
+        """The key sessions are signed with, which the web role cannot run without.
+
+        In development (a loopback http public URL) a missing secret is made up for this
+        process: sessions then end when it stops and are not shared with replicas."""
+        if self.session_secret:
+            return self.session_secret
+        if not self.public_is_https:
+            return self._dev_secret
+        raise SettingsError("QNP_SESSION_SECRET is required to serve the web role")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every variable; ``env`` defaults to the process environment."""
@@ -67,6 +115,13 @@ class Settings:
             admin_token=_admin_token(e),
             admin_host=_parse(e, "QNP_ADMIN_HOST", "127.0.0.1", _non_empty),
             admin_port=_parse(e, "QNP_ADMIN_PORT", 8081, _int_in(1, 65535)),
+            web_host=_parse(e, "QNP_WEB_HOST", "127.0.0.1", _non_empty),
+            web_port=_parse(e, "QNP_WEB_PORT", 8082, _int_in(1, 65535)),
+            shutdown_grace_s=_parse(e, "QNP_SHUTDOWN_GRACE", 10.0, _seconds(0.1, 600.0)),
+            public_url=_parse(e, "QNP_PUBLIC_URL", _default_public_url(e), _public_url),
+            session_secret=_parse(e, "QNP_SESSION_SECRET", None, _secret),
+            oidc_providers=_parse(e, "QNP_OIDC_PROVIDERS", (), _providers),
+            policy_version=_parse(e, "QNP_POLICY_VERSION", "2026-04", _non_empty),
             bcrypt_rounds=_parse(e, "QNP_BCRYPT_ROUNDS", 12, _int_in(4, 31)),
             consumer_name=_parse(
                 e, "QNP_CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}", _non_empty
@@ -114,6 +169,76 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return convert
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        value = float(raw)
+        if not low <= value <= high:  # also refuses nan
+            raise ValueError(f"must be between {low} and {high} seconds")
+        return value
+
+    return convert
+
+
+def _default_public_url(env: Mapping[str, str]) -> str:
+    return f"http://127.0.0.1:{env.get('QNP_WEB_PORT', '').strip() or 8082}"
+
+
+def _public_url(raw: str) -> str:
+    url = raw.rstrip("/")
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rsplit(":", 1)[0] if not rest.startswith("[") else \
+        rest.split("]", 1)[0] + "]"
+    if "/" in rest or not host:
+        raise ValueError("must be an origin such as https://qnp.example (no path)")
+    if scheme == "https" or (scheme == "http" and host in _LOOPBACK_HOSTS):
+        return url
+    raise ValueError("must be https (plain http only on 127.0.0.1 in development)")
+
+
+def _secret(raw: str) -> str:
+    if len(raw) < 32:
+        raise ValueError("must be at least 32 characters")
+    return raw
+
+
+def _providers(raw: str) -> tuple[OIDCProvider, ...]:
+    """A JSON list of {name, label, issuer, client_id, client_secret}."""
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ValueError("must be a JSON list of providers") from None
+    if not isinstance(items, list):
+        raise ValueError("must be a JSON list of providers")
+    found: list[OIDCProvider] = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ValueError("each provider must be a JSON object")
+        values = {k: item.get(k) for k in ("name", "issuer", "client_id", "client_secret")}
+        if not all(isinstance(v, str) and v for v in values.values()):
+            raise ValueError("each provider needs name, issuer, client_id and client_secret")
+        name = str(values["name"])
+        if not set(name) <= _PROVIDER_NAME or name in {p.name for p in found}:
+            raise ValueError(f"provider name {name!r} must be unique, a-z 0-9 and -")
+        issuer = str(values["issuer"])
+        if not (issuer.startswith("https://") or _public_url_ok(issuer)):
+            raise ValueError(f"provider {name!r}: issuer must be https")
+        label = item.get("label")
+        found.append(OIDCProvider(
+            name=name, label=label if isinstance(label, str) and label else name,
+            issuer=issuer, client_id=str(values["client_id"]),
+            client_secret=str(values["client_secret"]),
+        ))
+    return tuple(found)
+
+
+def _public_url_ok(url: str) -> bool:
+    try:
+        _public_url(url.split("/", 3)[0] + "//" + url.split("/", 3)[2])
+    except (ValueError, IndexError):
+        return False
+    return True
 
 
 def _non_empty(raw: str) -> str:

@@ -158,6 +158,7 @@ def main() -> int:
     ):
         upstream_port, proxy_port, admin_port = _port(8090), _port(8080), _port(8081)
         anthropic_port, gemini_port = _port(8091), _port(8092)
+        web_port, oidc_port = _port(8082), _port(9400)
         catalog = Path(tmp) / "catalog.toml"
         catalog.write_text(CATALOG.format(upstream_port=upstream_port,
                                           anthropic_port=anthropic_port, gemini_port=gemini_port))
@@ -169,6 +170,11 @@ def main() -> int:
             "QNP_DEMO_UPSTREAM_KEY": "sk-demo-" + secrets.token_hex(16),
             "QNP_ADMIN_TOKEN": os.environ.get("QNP_ADMIN_TOKEN") or secrets.token_urlsafe(24),
             "QNP_ADMIN_PORT": str(admin_port),
+            "QNP_WEB_PORT": str(web_port),
+            # "Dev sign-in": a local oidc-provider-mock, so no Google or Apple account is needed.
+            "QNP_OIDC_PROVIDERS": json.dumps([{
+                "name": "dev", "label": "Dev sign-in", "issuer": f"http://127.0.0.1:{oidc_port}",
+                "client_id": "qnp-dev", "client_secret": secrets.token_urlsafe(16)}]),
             "QNP_PROXY_PORT": str(proxy_port),
             "QNP_METRICS_PORT": str(_port(9464)),  # its own listener; another run may hold 9464
             # A throwaway stack's spool is its own: the default folder (per prefix and
@@ -199,6 +205,12 @@ def main() -> int:
                     "-m", f"devstack.upstream_{fmt}", "--port", str(port),
                     "--api-key", env["QNP_DEMO_UPSTREAM_KEY"]], env)
                 _wait_http(f"http://127.0.0.1:{port}{probe}", demo, f"demo {fmt} upstream")
+            dev_user = json.dumps({"sub": "dev", "email": "dev@example.test",
+                                   "email_verified": True, "name": "Dev User"})
+            idp = children.start("dev OpenID provider", ["-m", "oidc_provider_mock", "--port",
+                                 str(oidc_port), "--user-claims", dev_user], env)
+            _wait_http(f"http://127.0.0.1:{oidc_port}/.well-known/openid-configuration", idp,
+                       "dev OpenID provider")
             cp = children.start("control plane", ["-m", "control_plane", "serve"], env)
             _wait_http(f"http://127.0.0.1:{admin_port}/healthz", cp, "control plane")
             px = children.start("proxy", ["-m", "proxy"], env)
@@ -234,6 +246,7 @@ export ANTHROPIC_API_KEY={key}
 export DATABASE_URL={env["DATABASE_URL"]}
 export REDIS_URL={env["REDIS_URL"]}
 export QNP_ADMIN_TOKEN={env["QNP_ADMIN_TOKEN"]}
+export QNP_DASHBOARD_URL=http://127.0.0.1:{env["QNP_WEB_PORT"]}
 
 Try it:
 curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "demo-mini", "messages": [{{"role": "user", "content": "Hello!"}}]}}'

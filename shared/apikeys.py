@@ -82,6 +82,15 @@ class KeyRecordError(ValueError):
 
 
 KEY_STATUSES = frozenset({"active", "revoked", "suspended"})
+LIMIT_RESETS = frozenset({None, "daily", "weekly", "monthly"})
+
+
+def _optional_int(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("not an integer")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,9 @@ class KeyRecord:
 
     ``secret_hash`` is the bcrypt hash of the secret (never the secret itself);
     ``limits`` is reserved for per-key limits (requests/tokens per minute, concurrency).
+    Optional, added later (a record without them reads as "none"): ``credit_limit_micros``
+    (the key's spend cap), ``limit_reset`` (``daily``/``weekly``/``monthly`` at UTC
+    midnight, weeks from Monday; none = a lifetime cap), ``expires_at`` (Unix seconds).
     """
 
     key_id: str
@@ -97,6 +109,9 @@ class KeyRecord:
     status: str
     secret_hash: str
     limits: dict[str, int]
+    credit_limit_micros: int | None = None
+    limit_reset: str | None = None
+    expires_at: int | None = None
 
     @property
     def active(self) -> bool:
@@ -115,9 +130,14 @@ class KeyRecord:
                 status=d["status"],
                 secret_hash=d["secret_hash"],
                 limits=dict(d.get("limits") or {}),
+                credit_limit_micros=_optional_int(d.get("credit_limit_micros")),
+                limit_reset=d.get("limit_reset"),
+                expires_at=_optional_int(d.get("expires_at")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise KeyRecordError("malformed key record") from e
+        if rec.limit_reset not in LIMIT_RESETS:
+            raise KeyRecordError("malformed key record")
         if rec.status not in KEY_STATUSES or not all(
             isinstance(v, str) for v in (rec.key_id, rec.account_id, rec.secret_hash)
         ):

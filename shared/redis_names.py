@@ -84,3 +84,21 @@ class RedisNames:
         """
         return f"{self.prefix}:published"
 
+
+    # The public web service (control plane, role web). Nothing here is read by the
+    # proxy; none of it holds an email or a name except ``signup``, which lives minutes.
+
+    @property
+    def session_revocations(self) -> str:
+        """Pub/sub channel: a web session id (or ``*``: all) whose cached state is stale."""
+        return f"{self.prefix}:web:sessions:revoked"
+
+    def signin_state(self, state: str) -> str:
+        """String, minutes: an OIDC sign-in in progress (provider, nonce, PKCE verifier,
+        where to go next), keyed by its ``state``; read once with GETDEL."""
+        return f"{self.prefix}:web:signin:{state}"
+
+    def signup(self, token: str) -> str:
+        """String, minutes: a first sign-in's verified identity waiting for the person to
+        confirm 18+ and accept the terms; nothing is in Postgres before that."""
+        return f"{self.prefix}:web:signup:{token}"

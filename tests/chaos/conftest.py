@@ -249,6 +249,7 @@ def control_plane_env(database_url: str, redis_url: str, prefix: str, **extra: s
         "QNP_REDIS_PREFIX": prefix,
         "QNP_ADMIN_TOKEN": "chaos-" + uuid.uuid4().hex,
         "QNP_ADMIN_PORT": str(free_port()),
+        "QNP_WEB_PORT": str(free_port()),
         "QNP_BCRYPT_ROUNDS": "4",
         "QNP_INGEST_BLOCK_MS": "100",
         "PATH": "/usr/bin:/bin",

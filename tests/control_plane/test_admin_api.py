@@ -12,6 +12,8 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from control_plane.admin_api import make_app
+from control_plane.roles import Ingest
+from control_plane.runtime import open_stores
 from control_plane.settings import Settings
 from shared.apikeys import KeyRecord, parse
 from shared.events import STREAM_FIELD
@@ -22,8 +24,21 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    """The admin app over the stores it shares with an ingest role, as ``serve`` runs it."""
+    async with open_stores(settings) as stores:
+        ingest = Ingest(stores)
+        await ingest.start()
+        try:
+            async with TestClient(TestServer(make_app(settings, stores))) as c:
+                yield c
+        finally:
+            await ingest.stop(5.0)
+
+
+async def test_the_app_alone_opens_its_own_stores(settings: Settings) -> None:
     async with TestClient(TestServer(make_app(settings))) as c:
-        yield c
+        r = await c.get("/healthz")
+        assert (r.status, (await r.json())["postgres"]) == (200, True)
 
 
 async def _error(response: ClientResponse, status: int, kind: str) -> str:

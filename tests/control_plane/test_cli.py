@@ -29,6 +29,7 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
         "REDIS_URL": settings.redis_url,
         "QNP_REDIS_PREFIX": settings.redis_prefix,
         "QNP_BCRYPT_ROUNDS": "4",
+        "QNP_WEB_PORT": str(free_port()),
         **extra,
     }
 
@@ -83,6 +84,11 @@ async def test_failures_exit_nonzero_with_a_message(settings: Settings) -> None:
 
     code, _, err = await _cli(_env(settings), "serve")
     assert code == 2 and "QNP_ADMIN_TOKEN" in err
+    code, _, err = await _cli(_env(settings), "serve", "--role", "web,admin")
+    assert code == 2 and "QNP_ADMIN_TOKEN" in err
+    code, _, err = await _cli(_env(settings, QNP_ADMIN_TOKEN=ADMIN_TOKEN), "serve",
+                              "--role", "web", "--role", "billing")
+    assert code == 2 and "unknown role billing" in err
 
     down = _env(settings, QNP_ADMIN_TOKEN=ADMIN_TOKEN,
                 DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x")

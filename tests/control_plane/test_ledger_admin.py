@@ -21,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
-    async with TestClient(TestServer(make_app(settings, ingest=False))) as c:
+    async with TestClient(TestServer(make_app(settings))) as c:
         yield c
 
 

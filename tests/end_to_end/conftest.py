@@ -107,6 +107,7 @@ async def stack(
         "DATABASE_URL": migrated_url,
         "QNP_ADMIN_TOKEN": ADMIN_TOKEN,
         "QNP_ADMIN_PORT": str(admin_port),
+        "QNP_WEB_PORT": str(free_port()),
         "QNP_BCRYPT_ROUNDS": "4",
         "QNP_LOG_LEVEL": "DEBUG",  # the most any service would ever log
         "PATH": "/usr/bin:/bin",

@@ -1,0 +1,138 @@
+"""The roles a control-plane process can run, each with its own tasks and listener.
+
+- ``web``: the public web service (``control_plane.web``) on QNP_WEB_HOST:QNP_WEB_PORT.
+- ``admin``: the private admin API (``admin_api``) on QNP_ADMIN_HOST:QNP_ADMIN_PORT.
+- ``ingest``: the ingest consumer and the reconciler. The reconciler lives here because
+  it is what keeps Redis filled for the proxy, and every deployment runs ingest
+  somewhere (events pile up otherwise); several replicas reconcile harmlessly.
+
+The maintenance job (stream trim, partitions, retention) is not a role: ``service``
+runs it once in every process whatever its roles, as it is safe on every replica.
+
+Every role's ``stop`` returns within the grace it is given, whatever the stores are
+doing: what is still running then is cancelled. Never imports ``proxy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from control_plane import admin_api
+from control_plane.ingest import Consumer
+from control_plane.reconciler import STARTUP, Reconciler
+from control_plane.runtime import Stores
+from control_plane.web.app import make_web_app
+from control_plane.web.edge import HEADS, SERVER_LIMITS
+
+log = logging.getLogger(__name__)
+
+WEB, INGEST, ADMIN = "web", "ingest", "admin"
+ALL_ROLES = (INGEST, ADMIN, WEB)  # also the start order: Redis is refilled first
+
+
+class RoleError(ValueError):
+    """An unknown role name on the command line."""
+
+
+def parse_roles(values: list[str] | None) -> tuple[str, ...]:
+    """``--role`` values, repeatable and comma-separated, in start order; none = all."""
+    named = {part.strip() for v in values or [] for part in v.split(",") if part.strip()}
+    unknown = named - set(ALL_ROLES)
+    if unknown:
+        raise RoleError(f"unknown role {', '.join(sorted(unknown))} "
+                        f"(choose from {', '.join(ALL_ROLES)})")
+    return tuple(r for r in ALL_ROLES if r in named) if named else ALL_ROLES
+
+
+class Role(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
+class Listener:
+    """An aiohttp app on its own host and port."""
+
+    def __init__(self, name: str, app: web.Application, host: str, port: int,
+                 grace_s: float, **server: Any) -> None:
+        self.name, self._host, self._port = name, host, port
+        self._heads = app.get(HEADS)
+        self._server: asyncio.Server | None = None
+        # In-flight requests get the grace; idle keep-alive connections are closed.
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace_s,
+                                     **server)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        if self._heads is None:
+            await web.TCPSite(self._runner, self._host, self._port).start()
+        else:  # the protocol factory wrapped, for the head deadline
+            server = self._runner.server
+            assert server is not None
+            self._server = await asyncio.get_running_loop().create_server(
+                self._heads.factory(server), self._host, self._port, reuse_address=True)
+        log.info("%s listening host=%s port=%d", self.name, self._host, self._port)
+
+    async def stop(self, grace_s: float) -> None:
+        if self._server is not None:
+            self._server.close()  # stop accepting; open connections are the runner's
+        try:
+            await asyncio.wait_for(self._runner.cleanup(), grace_s + 1.0)
+        except TimeoutError:
+            log.warning("%s did not close in time", self.name)
+
+
+class Ingest:
+    """The ingest consumer and the reconciler, as two tasks."""
+
+    name = INGEST
+
+    def __init__(self, stores: Stores) -> None:
+        s = stores
+        self._consumer = Consumer(s.settings, s.pool, s.redis, s.metrics, s.outages)
+        self._reconciler = Reconciler(s.pool, s.redis, s.settings.names, s.metrics,
+                                      outages=s.outages)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self._reconciler.refill(STARTUP)
+        self._tasks = [asyncio.create_task(self._consumer.run(), name="ingest"),
+                       asyncio.create_task(self._reconciler.run(), name="reconciler")]
+
+    async def stop(self, grace_s: float) -> None:
+        self._consumer.stop()
+        self._reconciler.stop()
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(self._tasks, timeout=grace_s)
+        for task in late:
+            log.warning("%s did not stop in time; cancelled (entries stay pending)",
+                        task.get_name())
+            task.cancel()
+        for task in late:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def build(names: tuple[str, ...], stores: Stores) -> list[Role]:
+    settings = stores.settings
+    grace = settings.shutdown_grace_s
+    roles: list[Role] = []
+    for name in names:
+        if name == INGEST:
+            roles.append(Ingest(stores))
+        elif name == ADMIN:
+            roles.append(Listener("admin API", admin_api.make_app(settings, stores),
+                                  settings.admin_host, settings.admin_port, grace))
+        elif name == WEB:
+            roles.append(Listener("web", make_web_app(settings, stores),
+                                  settings.web_host, settings.web_port, grace,
+                                  **SERVER_LIMITS))
+    return roles

@@ -1,0 +1,95 @@
+"""The public web application: its middlewares, routes and resources, composed once.
+
+Middlewares, outermost first: ``edge.heads`` (a head arrived: the head deadline's
+bookkeeping), ``errors`` (the one place errors become JSON or pages), ``guard`` (who
+is calling, and CSRF: a bad key or cookie is refused before any body is read),
+``edge.bodies`` (the body, within its route's cap and deadline). ``security`` adds
+the headers and CSP to every response. Resources with a lifetime (the HTTP client for
+OIDC providers, the revocation listener) live in ``cleanup_ctx``. Never imports
+``proxy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from control_plane.auth import oidc
+from control_plane.auth.apikey import KeyAuth
+from control_plane.auth.sessions import ALL, Sessions
+from control_plane.runtime import Stores
+from control_plane.settings import Settings
+from control_plane.web import account_api, security, signin
+from control_plane.web.edge import HEADS, MAX_BODY_BYTES, HeadDeadline, bodies, heads
+from control_plane.web.errors import errors
+from control_plane.web.guard import guard
+from control_plane.web.pages import PAGES, Pages, redirect
+from control_plane.web.state import CALLER, KEY_DOCS, KEYS, OIDC, SESSIONS, SETTINGS, STORES
+
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def home(request: web.Request) -> web.Response:
+    # The dashboard comes with issue 12; until then, say where the account API is.
+    if CALLER not in request or request[CALLER].session is None:
+        return redirect("/signin")
+    return request.app[PAGES].message(
+        "You are signed in", "Your account API is at /api/v1 (keys, credits, activity).", 200)
+
+
+async def _http_client(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession(trust_env=False) as client:
+        app[HTTP_CLIENT] = client
+        app[OIDC] = oidc.clients(app[SETTINGS].oidc_providers, client)
+        yield
+
+
+async def _revocations(app: web.Application) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    names = app[SETTINGS].names
+    sessions, key_auth = app[SESSIONS], app[KEYS]
+
+    def on_session(message: bytes | str) -> None:
+        sessions.forget(message)
+        if message in (ALL, ALL.encode()):  # an account's state changed: keys re-read too
+            key_auth.forget(message)
+
+    task = asyncio.create_task(
+        sessions.listen(stop, {names.session_revocations: on_session,
+                               names.key_changes: key_auth.forget}),
+        name="web revocations")
+    yield
+    stop.set()
+    try:
+        await asyncio.wait_for(task, 3.0)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def make_web_app(settings: Settings, stores: Stores) -> web.Application:
+    app = web.Application(middlewares=[heads, errors, guard, bodies],
+                          client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS], app[STORES], app[PAGES] = settings, stores, Pages()
+    app[SESSIONS] = Sessions(settings.require_session_secret(), stores.pool, stores.redis,
+                             settings.names, stores.outages)
+    app[KEYS] = KeyAuth(stores.pool)
+    app[HEADS] = HeadDeadline()
+    app[KEY_DOCS] = {}
+    security.install(app, settings.public_is_https)
+    app.cleanup_ctx.append(_http_client)
+    app.cleanup_ctx.append(_revocations)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", home)
+    signin.add_routes(app)
+    account_api.add_routes(app)
+    return app

@@ -1,0 +1,125 @@
+"""Sessions and CSRF for every request, in one middleware (as Warehouse does it).
+
+Who is calling: ``Authorization: Bearer <API key>`` (an inference or management key),
+else the session cookie. A tampered, expired or revoked cookie is a 401 that clears it.
+
+CSRF, on every unsafe method (POST, PUT, PATCH, DELETE) unless the route is listed in
+``CSRF_EXEMPT`` below, with why:
+- the request must come from our own origin: ``Sec-Fetch-Site: same-origin``, or (for
+  browsers that do not send it) an ``Origin`` equal to QNP_PUBLIC_URL;
+- and carry the synchronizer token bound to its session (or to the sign-up in
+  progress), in the ``X-CSRF-Token`` header or the ``csrf_token`` form field.
+A request authenticated by a bearer key carries no ambient credential, so it needs no
+CSRF token (and any cookie it sends is ignored). Never imports ``proxy``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from control_plane.auth.sessions import COOKIE, COOKIE_TTL_S, CookieClaims
+from control_plane.errors import Forbidden, Unauthorized
+from control_plane.web.edge import read_body
+from control_plane.web.errors import Handler
+from control_plane.web.state import CALLER, KEYS, SESSIONS, SETTINGS, Caller
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SIGNUP_COOKIE = "__Host-qnp_signup"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+
+# Route templates exempt from the CSRF check, each with the reason. Nothing else is.
+CSRF_EXEMPT: Mapping[str, str] = {
+    "/auth/{provider}/callback": "a provider's response_mode=form_post callback (Apple) "
+                                 "is a cross-site POST by design; the single-use state, "
+                                 "PKCE verifier and nonce protect it",
+    "/webhooks/stripe": "Stripe signs its webhooks; there is no browser session",
+}
+
+
+def set_cookie(response: web.StreamResponse, name: str, value: str, max_age: int,
+               samesite: str = "Lax") -> None:
+    # __Host-: Secure, Path=/, no Domain. Browsers accept Secure cookies from
+    # http://127.0.0.1 and localhost, the only plain-http origins settings allow.
+    response.set_cookie(name, value, max_age=max_age, path="/", secure=True,
+                        httponly=True, samesite=samesite)
+
+
+def clear_cookie(response: web.StreamResponse, name: str) -> None:
+    response.del_cookie(name, path="/", secure=True, httponly=True, samesite="Lax")
+
+
+def caller(request: web.Request) -> Caller:
+    """The authenticated caller; 401 if there is none."""
+    if CALLER not in request:
+        raise Unauthorized("sign in or send an API key")
+    return request[CALLER]
+
+
+async def _identify(request: web.Request) -> tuple[Caller | None, CookieClaims | None]:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("use Authorization: Bearer <API key>")
+        key = await request.app[KEYS].authenticate(token.strip())
+        return Caller(account_id=key.account_id, key=key), None
+    raw = request.cookies.get(COOKIE)
+    if raw is None:
+        return None, None
+    sessions = request.app[SESSIONS]
+    claims = sessions.read_cookie(raw)
+    session = await sessions.get(claims.sid)
+    if session is None:
+        raise Unauthorized("your session has ended; please sign in again")
+    return Caller(account_id=session.account_id, session=session), claims
+
+
+def _same_origin(request: web.Request) -> bool:
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site == "same-origin"
+    return request.headers.get("Origin") == request.app[SETTINGS].public_url
+
+
+async def _check_csrf(request: web.Request, found: Caller | None) -> None:
+    if found is not None and found.key is not None:
+        return
+    resource = request.match_info.route.resource
+    if resource is not None and resource.canonical in CSRF_EXEMPT:
+        return
+    if not _same_origin(request):
+        raise Forbidden("cross-site request refused")
+    if found is not None and found.session is not None:
+        binding = str(found.session.id)
+    elif (signup := request.cookies.get(SIGNUP_COOKIE)) is not None:
+        binding = "signup:" + signup
+    else:
+        raise Forbidden("sign in first")
+    given = request.headers.get(CSRF_HEADER)
+    if given is None and request.content_type in ("application/x-www-form-urlencoded",
+                                                  "multipart/form-data"):
+        await read_body(request)  # within the edge's cap and deadline
+        value = (await request.post()).get(CSRF_FIELD)
+        given = value if isinstance(value, str) else None
+    if not request.app[SESSIONS].csrf_ok(binding, given):
+        raise Forbidden("the form has expired; reload the page and try again")
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    found, claims = await _identify(request)
+    if found is not None:
+        request[CALLER] = found
+    if request.method in UNSAFE_METHODS:
+        await _check_csrf(request, found)
+    response = await handler(request)
+    if claims is not None and found is not None and found.session is not None \
+            and claims.wants_renewal(time.time()) and COOKIE not in response.cookies:
+        sessions = request.app[SESSIONS]
+        set_cookie(response, COOKIE, sessions.cookie_value(claims.sid), COOKIE_TTL_S)
+        await sessions.touch(claims.sid)
+    return response

@@ -1,0 +1,43 @@
+"""The web app's typed state (``AppKey``s) and who is calling (``Caller``), shared by
+its middlewares and handlers. Never imports ``proxy``."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from control_plane.auth.apikey import KeyAuth, KeyCaller
+from control_plane.auth.oidc import Client
+from control_plane.auth.sessions import Session, Sessions
+from control_plane.runtime import Stores
+from control_plane.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+STORES = web.AppKey("stores", Stores)
+SESSIONS = web.AppKey("sessions", Sessions)
+KEYS = web.AppKey("key_auth", KeyAuth)
+OIDC = web.AppKey("oidc", dict[str, Client])
+# GET /api/v1/key answers per key id, kept KEY_DOC_TTL_S: a hot key costs one query a
+# second per replica, not one per request. (cached until, JSON body)
+KEY_DOCS = web.AppKey("key_docs", dict[str, tuple[float, bytes]])
+KEY_DOC_TTL_S = 1.0
+KEY_DOCS_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A request's authenticated caller: a session or an API key, never both."""
+
+    account_id: uuid.UUID
+    session: Session | None = None
+    key: KeyCaller | None = None
+
+    @property
+    def may_manage(self) -> bool:
+        """Sessions and management keys manage the account; inference keys only read."""
+        return self.session is not None or (self.key is not None and self.key.management)
+
+
+CALLER = web.RequestKey("caller", Caller)
