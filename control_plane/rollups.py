@@ -140,3 +140,19 @@ async def choices(conn: Conn, account_id: uuid.UUID, since: date
         "AND day >= $2", account_id, since)
     return (sorted({r["key_id"] for r in rows if r["key_id"]}),
             sorted({r["model"] for r in rows if r["model"]}))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUse:
+    last_day: date
+    requests: int
+    cost_micros: int
+
+
+async def per_key(conn: Conn, account_id: uuid.UUID, since: date) -> dict[str, KeyUse]:
+    """key id -> the last day it was used, its requests and cost, since ``since``."""
+    rows = await conn.fetch(
+        "SELECT key_id, max(day) AS last, sum(requests) AS requests, sum(cost_micros) AS cost "
+        "FROM usage_daily WHERE account_id = $1 AND day >= $2 GROUP BY key_id",
+        account_id, since)
+    return {r["key_id"]: KeyUse(r["last"], int(r["requests"]), int(r["cost"])) for r in rows}
