@@ -1,0 +1,162 @@
+"""The dashboard's pages over HTTP (the browser journey is in tests/browser): sign-in
+first, CSRF on every form, the secret shown once and escaped names, another account's
+key not found, usage filters in the URL, keyset pages without gaps or repeats, exports
+of exactly what the filters select, and pages with no inline script or style."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from control_plane.connections import open_pool, open_redis
+from control_plane.ingest import Consumer
+from control_plane.metrics import Metrics
+from control_plane.usage_history import PAGE_SIZE
+from shared.events import STREAM_FIELD, Event
+from tests.control_plane.factories import days_ago, make_event
+from tests.control_plane.web.conftest import Web, serve_web, sign_in_new_user
+from tests.support import free_port
+
+XSS_NAME = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture
+async def stores(web: Web) -> AsyncIterator[tuple[asyncpg.Pool, aioredis.Redis]]:
+    pool = await open_pool(web.settings, min_size=1, max_size=2)
+    redis = open_redis(web.settings)
+    yield pool, redis
+    await redis.aclose()
+    await pool.close()
+
+
+def _csrf(page: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found
+    return found.group(1)
+
+
+async def _create(web: Web, name: str, **form: str) -> tuple[int, str]:
+    token = _csrf(await (await web.client.get("/keys")).text())
+    r = await web.client.post("/keys", data={"csrf_token": token, "name": name, **form},
+                              headers=web.same_origin)
+    return r.status, await r.text()
+
+
+async def _ingest(web: Web, stores: tuple[asyncpg.Pool, aioredis.Redis],
+                  events: list[Event]) -> None:
+    pool, redis = stores
+    for e in events:
+        await redis.xadd(web.settings.names.events, {STREAM_FIELD: e.encode()})
+    consumer = Consumer(web.settings, pool, redis, Metrics())
+    for _ in range(20):  # bounded: a few batches of 500
+        if (await consumer.run_once()).read == 0:
+            break
+
+
+async def test_pages_need_a_session_and_come_back_after_sign_in(web: Web) -> None:
+    for path in ("/", "/keys", "/usage?model=a", "/usage/export.csv"):
+        r = await web.client.get(path, allow_redirects=False)
+        assert r.status == 302, path
+        assert r.headers["Location"].startswith("/signin?next=" + path.split("?")[0]), path
+
+
+async def test_a_key_is_created_with_csrf_shown_once_and_its_name_escaped(web: Web) -> None:
+    await sign_in_new_user(web)
+    r = await web.client.post("/keys", data={"name": "no token"}, headers=web.same_origin)
+    assert r.status == 403
+    status, page = await _create(web, XSS_NAME, limit="2.5", limit_reset="weekly",
+                                 expires=(datetime.now(UTC) + timedelta(days=3)).date()
+                                 .isoformat())
+    assert status == 201
+    secret = re.search(r'data-testid="new-secret">(qnp_[^<]+)<', page)
+    assert secret
+    assert XSS_NAME not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    listing = await (await web.client.get("/keys")).text()
+    assert secret.group(1) not in listing  # shown once only
+    assert "$2.50 weekly" in listing
+    status, page = await _create(web, "bad", limit="ten dollars")
+    assert status == 400 and "dollar amount" in page
+
+
+async def test_another_accounts_key_cannot_be_revoked_from_here(web: Web) -> None:
+    await sign_in_new_user(web)
+    _, page = await _create(web, "mine")
+    key_id = re.search(r'data-key="([a-z0-9]+)"', page)
+    assert key_id
+    port = free_port()  # a second browser: its own server, cookie jar and person
+    async with serve_web(replace(web.settings, web_port=port,
+                                 public_url=f"http://127.0.0.1:{port}")) as w2:
+        await sign_in_new_user(w2)
+        token = _csrf(await (await w2.client.get("/keys")).text())
+        r = await w2.client.get(f"/keys/{key_id.group(1)}/revoke")
+        assert r.status == 404
+        r = await w2.client.post(f"/keys/{key_id.group(1)}/revoke",
+                                 data={"csrf_token": token}, headers=w2.same_origin)
+        assert r.status == 404
+    listing = await (await web.client.get("/keys")).text()
+    assert "status-active" in listing
+
+
+async def test_usage_pages_follow_the_filters_and_pages_neither_skip_nor_repeat(
+    web: Web, stores: tuple[asyncpg.Pool, aioredis.Redis],
+) -> None:
+    me = await sign_in_new_user(web)
+    account = me["account_id"]
+    n = PAGE_SIZE * 2 + 7
+    events = [make_event(account, requested_model="m-a" if i % 2 else "m-b", served_model=None,
+                         received_at_us=days_ago(0) - i * 1000, cost_micros=10)
+              for i in range(n)]
+    old = make_event(account, received_at_us=days_ago(3), requested_model="m-old",
+                     served_model=None, cost_micros=5)
+    await _ingest(web, stores, [*events, old])
+
+    seen: list[str] = []
+    path = "/usage"
+    for _ in range(10):  # bounded: three pages expected
+        page = await (await web.client.get(path)).text()
+        seen += re.findall(r'data-request="([0-9a-f-]+)"', page)
+        older = re.search(r'href="/usage\?([^"]+)" rel="next"', page)
+        if older is None:
+            break
+        path = "/usage?" + older.group(1).replace("&amp;", "&")
+    assert len(seen) == n + 1 and len(set(seen)) == n + 1
+    assert seen[-1] == old.id  # newest first: the three-day-old request comes last
+
+    page = await (await web.client.get("/usage?model=m-a")).text()
+    assert re.search(r'data-testid="total-requests">(\d+)<', page).group(1) == str(n // 2)
+    today = datetime.now(UTC).date().isoformat()
+    page = await (await web.client.get(f"/usage?from={today}&to={today}")).text()
+    assert "m-old" not in re.findall(r'data-model="([^"]+)"', page)
+    r = await web.client.get("/usage?from=yesterday")
+    assert r.status == 400
+
+    export = await web.client.get("/usage/export.csv?model=m-b")
+    rows = list(csv.DictReader(io.StringIO(await export.text())))
+    assert len(rows) == n - n // 2 and {r["model"] for r in rows} == {"m-b"}
+    assert "source_ip" not in rows[0] and int(rows[0]["cost_micros"]) == 10
+    data = await (await web.client.get(f"/usage/export.json?from={today}")).json()
+    assert len(data) == n and {d["id"] for d in data} == {e.id for e in events}
+
+
+async def test_pages_carry_no_inline_script_or_style_and_assets_are_ours(web: Web) -> None:
+    await sign_in_new_user(web)
+    await _create(web, "k")
+    for path in ("/", "/keys", "/usage"):
+        r = await web.client.get(path)
+        page = await r.text()
+        assert r.status == 200 and "script-src 'self'" in r.headers["Content-Security-Policy"]
+        assert re.findall(r"<script(?![^>]*\ssrc=\"/static/)", page) == [], path
+        assert " style=" not in page and "<style" not in page, path
+        assert re.findall(r'(?:src|href)="(?:https?:)?//', page) == [], path
+    for asset, kind in (("app.css", "text/css"), ("app.js", "javascript")):
+        r = await web.client.get(f"/static/{asset}")
+        assert r.status == 200 and kind in r.headers["Content-Type"]
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
