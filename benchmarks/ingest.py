@@ -1,7 +1,7 @@
 """Ingest benchmark: events per second one consumer process writes into Postgres, and
 what the proxy's emitter costs per request.
 
-    python -m benchmarks.ingest [--events 100000] [--batch 2000]
+    python -m benchmarks.ingest [--events 100000] [--batch 2000] [--rounds 3]
 
 Uses DATABASE_URL / REDIS_URL when set, else throwaway servers (devstack). Fills the
 stream first, then times one Consumer draining it (decode, validate, one unnest INSERT
