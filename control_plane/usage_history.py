@@ -16,7 +16,7 @@ import asyncpg
 from control_plane.rollups import Filters
 
 PAGE_SIZE = 50
-EXPORT_PREFETCH = 2000
+EXPORT_CHUNK = 2000
 # What a person may see and export about each request: never the source IP.
 COLUMNS = ("id", "received_at", "model", "provider", "key_id", "stream", "status",
            "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
@@ -27,6 +27,12 @@ _SELECT = (
     "outcome, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, "
     "cost_micros, latency_ms, ttft_ms FROM usage_logs "
 )
+# The same columns with id and time already as text (ISO 8601, UTC), so an export writes
+# each record as it comes, with no per-row conversion in Python.
+_EXPORT_SELECT = _SELECT.replace(
+    "SELECT id, received_at,",
+    "SELECT id::text AS id, to_char(received_at AT TIME ZONE 'UTC', "
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS received_at,", 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +91,8 @@ async def export(pool: asyncpg.Pool, account_id: uuid.UUID, filters: Filters
                  ) -> AsyncIterator[list[asyncpg.Record]]:
     """The selected rows, oldest first, in chunks, from a server-side cursor."""
     where, args = _where(account_id, filters)
-    query = _SELECT + f"WHERE {where} ORDER BY received_at, id"  # noqa: S608
+    query = _EXPORT_SELECT + f"WHERE {where} ORDER BY received_at, id"  # noqa: S608
     async with pool.acquire() as conn, conn.transaction(readonly=True):
-        chunk: list[asyncpg.Record] = []
-        async for row in conn.cursor(query, *args, prefetch=EXPORT_PREFETCH):
-            chunk.append(row)
-            if len(chunk) >= EXPORT_PREFETCH:
-                yield chunk
-                chunk = []
-        if chunk:
+        cursor = await conn.cursor(query, *args)
+        while chunk := await cursor.fetch(EXPORT_CHUNK):
             yield chunk

@@ -85,20 +85,12 @@ async def usage(request: web.Request) -> web.Response:
                   total_cost=sum(d.cost_micros for d in days))
 
 
-def _plain(row: Any) -> dict[str, Any]:
-    out = {c: row[c] for c in usage_history.COLUMNS}
-    out["id"] = str(out["id"])
-    out["received_at"] = out["received_at"].isoformat()
-    return out
-
-
 async def _download(request: web.Request, kind: str) -> web.StreamResponse:
     session = session_of(request)
     filters = filters_of(request)
     name = f"qnp-usage-{filters.since}-{filters.until}.{kind}"
     response = web.StreamResponse(headers={
-        "Content-Type": "text/csv; charset=utf-8" if kind == "csv"
-        else "application/json",
+        "Content-Type": "text/csv; charset=utf-8" if kind == "csv" else "application/json",
         "Content-Disposition": f'attachment; filename="{name}"'})
     await response.prepare(request)
     buffer = io.StringIO()
@@ -106,23 +98,21 @@ async def _download(request: web.Request, kind: str) -> web.StreamResponse:
     if kind == "csv":
         writer.writerow(usage_history.COLUMNS)
     else:
-        await response.write(b"[")
-    first = True
+        buffer.write("[")
+    separator = ""
     async for chunk in usage_history.export(request.app[STORES].pool, session.account_id,
                                             filters):
         if kind == "csv":
-            writer.writerows([_plain(r)[c] for c in usage_history.COLUMNS] for r in chunk)
-            await response.write(buffer.getvalue().encode())
+            writer.writerows(chunk)  # records in COLUMNS order, id and time as text
         else:
-            body = b",".join(orjson.dumps(_plain(r)) for r in chunk)
-            await response.write(body if first else b"," + body)
-        first = False
+            buffer.write(separator + ",".join(orjson.dumps(dict(r)).decode() for r in chunk))
+            separator = ","
+        await response.write(buffer.getvalue().encode())
         buffer.seek(0)
         buffer.truncate()
-    if kind == "csv" and buffer.tell():
-        await response.write(buffer.getvalue().encode())
     if kind == "json":
-        await response.write(b"]")
+        buffer.write("]")
+    await response.write(buffer.getvalue().encode())
     await response.write_eof()
     return response
 

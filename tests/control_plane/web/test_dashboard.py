@@ -142,6 +142,9 @@ async def test_usage_pages_follow_the_filters_and_pages_neither_skip_nor_repeat(
     rows = list(csv.DictReader(io.StringIO(await export.text())))
     assert len(rows) == n - n // 2 and {r["model"] for r in rows} == {"m-b"}
     assert "source_ip" not in rows[0] and int(rows[0]["cost_micros"]) == 10
+    first = datetime.fromisoformat(rows[0]["received_at"])  # ISO 8601, UTC
+    assert rows[0]["received_at"].endswith("Z") and first.tzinfo is not None
+    assert [r["received_at"] for r in rows] == sorted(r["received_at"] for r in rows)
     data = await (await web.client.get(f"/usage/export.json?from={today}")).json()
     assert len(data) == n and {d["id"] for d in data} == {e.id for e in events}
 
