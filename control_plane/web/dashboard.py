@@ -9,7 +9,9 @@ CSRF token, checked by ``guard``. Handlers are thin: SQL lives in ``keys``,
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -120,14 +122,12 @@ async def create_key(request: web.Request) -> web.Response:
     form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
     stores, settings = request.app[STORES], request.app[SETTINGS]
     try:
-        reset = form.get("limit_reset") or None
-        if reset is not None and reset not in LIMIT_RESETS:
-            raise InvalidInput("choose a reset period from the list")
+        wanted = _key_changes(form)
         issued = await keys.issue_key(
             stores.pool, stores.redis, settings.names, str(session.account_id),
-            clean_name(form.get("name", ""), "key"), bcrypt_rounds=settings.bcrypt_rounds,
-            credit_limit_micros=_form_limit(form.get("limit", "")), limit_reset=reset,
-            expires_at=_form_expiry(form.get("expires", "")))
+            wanted["name"], bcrypt_rounds=settings.bcrypt_rounds,
+            credit_limit_micros=wanted["credit_limit_micros"],
+            limit_reset=wanted["limit_reset"], expires_at=wanted["expires_at"])
     except InvalidInput as e:
         return render(request, "keys.html", session, 400,
                       keys=await _key_rows(request, session.account_id), created=None,
@@ -144,6 +144,65 @@ async def _own_key(request: web.Request, session: Session) -> keys.KeyInfo:
     if info.status != "active" or info.kind != "inference":
         raise NotFound("key not found")
     return info
+
+
+def _reset(raw: str) -> str | None:
+    if raw and raw not in LIMIT_RESETS:
+        raise InvalidInput("choose a reset period from the list")
+    return raw or None
+
+
+# form field -> (key field, parser): what the create and edit forms set.
+_FIELDS: Mapping[str, tuple[str, Callable[[str], Any]]] = {
+    "name": ("name", lambda raw: clean_name(raw, "key")),
+    "limit": ("credit_limit_micros", _form_limit),
+    "limit_reset": ("limit_reset", _reset),
+    "expires": ("expires_at", _form_expiry),
+    "disabled": ("disabled", lambda raw: raw == "on"),
+}
+
+
+def _key_changes(form: dict[str, str], shown: dict[str, str] | None = None) -> dict[str, Any]:
+    """The fields the form sets (with ``shown``: only those changed); InvalidInput names
+    what is wrong."""
+    return {field: parse(form.get(name, "")) for name, (field, parse) in _FIELDS.items()
+            if shown is None or form.get(name, "") != shown[name]}
+
+
+def _form_of(info: keys.KeyInfo) -> dict[str, str]:
+    limit = info.credit_limit_micros
+    return {"name": info.name,
+            "limit": "" if limit is None else format(Decimal(limit).scaleb(-6).normalize(), "f"),
+            "limit_reset": info.limit_reset or "",
+            "expires": "" if info.expires_at is None
+            else (info.expires_at - timedelta(days=1)).date().isoformat(),
+            "disabled": "on" if info.disabled else ""}
+
+
+async def edit_page(request: web.Request) -> web.Response:
+    session = session_of(request)
+    info = await _own_key(request, session)
+    return render(request, "edit_key.html", session, key=info, form=_form_of(info), error=None)
+
+
+async def edit(request: web.Request) -> web.StreamResponse:
+    session = session_of(request)
+    info = await _own_key(request, session)
+    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    try:
+        # Only what the person changed: an expiry set through the API at 12:00 is shown
+        # as a date and must not move because the form was saved.
+        changes = _key_changes(form, _form_of(info))
+    except InvalidInput as e:
+        return render(request, "edit_key.html", session, 400, key=info, form=form,
+                      error=e.message)
+    stores = request.app[STORES]
+    # Changing a limit never resets what the key has used (keys.update_key).
+    await keys.update_key(stores.pool, stores.redis, stores.settings.names,
+                          session.account_id, info.key_id, changes)
+    request.app[KEYS].forget(info.key_id)
+    request.app[KEY_DOCS].pop(info.key_id, None)
+    raise web.HTTPSeeOther("/keys")
 
 
 async def revoke_page(request: web.Request) -> web.Response:
@@ -176,5 +235,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/", overview)
     r.add_get("/keys", keys_page)
     r.add_post("/keys", create_key)
+    r.add_get("/keys/{hash}/edit", edit_page)
+    r.add_post("/keys/{hash}/edit", edit)
     r.add_get("/keys/{hash}/revoke", revoke_page)
     r.add_post("/keys/{hash}/revoke", revoke)

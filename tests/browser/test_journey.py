@@ -159,6 +159,12 @@ async def _journey(b: Browser, web: Web, pool: asyncpg.Pool, redis: aioredis.Red
     assert await page.get_by_test_id("new-secret").count() == 0  # shown once only
     row = page.locator("tr", has=page.locator("td.key-name", has_text="sdk"))
     assert "active" in await row.inner_text() and "$2.50 monthly" in await row.inner_text()
+    await row.get_by_role("link", name="Edit").click()
+    await page.get_by_label("Credit limit in dollars (empty: none)").fill("3")
+    await _check_page(b, "05-edit-key", problems)
+    await page.get_by_role("button", name="Save").click()
+    await page.wait_for_url(web.origin + "/keys")
+    assert "$3.00 monthly" in await row.inner_text()
 
     port = free_port()
     env = proxy_env(web.settings.redis_url, web.settings.names,
@@ -199,7 +205,7 @@ async def _usage_shows(b: Browser, web: Web, request_id: str, prompt_tokens: int
     assert max(bars) > 0 and len(bars) == 60  # two charts of 30 days, one day used
     model_row = page.locator("tr[data-model]")
     assert await model_row.count() == 1 and str(prompt_tokens) in await model_row.inner_text()
-    await _check_page(b, "05-usage", problems)
+    await _check_page(b, "06-usage", problems)
     # The filters live in the URL; an unused model selects nothing.
     await page.goto(web.origin + "/usage?model=no-such-model")
     assert await page.get_by_test_id("total-requests").inner_text() == "0"
@@ -217,7 +223,7 @@ async def _revoke_and_expect_401(b: Browser, web: Web, client: openai.AsyncOpenA
     row = page.locator("tr", has=page.locator("td.key-name", has_text="sdk"))
     await row.get_by_role("link", name="Revoke").click()
     await page.get_by_role("heading", name="Revoke “sdk”?").wait_for()
-    await _check_page(b, "06-revoke-confirm", problems)
+    await _check_page(b, "07-revoke-confirm", problems)
     await page.get_by_role("button", name="Revoke key").click()
     await page.wait_for_url(web.origin + "/keys")
     revoked_at = time.monotonic()

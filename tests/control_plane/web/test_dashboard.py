@@ -163,3 +163,38 @@ async def test_pages_carry_no_inline_script_or_style_and_assets_are_ours(web: We
         r = await web.client.get(f"/static/{asset}")
         assert r.status == 200 and kind in r.headers["Content-Type"]
         assert r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_editing_a_key_changes_only_what_was_changed_and_keeps_its_usage(
+    web: Web, stores: tuple[asyncpg.Pool, aioredis.Redis],
+) -> None:
+    me = await sign_in_new_user(web)
+    _, page = await _create(web, "edit me", limit="1234.567891")
+    key_id = re.search(r'data-key="([a-z0-9]+)"', page)
+    assert key_id
+    kid = key_id.group(1)
+    pool, _ = stores
+    # An expiry set through the API at noon, which the form shows as a date.
+    noon = (datetime.now(UTC) + timedelta(days=5)).replace(hour=12, minute=0, second=0,
+                                                          microsecond=0)
+    await pool.execute("UPDATE api_keys SET expires_at = $1 WHERE key_id = $2", noon, kid)
+    await _ingest(web, stores, [make_event(me["account_id"], key_id=kid, cost_micros=77)])
+    form = await (await web.client.get(f"/keys/{kid}/edit")).text()
+    assert 'value="1234.567891"' in form  # the limit exactly as set
+    fields = dict(re.findall(r'name="(csrf_token|name|limit|expires)"[^>]*value="([^"]*)"',
+                             form))
+    r = await web.client.post(f"/keys/{kid}/edit", headers=web.same_origin,
+                              data={**fields, "limit": "9", "limit_reset": "daily"},
+                              allow_redirects=False)
+    assert r.status == 303, await r.text()
+    row = await pool.fetchrow("SELECT * FROM api_keys WHERE key_id = $1", kid)
+    assert (row["name"], row["credit_limit_micros"], row["limit_reset"], row["expires_at"],
+            row["disabled"]) == ("edit me", 9_000_000, "daily", noon, False)
+    listing = await (await web.client.get("/keys")).text()
+    assert "$9.00 daily" in listing and "$0.000077" in listing  # usage kept
+    r = await web.client.post(f"/keys/{kid}/edit", headers=web.same_origin,
+                              data={**fields, "limit": "lots"})
+    assert r.status == 400 and "dollar amount" in await r.text()
+    r = await web.client.post(f"/keys/{kid}/edit", data={"name": "x"},
+                              headers=web.same_origin)
+    assert r.status == 403  # no CSRF token
