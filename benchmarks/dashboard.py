@@ -4,11 +4,11 @@ one account with a busy month of usage.
     python -m benchmarks.dashboard [--rows 1000000] [--requests 200]
 
 Uses throwaway servers (devstack). Fills ``usage_logs`` with ``--rows`` requests of one
-account spread over the last 30 days (5 keys, 4 models) and builds their daily
-rollups, then serves the real web app and times, one request at a time from a client in
-the same process, each page (the figure is the round trip: an upper bound of the
-server's time) and the CSV export of the busiest day (rows per second, and how much the
-process's memory grew while streaming it).
+account spread over the last 30 days (5 keys, 4 models) with their ledger debits, and
+builds their daily rollups, then serves the real web app and times, one request at a
+time from a client in the same process, each page (the figure is the round trip: an
+upper bound of the server's time) and the CSV export of the busiest day (rows per
+second, and how much the process's memory grew while streaming it).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import asyncpg
 import psutil
 from aiohttp import web
 
+from control_plane import ledger
 from control_plane.auth.sessions import COOKIE
 from control_plane.migrate import migrate
 from control_plane.partitions import create_days
@@ -60,6 +61,12 @@ async def _fill(conn: asyncpg.Connection, account: uuid.UUID, rows: int) -> None
         "key_id, served_model, count(*), 0, sum(prompt_tokens), sum(completion_tokens), "
         "0, 0, 0, sum(cost_micros) FROM usage_logs WHERE account_id = $1 "
         "GROUP BY 1, 2, 3, 4", account)
+    # Each billed request's ledger debit, as ingest writes it: a busy month of debits.
+    await conn.execute(
+        "INSERT INTO credit_ledger (account_id, kind, amount_micros, event_id, created_at) "
+        "SELECT account_id, 'debit', -cost_micros, id, received_at FROM usage_logs "
+        "WHERE account_id = $1", account)
+    await conn.execute("ANALYZE credit_ledger")
     await conn.execute("ANALYZE usage_logs")
     await conn.execute("ANALYZE usage_daily")
 
@@ -108,6 +115,8 @@ async def bench(database_url: str, redis_url: str, rows: int, requests: int) -> 
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
             sid = await app[SESSIONS].create(stores.pool, user, account, "bench")
+            await ledger.credit(stores.pool, stores.redis, settings.names, str(account),
+                                "topup", 10**12, "bench")  # and the live balance in Redis
             jar = aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=[settings.public_url])
             async with aiohttp.ClientSession(settings.public_url, cookie_jar=jar) as client:
                 client.cookie_jar.update_cookies({COOKIE: app[SESSIONS].cookie_value(sid)})

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from control_plane import ledger
 from control_plane.connections import open_pool, open_redis
 from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
@@ -198,3 +199,29 @@ async def test_editing_a_key_changes_only_what_was_changed_and_keeps_its_usage(
     r = await web.client.post(f"/keys/{kid}/edit", data={"name": "x"},
                               headers=web.same_origin)
     assert r.status == 403  # no CSRF token
+
+
+async def test_the_overview_balance_is_live_and_falls_back_to_the_ledger(
+    web: Web, stores: tuple[asyncpg.Pool, aioredis.Redis],
+) -> None:
+    me = await sign_in_new_user(web)
+    pool, redis = stores
+    names = web.settings.names
+    await ledger.credit(pool, redis, names, me["account_id"], "topup", 5_000_000, None)
+
+    def balance(page: str) -> str:
+        found = re.search(r'data-testid="balance">([^<]+)<', page)
+        assert found
+        return found.group(1)
+
+    assert balance(await (await web.client.get("/")).text()) == "$5.00"
+    # A request in flight holds $1 of the live balance: still $5.00 until it settles.
+    await redis.hincrby(names.account_state(me["account_id"]), "bal", -1_000_000)
+    await redis.hset(names.account_reservations(me["account_id"]), "req-1", 1_000_000)
+    assert balance(await (await web.client.get("/")).text()) == "$5.00"
+    # It settled at $0.25 (the proxy settles live; ingest's debit comes later).
+    await redis.hincrby(names.account_state(me["account_id"]), "bal", 750_000)
+    await redis.hdel(names.account_reservations(me["account_id"]), "req-1")
+    assert balance(await (await web.client.get("/")).text()) == "$4.75"
+    await redis.delete(names.account_state(me["account_id"]))  # no live state: the ledger
+    assert balance(await (await web.client.get("/")).text()) == "$5.00"
