@@ -21,7 +21,7 @@ import jinja2
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from control_plane import account_usage, keys, ledger, publisher, rollups
+from control_plane import account_usage, keys, ledger, ledger_history, publisher, rollups
 from control_plane.accounts import clean_name
 from control_plane.auth.sessions import Session
 from control_plane.errors import InvalidInput, NotFound
@@ -31,7 +31,7 @@ from shared.pricing import PriceError, dollars_to_micros
 HERE = Path(__file__).parent
 TEMPLATES = web.AppKey("dashboard_templates", jinja2.Environment)
 LIMIT_RESETS = ("daily", "weekly", "monthly")
-NAV = (("/", "Overview"), ("/keys", "Keys"), ("/usage", "Usage"))
+NAV = (("/", "Overview"), ("/keys", "Keys"), ("/usage", "Usage"), ("/credits", "Credits"))
 
 
 def money(micros: int | None) -> str:
@@ -84,6 +84,18 @@ async def overview(request: web.Request) -> web.Response:
     return render(request, "overview.html", session, balance=balance,
                   month_cost=month_cost,
                   today_requests=today_requests)
+
+
+async def credits_page(request: web.Request) -> web.Response:
+    session = session_of(request)
+    pool = request.app[STORES].pool
+    today = datetime.now(UTC).date()
+    days = await rollups.per_day(pool, session.account_id, rollups.Filters(
+        today - timedelta(days=account_usage.ACTIVITY_DAYS - 1), today))
+    return render(request, "credits.html", session,
+                  balance=await _balance(request, session.account_id),
+                  entries=await ledger_history.credits(pool, session.account_id),
+                  days=[d for d in reversed(days) if d.requests])
 
 
 async def _key_rows(request: web.Request, account_id: uuid.UUID) -> list[dict[str, Any]]:
@@ -249,6 +261,7 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_static("/static/", HERE / "static", append_version=False)
     r.add_get("/", overview)
+    r.add_get("/credits", credits_page)
     r.add_get("/keys", keys_page)
     r.add_post("/keys", create_key)
     r.add_get("/keys/{hash}/edit", edit_page)

@@ -225,3 +225,27 @@ async def test_the_overview_balance_is_live_and_falls_back_to_the_ledger(
     assert balance(await (await web.client.get("/")).text()) == "$4.75"
     await redis.delete(names.account_state(me["account_id"]))  # no live state: the ledger
     assert balance(await (await web.client.get("/")).text()) == "$5.00"
+
+
+async def test_credits_show_top_ups_and_refunds_not_each_debit_and_usage_by_day(
+    web: Web, stores: tuple[asyncpg.Pool, aioredis.Redis],
+) -> None:
+    me = await sign_in_new_user(web)
+    pool, redis = stores
+    names, account = web.settings.names, me["account_id"]
+    await ledger.credit(pool, redis, names, account, "topup", 5_000_000, "pay_1")
+    await ledger.credit(pool, redis, names, account, "refund", 250_000, "<b>r</b>")
+    await _ingest(web, stores, [make_event(account, cost_micros=100_000),
+                                make_event(account, cost_micros=50_000,
+                                           received_at_us=days_ago(2))])
+    page = await (await web.client.get("/credits")).text()
+    assert re.findall(r'data-kind="([a-z]+)"', page) == ["refund", "topup"]
+    assert "&lt;b&gt;r&lt;/b&gt;" in page and "<b>r</b>" not in page
+    today = datetime.now(UTC).date()
+    assert re.findall(r'<tr data-day="([0-9-]+)"><td>[0-9-]+</td><td>(\d+)</td>', page) == [
+        (today.isoformat(), "1"), ((today - timedelta(days=2)).isoformat(), "1")]
+    # These events never went through a proxy, so the live balance never saw them; with
+    # no live state the page shows the ledger, debits included.
+    await redis.delete(names.account_state(account))
+    page = await (await web.client.get("/credits")).text()
+    assert re.search(r'data-testid="credits-balance">\$([0-9.]+)<', page).group(1) == "5.10"
