@@ -31,7 +31,8 @@ from shared.pricing import PriceError, dollars_to_micros
 HERE = Path(__file__).parent
 TEMPLATES = web.AppKey("dashboard_templates", jinja2.Environment)
 LIMIT_RESETS = ("daily", "weekly", "monthly")
-NAV = (("/", "Overview"), ("/keys", "Keys"), ("/usage", "Usage"), ("/credits", "Credits"))
+NAV = (("/", "Overview"), ("/keys", "Keys"), ("/usage", "Usage"), ("/credits", "Credits"),
+       ("/settings", "Settings"))
 
 
 def money(micros: int | None) -> str:

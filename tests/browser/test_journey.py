@@ -146,6 +146,9 @@ async def _journey(b: Browser, web: Web, pool: asyncpg.Pool, redis: aioredis.Red
     await page.get_by_role("link", name="Credits").click()
     assert await page.get_by_test_id("credits-balance").inner_text() == "$5.00"
     await _check_page(b, "03-credits", problems)
+    await page.get_by_role("link", name="Settings").click()
+    assert "(this browser)" in await page.locator("tr[data-session]").inner_text()
+    await _check_page(b, "03-settings", problems)
 
     # A key whose name is an XSS payload: shown as text, nothing runs.
     await _create_key(b, XSS_NAME)

@@ -249,3 +249,20 @@ async def test_credits_show_top_ups_and_refunds_not_each_debit_and_usage_by_day(
     await redis.delete(names.account_state(account))
     page = await (await web.client.get("/credits")).text()
     assert re.search(r'data-testid="credits-balance">\$([0-9.]+)<', page).group(1) == "5.10"
+
+
+async def test_settings_list_sessions_and_sign_out_everywhere_ends_them(web: Web) -> None:
+    me = await sign_in_new_user(web)
+    page = await (await web.client.get("/settings")).text()
+    assert me["user"]["email"] in page and "Dev sign-in" in page
+    assert page.count("<tr data-session>") == 1 and "(this browser)" in page
+    r = await web.client.post("/settings/signout-everywhere", data={"name": "x"},
+                              headers=web.same_origin, allow_redirects=False)
+    assert r.status == 403  # no CSRF token
+    r = await web.client.post("/settings/signout-everywhere",
+                              data={"csrf_token": _csrf(page)}, headers=web.same_origin,
+                              allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/signin"
+    r = await web.client.get("/settings", allow_redirects=False)
+    assert r.status == 302 and r.headers["Location"].startswith("/signin")  # cookie gone
+    assert (await web.client.get("/api/v1/session")).status == 401
