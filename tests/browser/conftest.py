@@ -50,7 +50,7 @@ def chromium() -> str:
                     "apt-get): run `apt-get install -y chromium` and test again",
                     pytrace=False)
     _apt("update")
-    _apt("install", "-y", "--no-install-recommends", "chromium")
+    _apt("install", "-y", "chromium")  # with its recommends: fonts-liberation
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"apt-get installed chromium but {CHROMIUM} is still missing",
                     pytrace=False)
