@@ -114,6 +114,7 @@ class Consumer:
         redis: aioredis.Redis,
         metrics: Metrics,
         outages: Outages | None = None,
+        rollups: bool = True,  # off only to measure what they cost (benchmarks.ingest)
     ) -> None:
         names = settings.names
         self._outages = Outages() if outages is None else outages
@@ -129,6 +130,7 @@ class Consumer:
         self._claim_every_s = min(CLAIM_EVERY_S, settings.ingest_claim_idle_ms / 2000)
         self._retention = timedelta(days=settings.retention_days)
         self._pool = pool
+        self._rollups = rollups
         self._redis = redis
         self._metrics = metrics
         self._partitions = Partitions()
@@ -376,13 +378,14 @@ class Consumer:
             with self._metrics.insert_seconds.time():
                 try:
                     async with conn.transaction():
-                        return await insert_rows(conn, [row.values for row in rows]), []
+                        return await insert_rows(conn, [row.values for row in rows],
+                                                 self._rollups), []
                 except _ROW_ERRORS as e:
                     if isinstance(e, asyncpg.CheckViolationError) and e.constraint_name is None:
                         raise  # a missing partition, not a bad row
                     log.warning("ingest batch refused (%s); storing row by row",
                                 type(e).__name__)
-                return await _store_each(conn, rows)
+                return await _store_each(conn, rows, self._rollups)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -396,7 +399,7 @@ def _id(entry_id: bytes | str) -> str:
 
 
 async def _store_each(
-    conn: asyncpg.Connection, rows: list[UsageRow]
+    conn: asyncpg.Connection, rows: list[UsageRow], rollups: bool
 ) -> tuple[Inserted, list[tuple[int, str]]]:
     """One transaction, one savepoint per row: good rows commit, bad ones are named."""
     inserted, debits = 0, 0
@@ -405,7 +408,7 @@ async def _store_each(
         for i, row in enumerate(rows):
             try:
                 async with conn.transaction():
-                    one = await insert_rows(conn, [row.values])
+                    one = await insert_rows(conn, [row.values], rollups)
             except _ROW_ERRORS as e:
                 if isinstance(e, asyncpg.CheckViolationError) and e.constraint_name is None:
                     raise

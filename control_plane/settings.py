@@ -85,6 +85,8 @@ class Settings:
     session_secret: str | None = field(default=None, repr=False)
     oidc_providers: tuple[OIDCProvider, ...] = ()
     policy_version: str = "2026-04"
+    # The proxy's public base URL, shown in the dashboard's quick start.
+    api_base_url: str = "http://127.0.0.1:8080"
     _dev_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     bcrypt_rounds: int = 12
     consumer_name: str = "control-plane"
@@ -150,6 +152,7 @@ class Settings:
             session_secret=_parse(e, "QNP_SESSION_SECRET", None, _secret),
             oidc_providers=_parse(e, "QNP_OIDC_PROVIDERS", (), _providers),
             policy_version=_parse(e, "QNP_POLICY_VERSION", "2026-04", _non_empty),
+            api_base_url=_parse(e, "QNP_API_URL", "http://127.0.0.1:8080", _public_url),
             bcrypt_rounds=_parse(e, "QNP_BCRYPT_ROUNDS", 12, _int_in(4, 31)),
             consumer_name=_parse(
                 e, "QNP_CONSUMER_NAME", f"{socket.gethostname()}-{os.getpid()}", _non_empty

@@ -3,7 +3,8 @@
 ``to_row`` refuses, with a reason, any event Postgres would reject (so one bad event
 can never stall a batch); ``insert_rows`` writes a whole batch with one
 ``INSERT ... SELECT FROM unnest(...)`` that skips events already stored, and debits the
-credit ledger for the new billed ones in the same statement. Imports
+credit ledger for the new billed ones and adds the new rows to the daily rollups
+(``rollups``) in the same statement. Imports
 ``shared.events``; never ``proxy``.
 """
 
@@ -16,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
+from control_plane import rollups
 from shared.events import Event
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -62,17 +64,28 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
 # Built from the constant column list above, never from input.
 _COLUMN_LIST = ", ".join(name for name, _ in _COLUMNS)
 _ARRAYS = ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(_COLUMNS, start=1))
-_INSERT = (
-    f"WITH ins AS (INSERT INTO usage_logs ({_COLUMN_LIST}) "  # noqa: S608
-    f"SELECT * FROM unnest({_ARRAYS}) "
-    "ON CONFLICT DO NOTHING RETURNING id, account_id, cost_micros"
-    "), debit AS ("
-    "INSERT INTO credit_ledger (account_id, kind, amount_micros, event_id) "
-    "SELECT account_id, 'debit', -cost_micros, id FROM ins "
-    "WHERE cost_micros > 0 AND account_id IS NOT NULL "
-    "ON CONFLICT (event_id) DO NOTHING RETURNING 1"
-    ") SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM debit) AS debited"
-)
+_RETURNING = ", ".join(dict.fromkeys(("id", *rollups.RETURNING)))
+
+
+def _insert(with_rollups: bool) -> str:
+    return (
+        f"WITH ins AS (INSERT INTO usage_logs ({_COLUMN_LIST}) "  # noqa: S608
+        f"SELECT * FROM unnest({_ARRAYS}) "
+        f"ON CONFLICT DO NOTHING RETURNING {_RETURNING}"
+        "), debit AS ("
+        "INSERT INTO credit_ledger (account_id, kind, amount_micros, event_id) "
+        "SELECT account_id, 'debit', -cost_micros, id FROM ins "
+        "WHERE cost_micros > 0 AND account_id IS NOT NULL "
+        "ON CONFLICT (event_id) DO NOTHING RETURNING 1"
+        f"){', ' + rollups.ROLLUP_CTE if with_rollups else ''} "
+        "SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM debit) AS debited"
+    )
+
+
+# The daily rollups (rollups.py) are kept by the same statement, from exactly its new
+# rows. Without them only for the benchmark's comparison.
+_INSERT = _insert(with_rollups=True)
+_INSERT_WITHOUT_ROLLUPS = _insert(with_rollups=False)
 
 Row = tuple[object, ...]
 
@@ -176,11 +189,14 @@ class Inserted:
     debits: int = 0
 
 
-async def insert_rows(conn: asyncpg.Connection, rows: list[Row]) -> Inserted:
-    """Insert a batch and its debits in one statement; how many of each were new."""
+async def insert_rows(conn: asyncpg.Connection, rows: list[Row], with_rollups: bool = True
+                      ) -> Inserted:
+    """Insert a batch, its debits and its daily rollups in one statement; how many rows
+    and debits were new."""
     if not rows:
         return Inserted()
     columns = [list(column) for column in zip(*rows, strict=True)]
-    record = await conn.fetchrow(_INSERT, *columns)
+    record = await conn.fetchrow(_INSERT if with_rollups else _INSERT_WITHOUT_ROLLUPS,
+                                 *columns)
     assert record is not None
     return Inserted(int(record["inserted"]), int(record["debited"]))

@@ -176,6 +176,7 @@ def main() -> int:
                 "name": "dev", "label": "Dev sign-in", "issuer": f"http://127.0.0.1:{oidc_port}",
                 "client_id": "qnp-dev", "client_secret": secrets.token_urlsafe(16)}]),
             "QNP_PROXY_PORT": str(proxy_port),
+            "QNP_API_URL": f"http://127.0.0.1:{proxy_port}",  # the dashboard's quick start
             "QNP_METRICS_PORT": str(_port(9464)),  # its own listener; another run may hold 9464
             # A throwaway stack's spool is its own: the default folder (per prefix and
             # node) would replay an earlier run's events into this run's new database.

@@ -23,7 +23,14 @@ from control_plane.auth.apikey import KeyAuth
 from control_plane.auth.sessions import ALL, Sessions
 from control_plane.runtime import Stores
 from control_plane.settings import Settings
-from control_plane.web import account_api, security, signin
+from control_plane.web import (
+    account_api,
+    dashboard,
+    security,
+    settings_page,
+    signin,
+    usage_page,
+)
 from control_plane.web.edge import HEADS, MAX_BODY_BYTES, HeadDeadline, bodies, heads
 from control_plane.web.errors import errors
 from control_plane.web.guard import guard
@@ -89,7 +96,9 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_revocations)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/", home)
+    dashboard.add_routes(app)  # "/" is the dashboard's Overview (issue 12)
+    usage_page.add_routes(app)
+    settings_page.add_routes(app)
     signin.add_routes(app)
     account_api.add_routes(app)
     return app

@@ -13,7 +13,8 @@ from aiohttp import web
 _LAYOUT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{% block title %}QNP{% endblock %}</title></head>
+<title>{% block title %}QNP{% endblock %}</title>
+<link rel="stylesheet" href="/static/app.css"></head>
 <body><main>{% block main %}{% endblock %}</main></body></html>"""
 
 _TEMPLATES: Mapping[str, str] = {

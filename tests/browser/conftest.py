@@ -1,0 +1,156 @@
+"""Real-browser fixtures: Debian's Chromium (installed here on a fresh machine when it is
+missing and we are root; a loud failure otherwise, never a skip) driven by Playwright,
+a fresh profile per test, every request the browser makes recorded, axe-core (vendored)
+for accessibility, and a screenshot of every page under ``test-artifacts/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.async_api import BrowserContext, Page, Request, Route, async_playwright
+
+from tests.control_plane.web.conftest import Web, fake_idp, oidc_mock, web  # noqa: F401
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[2]
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
+ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
+APT_TIMEOUT_S = 1200
+
+
+def _apt(*args: str) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    done = subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True,
+                          timeout=APT_TIMEOUT_S, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"`apt-get {' '.join(args)}` failed ({done.returncode}), so the browser "
+                    f"tests cannot run:\n{done.stderr[-3000:]}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of Debian's Chromium, installed first if this machine lacks it."""
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.fail(f"{CHROMIUM} is missing and cannot be installed here (needs root and "
+                    "apt-get): run `apt-get install -y chromium` and test again",
+                    pytrace=False)
+    _apt("update")
+    _apt("install", "-y", "chromium")  # with its recommends: fonts-liberation
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"apt-get installed chromium but {CHROMIUM} is still missing",
+                    pytrace=False)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def run_dir() -> Path:
+    """This run's screenshot folder."""
+    path = ARTIFACTS / time.strftime("%Y%m%d-%H%M%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class Seen:
+    """What the browser did: every request (with the page it came from) and dialogs."""
+
+    requests: list[tuple[str, str, bool]] = field(default_factory=list)  # url, frame, nav
+    blocked: list[tuple[str, str]] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+    console_errors: list[tuple[str, str]] = field(default_factory=list)  # page url, text
+
+
+@dataclass
+class Browser:
+    context: BrowserContext
+    page: Page
+    seen: Seen
+    shots: Path
+    origin: str
+
+    async def shot(self, name: str) -> None:
+        await self.page.screenshot(path=str(self.shots / f"{name}.png"), full_page=True)
+
+    async def axe(self) -> list[dict[str, Any]]:
+        """The serious and critical axe-core violations of the page as it is now."""
+        if not await self.page.evaluate("typeof window.axe !== 'undefined'"):
+            # Through the DevTools protocol, not a <script>: the page's CSP stays as is.
+            await self.page.evaluate(AXE.read_text())
+        result = await self.page.evaluate(
+            "axe.run(document, {resultTypes: ['violations']})")
+        return [{"id": v["id"], "impact": v["impact"], "help": v["help"],
+                 "nodes": [n["html"][:120] for n in v["nodes"]][:3]}
+                for v in result["violations"] if v["impact"] in ("serious", "critical")]
+
+    async def horizontal_overflow(self, width: int = 390) -> int:
+        """How many pixels wider than ``width`` the page is at that viewport width."""
+        size = self.page.viewport_size or {"width": 1280, "height": 900}
+        await self.page.set_viewport_size({"width": width, "height": size["height"]})
+        wide = int(await self.page.evaluate("document.documentElement.scrollWidth"))
+        await self.page.set_viewport_size(size)
+        return max(0, wide - width)
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@pytest.fixture
+async def browser(chromium: str, tmp_path: Path, run_dir: Path, oidc_mock: str,  # noqa: F811
+                  web: Web, request: pytest.FixtureRequest) -> AsyncIterator[Browser]:  # noqa: F811
+    """A fresh Chromium profile; requests to any origin but ours and the sign-in
+    provider's are refused (and recorded), so nothing leaves the machine."""
+    profile = tmp_path / "chromium-profile"
+    shots = run_dir / request.node.name
+    shots.mkdir(parents=True, exist_ok=True)
+    seen = Seen()
+    async with async_playwright() as pw:
+        context = await pw.chromium.launch_persistent_context(
+            str(profile), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900}, color_scheme="light",
+            permissions=["clipboard-read", "clipboard-write"])
+        allowed = {web.origin, origin_of(oidc_mock)}
+
+        def on_request(r: Request) -> None:
+            frame = r.frame.url if not r.is_navigation_request() else ""
+            seen.requests.append((r.url, frame, r.is_navigation_request()))
+
+        async def route(r: Route) -> None:
+            url = r.request.url
+            if origin_of(url) in allowed:
+                await r.continue_()
+            else:
+                seen.blocked.append((url, r.request.frame.url))
+                await r.abort()
+
+        context.on("request", on_request)
+        await context.route("**/*", route)
+        page = context.pages[0] if context.pages else await context.new_page()
+
+        async def on_dialog(dialog: Any) -> None:
+            seen.dialogs.append(dialog.message)
+            await dialog.dismiss()
+
+        page.on("dialog", on_dialog)
+        page.on("console", lambda m: seen.console_errors.append((page.url, m.text))
+                if m.type == "error" else None)
+        try:
+            yield Browser(context, page, seen, shots, web.origin)
+        finally:
+            await context.close()
