@@ -7,8 +7,6 @@ for accessibility, and a screenshot of every page under ``test-artifacts/`` (git
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import BrowserContext, Page, Request, Route, async_playwright
 
+from tests import debian_packages
 from tests.control_plane.web.conftest import Web, fake_idp, oidc_mock, web  # noqa: F401
 
 CHROMIUM = "/usr/bin/chromium"
@@ -28,32 +27,15 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
 ROOT = Path(__file__).resolve().parents[2]
 AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
-APT_TIMEOUT_S = 1200
-
-
-def _apt(*args: str) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    done = subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True,
-                          timeout=APT_TIMEOUT_S, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"`apt-get {' '.join(args)}` failed ({done.returncode}), so the browser "
-                    f"tests cannot run:\n{done.stderr[-3000:]}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """The path of Debian's Chromium, installed first if this machine lacks it."""
-    if os.access(CHROMIUM, os.X_OK):
-        return CHROMIUM
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.fail(f"{CHROMIUM} is missing and cannot be installed here (needs root and "
-                    "apt-get): run `apt-get install -y chromium` and test again",
-                    pytrace=False)
-    _apt("update")
-    _apt("install", "-y", "chromium")  # with its recommends: fonts-liberation
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"apt-get installed chromium but {CHROMIUM} is still missing",
-                    pytrace=False)
+    try:
+        debian_packages.ensure("chromium", lambda: os.access(CHROMIUM, os.X_OK))
+    except debian_packages.PackageMissing as e:
+        pytest.fail(f"the browser tests cannot run: {e}", pytrace=False)
     return CHROMIUM
 
 
