@@ -1,7 +1,12 @@
 """The admin HTTP API (aiohttp): accounts, keys, credit, limits, usage, health, metrics.
 
 Every ``/admin/`` route needs ``Authorization: Bearer <QNP_ADMIN_TOKEN>`` or a staff
-session whose roles allow it (``admin_rbac``); every changing action is audited.
+session whose roles allow it (``admin_rbac``); every changing action is audited. Who
+gets what, before any route is confirmed: no credential, or a bearer token that is
+neither the admin token nor shaped like an API key, 401 (automation with a typo);
+an API key (``qnp_...``, whatever its kind or validity) or a session that is not
+staff, the router's own 404 for an unknown path, byte for byte; staff whose roles do
+not allow the route, 403.
 ``error_response`` is the one place errors become responses: JSON
 ``{"error": {"message", "type"}}``, never a traceback. Resources with a lifetime (pool,
 Redis client) are the process's ``runtime.Stores``, handed in by ``service``; the
@@ -25,8 +30,8 @@ from redis.exceptions import RedisError
 
 from control_plane import accounts, audit, keys, ledger, limits, usage
 from control_plane.accounts import parse_account_id
-from control_plane.admin_rbac import CSRF_HEADER, StaffAccess
-from control_plane.auth.sessions import Sessions
+from control_plane.admin_rbac import CSRF_HEADER, NotStaff, StaffAccess
+from control_plane.auth.sessions import COOKIE, Sessions
 from control_plane.errors import (
     ControlPlaneError,
     InvalidInput,
@@ -38,6 +43,7 @@ from control_plane.metrics import Metrics
 from control_plane.outages import POSTGRES_ERRORS
 from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
+from shared.apikeys import PREFIX as API_KEY_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +88,22 @@ async def _authorize(request: web.Request) -> str:
     """The actor of an admin request: the bearer token, or a staff session (RBAC)."""
     if _bearer_ok(request):
         return AUTOMATION_ACTOR
-    if "Authorization" in request.headers or STAFF not in request.app:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        if header.partition(" ")[2].strip().startswith(API_KEY_PREFIX):
+            raise web.HTTPNotFound  # a customer's key: no admin route exists for it
         raise Unauthorized("a valid admin bearer token is required")
+    if COOKIE not in request.cookies:
+        raise Unauthorized("a valid admin bearer token or a staff session is required")
+    if STAFF not in request.app:  # no session secret here: no session can be staff
+        raise web.HTTPNotFound
     resource = request.match_info.route.resource
-    staff = await request.app[STAFF].staff(
-        request.cookies, request.method, resource.canonical if resource else None,
-        request.headers.get(CSRF_HEADER))
+    try:
+        staff = await request.app[STAFF].staff(
+            request.cookies, request.method, resource.canonical if resource else None,
+            request.headers.get(CSRF_HEADER))
+    except NotStaff:
+        raise web.HTTPNotFound from None
     return staff.actor
 
 

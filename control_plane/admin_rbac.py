@@ -6,7 +6,13 @@ same ``__Host-qnp_session``, signed with the same QNP_SESSION_SECRET) opens the 
 ``ROUTE_ROLES`` allows their roles (granted by ``python -m control_plane
 grant-staff``); ``owner`` opens all. A changing request by a staff session must also
 carry the session's CSRF token in ``X-CSRF-Token`` (a custom header a cross-site page
-cannot send). A session without a staff role, or an API key, gets 401: no admin data.
+cannot send).
+
+Who learns that the admin API exists: a caller presenting a session (or an API key:
+see ``admin_api``) that is not staff gets the router's own 404, as if no route were
+there, so a customer's credentials cannot even map the admin API. Staff holding the
+wrong role get 403: they know the admin API exists, and "your role does not allow
+this" tells them whom to ask. No credential at all stays 401 for automation.
 Never imports ``proxy`` or ``control_plane.web``.
 """
 
@@ -44,7 +50,11 @@ ROUTE_ROLES: Mapping[tuple[str, str], frozenset[str]] = {
 ROLES_CACHE_TTL_S = 5.0
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CSRF_HEADER = "X-CSRF-Token"
-_NO_ACCESS = Unauthorized("a valid admin bearer token or a staff session is required")
+
+
+class NotStaff(Exception):
+    """The session is missing, tampered with, expired, revoked or holds no staff role;
+    the admin API answers it as an unknown route (404)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +79,17 @@ class StaffAccess:
                     csrf: str | None) -> Staff:
         raw = cookies.get(COOKIE)
         if raw is None:
-            raise _NO_ACCESS
-        claims = self._sessions.read_cookie(raw)
+            raise NotStaff
+        try:
+            claims = self._sessions.read_cookie(raw)
+        except Unauthorized:
+            raise NotStaff from None
         session = await self._sessions.get(claims.sid)
         if session is None:
-            raise _NO_ACCESS
+            raise NotStaff
         roles = await self._roles_of(session.user_id)
         if not roles:
-            raise _NO_ACCESS
+            raise NotStaff
         allowed = ROUTE_ROLES.get((method, template or ""), OWNER)
         if not roles & allowed:
             raise Forbidden("your staff roles do not allow this")
