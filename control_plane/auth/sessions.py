@@ -42,7 +42,13 @@ CACHE_TTL_S = 30.0
 CACHE_MAX = 100_000
 ALL = "*"  # a revocation message that empties every cache
 _ALG = "HS256"
-_USER_AGENT_MAX = 120
+# (token in the User-Agent header, name shown), first match wins: Edge and Opera
+# announce Chrome too, Chrome announces Safari, so the specific ones come first.
+_BROWSERS = (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"),
+             ("Chromium/", "Chromium"), ("Chrome/", "Chrome"), ("Safari/", "Safari"))
+_SYSTEMS = (("Android", "Android"), ("iPhone", "iOS"), ("iPad", "iPadOS"),
+            ("Windows", "Windows"), ("Mac OS X", "macOS"), ("CrOS", "ChromeOS"),
+            ("Linux", "Linux"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +69,15 @@ class CookieClaims:
 
 
 def user_agent_summary(raw: str | None) -> str:
-    """A short, printable summary for the sessions list (never the full header)."""
-    text = "".join(c for c in (raw or "") if c.isprintable())
-    return text[:_USER_AGENT_MAX]
+    """"Firefox on Linux": enough to tell one's browsers apart in the sessions list,
+    never the full header (with its versions and build details it can single a person
+    out, and the privacy policy promises only browser type and operating system)."""
+    text = raw or ""
+    browser = next((name for token, name in _BROWSERS if token in text), "")
+    system = next((name for token, name in _SYSTEMS if token in text), "")
+    if browser and system:
+        return f"{browser} on {system}"
+    return browser or system
 
 
 class Sessions:

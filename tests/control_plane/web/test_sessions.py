@@ -14,7 +14,13 @@ import jwt
 import pytest
 
 from control_plane import limits
-from control_plane.auth.sessions import CACHE_TTL_S, COOKIE, COOKIE_TTL_S, Sessions
+from control_plane.auth.sessions import (
+    CACHE_TTL_S,
+    COOKIE,
+    COOKIE_TTL_S,
+    Sessions,
+    user_agent_summary,
+)
 from control_plane.web.state import SESSIONS
 from tests.control_plane.web.conftest import SESSION_SECRET, Web, serve_web, sign_in_new_user
 from tests.support import free_port
@@ -197,3 +203,22 @@ async def test_suspending_the_account_ends_its_sessions_at_once(
         polls += 1
         await asyncio.sleep(0.02)
     assert status == 401
+
+
+@pytest.mark.parametrize(("header", "summary"), [
+    ("Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+     "Firefox on Linux"),
+    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like "
+     "Gecko) Version/17.4 Safari/605.1.15", "Safari on macOS"),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/124.0.0.0 Safari/537.36 Edg/124.0.2478.51", "Edge on Windows"),
+    ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/124.0.0.0 Mobile Safari/537.36", "Chrome on Android"),
+    ("curl/8.5.0", ""), (None, ""),
+])
+def test_a_session_keeps_only_the_browser_and_system_of_its_user_agent(
+    header: str | None, summary: str
+) -> None:
+    # The sessions list needs to tell browsers apart, nothing more: versions and build
+    # details in the raw header can single a person out.
+    assert user_agent_summary(header) == summary
