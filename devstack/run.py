@@ -252,6 +252,9 @@ export QNP_DASHBOARD_URL=http://127.0.0.1:{env["QNP_WEB_PORT"]}
 Try it:
 curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "demo-mini", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
+The dashboard: open http://127.0.0.1:{env["QNP_WEB_PORT"]} and choose "Dev sign-in" (a local
+OpenID provider: no Google or Apple account needed; a new sign-in is a new account).
+
 Usage and balance of the demo account ({account_id}, credited $10):
 curl -s http://127.0.0.1:{admin_port}/admin/accounts/{account_id}/usage -H "Authorization: Bearer $QNP_ADMIN_TOKEN"
 .venv/bin/python -m control_plane balance {account_id}
