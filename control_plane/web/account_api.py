@@ -10,6 +10,8 @@ Handlers are thin; SQL lives in ``keys`` and ``account_usage``. Never imports ``
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +24,7 @@ from control_plane.accounts import clean_name
 from control_plane.errors import Forbidden, InvalidInput, NotFound
 from control_plane.web.guard import caller
 from control_plane.web.state import (
+    KEY_DOC_LOADS,
     KEY_DOC_TTL_S,
     KEY_DOCS,
     KEY_DOCS_MAX,
@@ -139,18 +142,37 @@ async def current_key(request: web.Request) -> web.Response:
     hit = docs.get(who.key.key_id)
     if hit is not None and hit[0] > now:
         return web.Response(body=hit[1], content_type="application/json")
+    loads = request.app[KEY_DOC_LOADS]
+    load = loads.get(who.key.key_id)
+    if load is None:  # the first to miss reads; the others wait for its answer
+        key_id = who.key.key_id
+        load = loads[key_id] = asyncio.ensure_future(_key_doc(request, who))
+        load.add_done_callback(functools.partial(_loaded, loads, key_id))
+    body = await asyncio.shield(load)
+    return web.Response(body=body, content_type="application/json")
+
+
+def _loaded(loads: dict[str, asyncio.Future[bytes]], key_id: str,
+            done: asyncio.Future[bytes]) -> None:
+    loads.pop(key_id, None)
+    if not done.cancelled():
+        done.exception()  # retrieved: a failed read is raised to its waiters, not logged
+
+
+async def _key_doc(request: web.Request, who: Caller) -> bytes:
+    assert who.key is not None
     info = await keys.get_key(request.app[STORES].pool, who.account_id, who.key.key_id)
     (data,) = await _keys_json(request, [info])
     rpm = info.limits.get("rpm")
     data |= {"is_free_tier": False, "is_management_key": who.key.management,
              "rate_limit": {"requests": rpm, "interval": "1m"} if rpm else None,
              "limits": info.limits}
-    response = _data(data)
+    body = orjson.dumps({"data": data})
+    docs = request.app[KEY_DOCS]
     if len(docs) >= KEY_DOCS_MAX:
         docs.clear()
-    assert isinstance(response.body, bytes)
-    docs[who.key.key_id] = (now + KEY_DOC_TTL_S, response.body)
-    return response
+    docs[who.key.key_id] = (time.monotonic() + KEY_DOC_TTL_S, body)
+    return body
 
 
 async def credits(request: web.Request) -> web.Response:

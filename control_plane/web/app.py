@@ -35,7 +35,16 @@ from control_plane.web.edge import HEADS, MAX_BODY_BYTES, HeadDeadline, bodies, 
 from control_plane.web.errors import errors
 from control_plane.web.guard import guard
 from control_plane.web.pages import PAGES, Pages, redirect
-from control_plane.web.state import CALLER, KEY_DOCS, KEYS, OIDC, SESSIONS, SETTINGS, STORES
+from control_plane.web.state import (
+    CALLER,
+    KEY_DOC_LOADS,
+    KEY_DOCS,
+    KEYS,
+    OIDC,
+    SESSIONS,
+    SETTINGS,
+    STORES,
+)
 
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 
@@ -92,6 +101,7 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     app[KEYS] = KeyAuth(stores.pool)
     app[HEADS] = HeadDeadline()
     app[KEY_DOCS] = {}
+    app[KEY_DOC_LOADS] = {}
     security.install(app, settings.public_is_https)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_revocations)

@@ -3,6 +3,7 @@ its middlewares and handlers. Never imports ``proxy``."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ OIDC = web.AppKey("oidc", dict[str, Client])
 # GET /api/v1/key answers per key id, kept KEY_DOC_TTL_S: a hot key costs one query a
 # second per replica, not one per request. (cached until, JSON body)
 KEY_DOCS = web.AppKey("key_docs", dict[str, tuple[float, bytes]])
+# The refresh in flight per key id: requests arriving meanwhile share it (one query per
+# key per second per replica however many connections ask at once).
+KEY_DOC_LOADS = web.AppKey("key_doc_loads", dict[str, "asyncio.Future[bytes]"])
 KEY_DOC_TTL_S = 1.0
 KEY_DOCS_MAX = 100_000
 

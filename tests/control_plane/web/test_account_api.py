@@ -4,6 +4,7 @@ with exactly what ingest stored, management keys, and cross-account access as 40
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -227,3 +228,42 @@ async def test_a_hot_key_document_costs_one_query_a_second(
         bodies.add(await r.read())
     assert calls == 1 and len(bodies) == 1
 
+
+
+async def test_requests_that_miss_the_key_document_together_share_one_query(
+    web: Web, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When the cached document expires, every request in flight at that moment used to
+    # read Postgres itself (128 reads a second at 32 connections): now the first reads
+    # and the others wait for its answer.
+    _, headers = await _signed_in(web)
+    key = (await _create(web, headers, name="herd"))["key"]
+    calls = 0
+    real = account_api.keys.get_key
+    release = asyncio.Event()
+
+    async def slow(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        await release.wait()  # every request below arrives while this read is out
+        return await real(*args)
+
+    monkeypatch.setattr(account_api.keys, "get_key", slow)
+    # A request arriving late (a busy machine) finds the document cached, never a
+    # second read: the count holds however the requests are scheduled.
+    monkeypatch.setattr(account_api, "KEY_DOC_TTL_S", 3600.0)
+
+    async def get() -> tuple[int, bytes]:
+        r = await web.client.get("/api/v1/key", headers=_bearer(key))
+        return r.status, await r.read()
+
+    requests = [asyncio.create_task(get()) for _ in range(20)]
+    for _ in range(200):  # hang guard: until the first read is out
+        if calls:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # the rest arrive meanwhile (on the old code: 20 reads)
+    release.set()
+    answers = await asyncio.gather(*requests)
+    assert calls == 1
+    assert {status for status, _ in answers} == {200} and len({b for _, b in answers}) == 1
