@@ -32,6 +32,8 @@ from control_plane.mail.target import SmtpTarget
 log = logging.getLogger(__name__)
 
 _STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# Failures that say the server is not reachable, not that this message is at fault.
+_UNREACHABLE = frozenset({"connect", "disconnected", "timeout", "network"})
 
 
 class Sender:
@@ -51,26 +53,37 @@ class Sender:
     async def run(self) -> None:
         log.info("mail sender started host=%s port=%d", self._target.host, self._target.port)
         while not self._stopping.is_set():
+            more = False
             try:
-                await self.drain()
+                _, more = await self._pass()
             except _STORE_ERRORS as e:
                 log.warning("mail sender: postgres unavailable (%s); will retry",
                             type(e).__name__)
             except Exception:  # top of the task: log it, keep the task alive
                 log.exception("mail sender pass failed")
+            if more:  # a full batch: more may be due, so no pause (a backlog drains fast)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._poll_s)
 
     async def drain(self) -> int:
-        """Attempt up to ``batch`` due rows, each in its own transaction; how many sent."""
+        """One pass over the due rows; how many were sent."""
+        sent, _ = await self._pass()
+        return sent
+
+    async def _pass(self) -> tuple[int, bool]:
+        """Attempt up to ``batch`` due rows, each in its own transaction. Returns how
+        many were sent and whether the batch was full (more may be due). A pass ends at
+        the first failure to reach the server: the rows after it would fail the same way,
+        and stay due untouched rather than each spending an attempt."""
         sent = 0
         for _ in range(self._batch):
             if self._stopping.is_set():
-                break
+                return sent, False
             async with self._pool.acquire() as conn, conn.transaction():
                 row = await outbox.claim(conn)
                 if row is None:
-                    break
+                    return sent, False
                 failure = await self._deliver(row)
                 if failure is None:
                     await outbox.mark_sent(conn, row.id)
@@ -83,7 +96,9 @@ class Sender:
                 log.warning("mail not sent id=%d template=%s attempt=%d error=%s%s",
                             row.id, row.template, row.attempts + 1, code,
                             " (given up)" if gave_up else "")
-        return sent
+            if code in _UNREACHABLE:
+                return sent, False
+        return sent, True
 
     def message(self, row: OutboxRow) -> EmailMessage:
         msg = EmailMessage()

@@ -186,3 +186,30 @@ async def test_no_log_line_holds_an_address_subject_or_body(
     assert any(f"id={row_id}" in line and "error=connect" in line for line in lines)
     assert any(f"mail sent id={row_id}" in line for line in lines)
     assert [line for line in lines if canary in line] == []
+
+
+async def test_smtp_down_costs_one_attempt_per_pass_not_one_per_row(
+        outbox_pool: asyncpg.Pool, smtp_down: SmtpServer) -> None:
+    ids = await _queue(outbox_pool, 5)
+    assert await _sender(outbox_pool, smtp_down).drain() == 0
+    attempts = await outbox_pool.fetch(
+        "SELECT attempts FROM email_outbox WHERE id = ANY($1) ORDER BY id", ids)
+    # The first row found the server down; the others stay due, their attempts unspent.
+    assert sorted(r["attempts"] for r in attempts) == [0, 0, 0, 0, 1]
+
+
+async def test_a_backlog_larger_than_a_batch_drains_without_pausing(
+        outbox_pool: asyncpg.Pool, smtp: SmtpServer) -> None:
+    ids = await _queue(outbox_pool, 7)
+    # A poll interval no test waits out: only the no-pause path can send all 7.
+    sender = Sender(outbox_pool, smtp.target, FROM, poll_s=3600, batch=2)
+    task = asyncio.create_task(sender.run())
+    try:
+        for _ in range(400):  # bounded
+            if len(smtp.messages()) >= len(ids):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        sender.stop()
+        await asyncio.wait_for(task, 10)
+    assert len(smtp.messages()) == len(ids)
