@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 import asyncpg
@@ -123,3 +123,13 @@ async def mark_failed(conn: asyncpg.Connection, row: OutboxRow, code: str, *,
         "   ELSE now() + make_interval(secs => $5) END"
         " WHERE id = $1", row.id, attempts, code, give_up, delay)
     return give_up
+
+
+async def prune(conn: asyncpg.Connection, now: datetime, keep_days: int) -> int:
+    """Delete rows sent or given up more than ``keep_days`` ago (by when they were
+    queued): a message's address and body are personal data, kept no longer than the
+    request logs. Rows still due are kept whatever their age. How many were deleted."""
+    status: str = await conn.execute(
+        "DELETE FROM email_outbox WHERE next_attempt_at IS NULL AND created_at < $1",
+        now - timedelta(days=keep_days))
+    return int(status.rsplit(" ", 1)[1])

@@ -1,14 +1,19 @@
 """Queueing mail and configuring where it goes: what ``enqueue`` refuses (so text a
-user typed can never add headers or recipients) and how ``SMTP_URL`` is read."""
+user typed can never add headers or recipients), how ``SMTP_URL`` is read, and that
+maintenance deletes delivered mail past the retention period."""
 
 from __future__ import annotations
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from control_plane.mail.outbox import OutboxError, enqueue
 from control_plane.mail.target import SmtpTarget, parse_smtp_url
+from control_plane.metrics import Metrics
+from control_plane.service import maintain_once
 from control_plane.settings import Settings, SettingsError
+from control_plane.trim import Trimmer
 
 _OK: dict[str, str] = {"to_address": "alice@example.test", "kind": "transactional",
                        "template": "receipt", "subject": "Receipt", "body": "Thanks.\n"}
@@ -68,3 +73,28 @@ def test_unset_smtp_url_means_no_sender() -> None:
     assert Settings.from_env(env).smtp is None
     env["SMTP_URL"] = "smtp://127.0.0.1:1025"
     assert Settings.from_env(env).smtp == SmtpTarget("127.0.0.1", 1025, False)
+
+
+async def test_maintenance_deletes_old_sent_and_given_up_rows_not_due_ones(
+        settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis) -> None:
+    async with pool.acquire() as conn:
+        old_sent, old_given_up, old_due, new_sent = [
+            await enqueue(conn, **_OK) for _ in range(4)]  # type: ignore[arg-type]
+    await pool.execute(
+        "UPDATE email_outbox SET created_at = now() - interval '31 days' WHERE id = ANY($1)",
+        [old_sent, old_given_up, old_due])
+    await pool.execute(
+        "UPDATE email_outbox SET next_attempt_at = NULL, sent_at = now() WHERE id = ANY($1)",
+        [old_sent, new_sent])
+    await pool.execute(
+        "UPDATE email_outbox SET next_attempt_at = NULL, last_error = 'smtp_550'"
+        " WHERE id = $1", old_given_up)
+
+    metrics = Metrics()
+    await maintain_once(settings, pool, Trimmer(rclient, settings.names.events, metrics),
+                        metrics)
+
+    left = {r["id"] for r in await pool.fetch(
+        "SELECT id FROM email_outbox WHERE id = ANY($1)",
+        [old_sent, old_given_up, old_due, new_sent])}
+    assert left == {old_due, new_sent}  # retention_days is 30 by default
