@@ -8,6 +8,7 @@ transaction: rolled back with it, committed with it.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +26,8 @@ MAX_ATTEMPTS = 12
 # Header values are checked at enqueue: a CR or LF would let text injected into a
 # subject add headers or recipients.
 _LINE_BREAKS = ("\r", "\n")
+# RFC 5322 field names: printable ASCII but the colon.
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
 _RESERVED_HEADERS = frozenset({"from", "to", "cc", "bcc", "subject", "date", "message-id"})
 
 
@@ -74,7 +77,9 @@ def _check(to_address: str, subject: str, headers: dict[str, str]) -> None:
     if "@" not in to_address or any(c in to_address for c in (*_LINE_BREAKS, ",", " ")):
         raise OutboxError("to_address must be one plain address")
     for name, value in (("Subject", subject), *headers.items()):
-        if any(c in name or c in value for c in _LINE_BREAKS):
+        if _FIELD_NAME.fullmatch(name) is None:
+            raise OutboxError(f"header name {name!r} is not a field name")
+        if any(c in value for c in _LINE_BREAKS):
             raise OutboxError(f"header {name!r} holds a line break")
     reserved = _RESERVED_HEADERS & {name.lower() for name in headers}
     if reserved:

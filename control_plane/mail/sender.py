@@ -116,8 +116,12 @@ class Sender:
         """None once the server accepted the message; else (error code, permanent)."""
         t = self._target
         try:
+            message = self.message(row)
+        except (ValueError, TypeError):  # a row written around enqueue's checks
+            return "bad_message", True   # given up, or it would head the queue forever
+        try:
             await aiosmtplib.send(
-                self.message(row), hostname=t.host, port=t.port, use_tls=t.implicit_tls,
+                message, hostname=t.host, port=t.port, use_tls=t.implicit_tls,
                 username=t.username, password=t.password, timeout=self._timeout)
         except aiosmtplib.SMTPRecipientsRefused as e:
             code = e.recipients[0].code if e.recipients else 0

@@ -26,6 +26,8 @@ _OK: dict[str, str] = {"to_address": "alice@example.test", "kind": "transactiona
     {"to_address": "not-an-address"},
     {"headers": {"List-Unsubscribe": "<https://x.test/u>\r\nBcc: v@example.test"}},
     {"headers": {"Bcc": "victim@example.test"}},
+    {"headers": {"X-Bad:Name": "x"}},
+    {"headers": {"X-Line\nBreak": "x"}},
     {"kind": "newsletter"},
 ])
 async def test_enqueue_refuses_what_could_add_headers_or_recipients(

@@ -213,3 +213,20 @@ async def test_a_backlog_larger_than_a_batch_drains_without_pausing(
         sender.stop()
         await asyncio.wait_for(task, 10)
     assert len(smtp.messages()) == len(ids)
+
+
+async def test_a_row_that_cannot_become_a_message_is_given_up_not_blocking_the_queue(
+        outbox_pool: asyncpg.Pool, smtp: SmtpServer) -> None:
+    # Written around enqueue's checks (by hand, or by an older release).
+    poison = await outbox_pool.fetchval(
+        "INSERT INTO email_outbox (to_address, kind, template, subject, body, headers,"
+        " next_attempt_at) VALUES ('x@example.test', 'transactional', 't', 's', 'b',"
+        " '{\"X-Evil\": \"a\\r\\nBcc: v@example.test\"}', now() - interval '1 hour')"
+        " RETURNING id")
+    [good] = await _queue(outbox_pool)
+
+    assert await _sender(outbox_pool, smtp).drain() == 1
+    assert [m["Message-ID"] for m in smtp.messages()] == [f"<outbox-{good}@qnp.test>"]
+    row = await _row(outbox_pool, poison)
+    assert (row["last_error"], row["next_attempt_at"], row["sent_at"]) == (
+        "bad_message", None, None)
