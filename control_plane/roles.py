@@ -4,7 +4,8 @@
 - ``admin``: the private admin API (``admin_api``) on QNP_ADMIN_HOST:QNP_ADMIN_PORT.
 - ``ingest``: the ingest consumer and the reconciler. The reconciler lives here because
   it is what keeps Redis filled for the proxy, and every deployment runs ingest
-  somewhere (events pile up otherwise); several replicas reconcile harmlessly.
+  somewhere (events pile up otherwise); several replicas reconcile harmlessly. With
+  SMTP_URL set it also runs the mail sender (``mail.sender``), safe on every replica.
 
 The maintenance job (stream trim, partitions, retention) is not a role: ``service``
 runs it once in every process whatever its roles, as it is safe on every replica.
@@ -26,6 +27,7 @@ from aiohttp import web
 from control_plane import admin_api
 from control_plane.ingest import Consumer
 from control_plane.logs import AccessLog
+from control_plane.mail.sender import Sender
 from control_plane.reconciler import STARTUP, Reconciler
 from control_plane.runtime import Stores
 from control_plane.tls import listener_context
@@ -108,16 +110,23 @@ class Ingest:
                                       outages=s.outages,
                                       sweep_interval_s=s.settings.sweep_interval_s,
                                       reservation_max_age_ms=s.settings.sweep_max_age_ms)
+        # The mail sender rides along (H12): every deployment runs ingest somewhere.
+        self._mail = (Sender(s.pool, s.settings.smtp, s.settings.mail_from)
+                      if s.settings.smtp else None)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self._reconciler.refill(STARTUP)
         self._tasks = [asyncio.create_task(self._consumer.run(), name="ingest"),
                        asyncio.create_task(self._reconciler.run(), name="reconciler")]
+        if self._mail is not None:
+            self._tasks.append(asyncio.create_task(self._mail.run(), name="mail sender"))
 
     async def stop(self, grace_s: float) -> None:
         self._consumer.stop()
         self._reconciler.stop()
+        if self._mail is not None:
+            self._mail.stop()
         if not self._tasks:
             return
         _, late = await asyncio.wait(self._tasks, timeout=grace_s)

@@ -25,6 +25,7 @@ import uvloop
 from redis.exceptions import RedisError
 
 from control_plane import retention, roles
+from control_plane.mail import outbox
 from control_plane.metrics import Metrics
 from control_plane.outages import POSTGRES, POSTGRES_ERRORS, REDIS, Outages
 from control_plane.runtime import Stores, open_stores
@@ -54,6 +55,7 @@ async def maintain_once(
     try:
         async with pool.acquire() as conn:
             result = await retention.apply(conn, clock(), settings.retention_days)
+            await outbox.prune(conn, clock(), settings.retention_days)  # mail (H12)
         metrics.partitions_dropped.inc(len(result.dropped))
         outages.ok(POSTGRES)
     except POSTGRES_ERRORS as e:

@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import orjson
 
+from control_plane.mail.target import SmtpTarget, parse_smtp_url
 from shared.inflight import IN_FLIGHT_LIFETIME_MS
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
 from shared.secrets_env import SecretFileError, with_secrets
@@ -31,6 +32,7 @@ SECRETS = (
     "QNP_SESSION_SECRET", "QNP_SESSION_SECRET_PREVIOUS",
     "QNP_STRIPE_SECRET_KEY", "QNP_STRIPE_WEBHOOK_SECRET",
     "QNP_OIDC_GOOGLE_CLIENT_SECRET", "QNP_OIDC_APPLE_CLIENT_SECRET",
+    "SMTP_URL",
 )
 
 
@@ -104,6 +106,9 @@ class Settings:
     log_level: str = "INFO"
     # TLS (H8): listeners' certificates and rediss:// trust; see TlsSettings below.
     tls: TlsSettings = field(default_factory=lambda: TlsSettings())
+    # Mail (H12): the outbox's SMTP server (SMTP_URL; unset = nothing is sent) and From.
+    smtp: SmtpTarget | None = None
+    mail_from: str = "QNP <no-reply@localhost>"
 
     @property
     def names(self) -> RedisNames:
@@ -172,6 +177,8 @@ class Settings:
             ),
             log_level=_parse(e, "QNP_LOG_LEVEL", "INFO", _log_level),
             tls=TlsSettings.from_env(e),  # TLS (H8)
+            smtp=_smtp(e),
+            mail_from=_parse(e, "QNP_MAIL_FROM", "QNP <no-reply@localhost>", _non_empty),
         )
 
 
@@ -187,6 +194,14 @@ def _required(env: Mapping[str, str], name: str) -> str:
     if not value:
         raise SettingsError(f"{name} is required")
     return value
+
+
+def _smtp(env: Mapping[str, str]) -> SmtpTarget | None:
+    raw = env.get("SMTP_URL", "").strip()
+    try:  # not through _parse: its message would echo a password in the URL
+        return parse_smtp_url(raw) if raw else None
+    except ValueError as e:
+        raise SettingsError(f"SMTP_URL is invalid: {e}") from None
 
 
 def _admin_token(env: Mapping[str, str]) -> str | None:

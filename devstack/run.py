@@ -2,7 +2,8 @@
 
 Starts (or uses, when DATABASE_URL / REDIS_URL are set) PostgreSQL and Redis, applies
 migrations, creates a demo account with one API key and $10 of credit, and runs the demo upstream (our
-OpenAI-format mock), the control plane and the proxy as child processes. Prints the
+OpenAI-format mock), a local aiosmtpd that prints every e-mail the control plane sends
+in this terminal, the control plane and the proxy as child processes. Prints the
 lines to paste into a shell, then runs until Ctrl-C or SIGTERM and stops everything in
 order: proxy first (so its events are flushed), then the control plane (so they are
 ingested), then the upstream, then the servers it started. The catalog and the proxy's
@@ -102,6 +103,19 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: floa
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s")
 
 
+def _wait_tcp(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} while starting")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
 def _cli_json(args: list[str], env: Mapping[str, str]) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, "-m", "control_plane", *args, "--json"],
@@ -159,6 +173,7 @@ def main() -> int:
         upstream_port, proxy_port, admin_port = _port(8090), _port(8080), _port(8081)
         anthropic_port, gemini_port = _port(8091), _port(8092)
         web_port, oidc_port = _port(8082), _port(9400)
+        smtp_port = _port(1025)
         catalog = Path(tmp) / "catalog.toml"
         catalog.write_text(CATALOG.format(upstream_port=upstream_port,
                                           anthropic_port=anthropic_port, gemini_port=gemini_port))
@@ -176,6 +191,7 @@ def main() -> int:
                 "name": "dev", "label": "Dev sign-in", "issuer": f"http://127.0.0.1:{oidc_port}",
                 "client_id": "qnp-dev", "client_secret": secrets.token_urlsafe(16)}]),
             "QNP_PROXY_PORT": str(proxy_port),
+            "SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",  # the outbox's sender (mail/)
             "QNP_API_URL": f"http://127.0.0.1:{proxy_port}",  # the dashboard's quick start
             "QNP_METRICS_PORT": str(_port(9464)),  # its own listener; another run may hold 9464
             # A throwaway stack's spool is its own: the default folder (per prefix and
@@ -212,6 +228,12 @@ def main() -> int:
                                  str(oidc_port), "--user-claims", dev_user], env)
             _wait_http(f"http://127.0.0.1:{oidc_port}/.well-known/openid-configuration", idp,
                        "dev OpenID provider")
+            # aiosmtpd's Debugging handler prints each message it accepts to stdout.
+            smtp = children.start("local SMTP server", [
+                "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{smtp_port}",
+                "-c", "aiosmtpd.handlers.Debugging", "stdout"],
+                {**env, "PYTHONUNBUFFERED": "1"})
+            _wait_tcp(smtp_port, smtp, "local SMTP server")
             cp = children.start("control plane", ["-m", "control_plane", "serve"], env)
             _wait_http(f"http://127.0.0.1:{admin_port}/healthz", cp, "control plane")
             px = children.start("proxy", ["-m", "proxy"], env)
@@ -264,6 +286,8 @@ curl -s "$ANTHROPIC_BASE_URL/v1beta/models/demo-gemini:generateContent" -H "x-go
 
 Models: demo-mini, demo-large (OpenAI format), demo-claude (Anthropic), demo-gemini (Gemini),
 served by the built-in demo upstreams; every model answers on every endpoint. Ctrl-C stops everything.
+
+E-mail goes to a local SMTP server ({env["SMTP_URL"]}) that prints each message here.
 """,
         flush=True,
     )
