@@ -76,12 +76,15 @@ async def complete(conn: asyncpg.Pool | asyncpg.Connection, request_id: int,
     return done is not None
 
 
-async def extend(conn: asyncpg.Pool | asyncpg.Connection, request_id: int) -> datetime | None:
-    """Use the one extension the request's law allows (the person must be told why,
-    inside the first period); None where the law allows none or it is answered."""
+async def extend(conn: asyncpg.Pool | asyncpg.Connection, request_id: int,
+                 at: datetime) -> datetime | None:
+    """Use, at ``at``, the one extension the request's law allows; None where the law
+    allows none, the request is answered, or its first period has already run out
+    (GDPR art. 12(3) and 11 CCR 7021(b): the person is told inside the first period)."""
     row = await conn.fetchrow(
         "SELECT jurisdiction, received_at FROM privacy_requests "
-        "WHERE id = $1 AND completed_at IS NULL", request_id)
+        "WHERE id = $1 AND completed_at IS NULL AND due_at >= $2 "
+        "AND extended_until IS NULL", request_id, at)
     if row is None:
         return None
     until = deadlines.extended(row["jurisdiction"], row["received_at"])

@@ -30,8 +30,12 @@ async def test_a_staff_request_is_due_by_its_jurisdiction_and_stays_open(
     assert gdpr.due_at == datetime(2027, 2, 28, 9, 0, tzinfo=UTC)
     assert pipa.due_at == datetime(2027, 2, 10, 9, 0, tzinfo=UTC)
     assert gdpr.completed_at is None and gdpr.outcome is None
-    assert await requests.extend(pool, gdpr.id) == datetime(2027, 4, 28, 9, 0, tzinfo=UTC)
-    assert await requests.extend(pool, pipa.id) is None  # PIPA has no extension
+    assert await requests.extend(pool, pipa.id, RECEIVED) is None  # PIPA has none
+    too_late = await requests.record(pool, account, "access", "ccpa", RECEIVED, "staff")
+    assert await requests.extend(pool, too_late.id, too_late.due_at + timedelta(seconds=1)
+                                 ) is None  # notice must come inside the first 45 days
+    assert await requests.extend(pool, gdpr.id, RECEIVED + timedelta(days=27)
+                                 ) == datetime(2027, 4, 28, 9, 0, tzinfo=UTC)
     later = RECEIVED + timedelta(days=3)
     assert await requests.complete(pool, gdpr.id, later, "fulfilled")
     assert not await requests.complete(pool, gdpr.id, later, "refused")  # answered once
@@ -85,9 +89,13 @@ async def test_the_overdue_gauge_counts_open_requests_past_due_and_not_answered_
     assert b"qnp_privacy_requests_overdue" in metrics.render()
     await requests.complete(pool, late.id, now, "fulfilled")
     assert await gauge() == before
-    # An extension moves the clock: a GDPR request 40 days old and extended is not late.
+    # An extension moves the clock: a GDPR request 40 days old is late, stays late when
+    # extended only now, and is not late had it been extended in time.
     gdpr = await requests.record(pool, account, "deletion", "gdpr",
                                  now - timedelta(days=40), "staff")
     assert await gauge() == before + 1
-    await requests.extend(pool, gdpr.id)
+    assert await requests.extend(pool, gdpr.id, now) is None
+    assert await gauge() == before + 1
+    in_time = gdpr.received_at + timedelta(days=10)  # staff extended it back then
+    assert await requests.extend(pool, gdpr.id, in_time) is not None
     assert await gauge() == before
