@@ -49,8 +49,8 @@ RULES: dict[str, Rule] = {
     "default": Rule(days=30, source="QNP privacy policy, clause 9"),
     # GDPR art. 12(3): "within one month of receipt of the request. That period may be
     # extended by two further months where necessary", the person told within the first
-    # month. The two months run from the end of the first (EDPB Guidelines 01/2022 on
-    # the right of access, para. 160), the earlier of the readings of "further".
+    # month. The two months are counted from the end of the first, the earlier of the
+    # readings of "further" (31 Jan: 28 Apr, not 30 Apr).
     "gdpr": Rule(months=1, extension_months=2, source="GDPR art. 12(3)"),
     # CCPA/CPRA, Cal. Civ. Code 1798.130(a)(2)(A) and 11 CCR 7021(a)-(b): 45 calendar
     # days from receipt, extendable once by 45 more with notice inside the first 45.
