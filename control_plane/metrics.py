@@ -64,6 +64,10 @@ class Metrics:
             "Entries trimmed (by the MAXLEN cap) before ingest had stored them: lost.",
             registry=r,
         )
+        self.privacy_overdue = Gauge(
+            "qnp_privacy_requests_overdue",
+            "Open privacy requests past their legal (or extended) due time.", registry=r,
+        )
         self.partitions_dropped = Counter(
             "qnp_retention_partitions_dropped", "usage_logs day partitions dropped.",
             registry=r,

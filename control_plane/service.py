@@ -3,7 +3,8 @@ plus the maintenance job, which every process runs whatever its roles.
 
 The maintenance job runs every ``maintenance_interval_s``: it trims the event stream
 below what every consumer group still needs (``trim``), and creates partitions ahead
-and drops those past retention (``retention``). Both steps are safe to run concurrently
+and drops those past retention (``retention``), and counts the overdue privacy
+requests for ``qnp_privacy_requests_overdue``. Every step is safe to run concurrently
 on every replica. SIGTERM or SIGINT, at any moment (start-up included), stops every
 role within QNP_SHUTDOWN_GRACE whatever the stores are doing: listeners stop accepting
 and let requests finish, ingest finishes its batch, what is still running is then
@@ -28,6 +29,7 @@ from control_plane import retention, roles
 from control_plane.mail import outbox
 from control_plane.metrics import Metrics
 from control_plane.outages import POSTGRES, POSTGRES_ERRORS, REDIS, Outages
+from control_plane.privacy import requests as privacy_requests
 from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
 from control_plane.trim import Trimmer
@@ -57,6 +59,7 @@ async def maintain_once(
             result = await retention.apply(conn, clock(), settings.retention_days)
             await outbox.prune(conn, clock(), settings.retention_days)  # mail (H12)
         metrics.partitions_dropped.inc(len(result.dropped))
+        metrics.privacy_overdue.set(await privacy_requests.overdue(pool, clock()))
         outages.ok(POSTGRES)
     except POSTGRES_ERRORS as e:
         outages.failed(POSTGRES, e, "retention")

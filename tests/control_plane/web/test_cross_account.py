@@ -29,7 +29,7 @@ COOKIE = "__Host-qnp_session"
 OWN_ACCOUNT_ROUTES = frozenset({
     ("GET", "/api/v1/key"), ("GET", "/api/v1/auth/key"), ("GET", "/api/v1/credits"),
     ("GET", "/api/v1/keys"), ("POST", "/api/v1/keys"), ("GET", "/api/v1/activity"),
-    ("GET", "/api/v1/session"),
+    ("GET", "/api/v1/session"), ("GET", "/api/v1/account/export"),
 })
 
 

@@ -1,0 +1,2 @@
+"""Privacy rights (issue 14): legal deadlines, the recorded privacy requests and the
+account's data export. Never imports ``proxy``."""
