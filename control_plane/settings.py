@@ -34,6 +34,8 @@ SECRETS = (
     "QNP_OIDC_GOOGLE_CLIENT_SECRET", "QNP_OIDC_APPLE_CLIENT_SECRET",
     "SMTP_URL",
 )
+# Never echoed in an error: the secrets, and the provider list that holds client secrets.
+_CONFIDENTIAL = frozenset((*SECRETS, "QNP_OIDC_PROVIDERS"))
 
 
 class SettingsError(ValueError):
@@ -216,7 +218,9 @@ def _parse(env: Mapping[str, str], name: str, default: _T, convert: Callable[[st
     try:
         return convert(raw)
     except ValueError as e:
-        raise SettingsError(f"{name}={raw!r} is invalid: {e}") from None
+        # A secret's value never goes into the message (start-up errors are logged).
+        shown = "<secret>" if name in _CONFIDENTIAL else repr(raw)
+        raise SettingsError(f"{name}={shown} is invalid: {e}") from None
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:

@@ -157,3 +157,15 @@ def test_an_empty_secret_file_is_unset(tmp_path: Path) -> None:
     env = {"REDIS_URL": "redis://r", "DATABASE_URL_FILE": str(tmp_path / "db")}
     with pytest.raises(SettingsError, match="DATABASE_URL is required"):
         Settings.from_env(env)
+
+
+def test_an_invalid_secret_is_refused_without_echoing_it() -> None:
+    # Start-up errors end up in logs: the variable is named, its value never shown.
+    with pytest.raises(SettingsError, match="QNP_SESSION_SECRET") as refused:
+        Settings.from_env({**BASE, "QNP_SESSION_SECRET": "short-canary-secret"})
+    assert "short-canary-secret" not in str(refused.value)
+    bad = '[{"name": "x", "issuer": "http://evil.example", "client_id": "c", ' \
+          '"client_secret": "canary-client-secret"}]'
+    with pytest.raises(SettingsError, match="QNP_OIDC_PROVIDERS") as refused:
+        Settings.from_env({**BASE, "QNP_OIDC_PROVIDERS": bad})
+    assert "canary-client-secret" not in str(refused.value)
