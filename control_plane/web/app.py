@@ -21,6 +21,7 @@ from aiohttp import web
 from control_plane.auth import oidc
 from control_plane.auth.apikey import KeyAuth
 from control_plane.auth.sessions import ALL, Sessions
+from control_plane.billing import routes as billing_routes
 from control_plane.runtime import Stores
 from control_plane.settings import Settings
 from control_plane.web import (
@@ -101,4 +102,5 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     settings_page.add_routes(app)
     signin.add_routes(app)
     account_api.add_routes(app)
+    billing_routes.add_routes(app)  # Stripe top-ups and webhooks (H13)
     return app
