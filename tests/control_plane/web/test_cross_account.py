@@ -30,6 +30,8 @@ OWN_ACCOUNT_ROUTES = frozenset({
     ("GET", "/api/v1/key"), ("GET", "/api/v1/auth/key"), ("GET", "/api/v1/credits"),
     ("GET", "/api/v1/keys"), ("POST", "/api/v1/keys"), ("GET", "/api/v1/activity"),
     ("GET", "/api/v1/session"),
+    # Top-ups (H13) name no object: they start a payment for the caller's own account.
+    ("POST", "/api/v1/credits/topup"), ("GET", "/api/v1/credits/topup/quote"),
 })
 
 
