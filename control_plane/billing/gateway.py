@@ -35,6 +35,7 @@ class Intent:
     amount_cents: int
     currency: str
     status: str
+    failure: str | None = None  # Stripe's reason for the last failed attempt, to show
 
 
 class StripeGateway:
@@ -95,6 +96,10 @@ class StripeGateway:
 
 
 def _intent(obj: Any) -> Intent:
-    return Intent(id=str(obj.id), client_secret=str(obj.client_secret),
-                  amount_cents=int(obj.amount), currency=str(obj.currency),
-                  status=str(obj.status))
+    data = obj.to_dict()
+    error = data.get("last_payment_error") or {}
+    return Intent(id=str(data["id"]), client_secret=str(data["client_secret"]),
+                  # localstripe's PaymentIntents carry no amount_received; Stripe's do.
+                  amount_cents=int(data.get("amount_received") or data["amount"]),
+                  currency=str(data["currency"]), status=str(data["status"]),
+                  failure=error.get("message"))

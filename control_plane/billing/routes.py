@@ -1,8 +1,10 @@
 """The web service's billing routes: ``POST /api/v1/credits/topup`` (a signed-in
-session; the guard checks CSRF), ``GET /api/v1/credits/topup/quote`` (the fee, shown
-before paying) and ``POST /webhooks/stripe`` (Stripe's signature on the raw body,
-tolerance 300 s; listed in guard.CSRF_EXEMPT). The Stripe client lives in the app's
-``cleanup_ctx``. Handlers stay thin: SQL is in ``payments``, Stripe in ``gateway``.
+session; the guard checks CSRF), ``POST /api/v1/credits/topup/complete`` (the page's
+return path: credits a succeeded payment even if its webhook is lost),
+``GET /api/v1/credits/topup/quote`` (the fee, shown before paying) and
+``POST /webhooks/stripe`` (Stripe's signature on the raw body, tolerance 300 s;
+listed in guard.CSRF_EXEMPT). The Stripe client lives in the app's ``cleanup_ctx``.
+Handlers stay thin: SQL is in ``payments``, Stripe in ``gateway``.
 Never imports ``proxy``.
 """
 
@@ -61,22 +63,40 @@ def _data(value: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-async def topup(request: web.Request) -> web.Response:
-    found = caller(request)
-    if found.session is None:
-        raise Forbidden("top-ups are made from a signed-in session")
+async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         raise InvalidInput("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
+    return body
+
+
+async def topup(request: web.Request) -> web.Response:
+    found = caller(request)
+    if found.session is None:
+        raise Forbidden("top-ups are made from a signed-in session")
+    body = await _json_body(request)
     request_id = topups.parse_request_id(body.get("request_id"))
     billing = request.app[BILLING]
     started = await topups.start_topup(
         request.app[STORES].pool, billing.require_gateway(), request.app[SETTINGS].billing,
         found.account_id, body.get("amount_cents"), request_id)
     return _data(started.to_json(), 201)
+
+
+async def topup_complete(request: web.Request) -> web.Response:
+    found = caller(request)
+    if found.session is None:
+        raise Forbidden("top-ups are made from a signed-in session")
+    body = await _json_body(request)
+    stores = request.app[STORES]
+    done = await topups.complete_topup(
+        stores.pool, stores.redis, stores.settings.names,
+        request.app[BILLING].require_gateway(), found.account_id,
+        body.get("payment_intent_id"))
+    return _data(done.to_json())
 
 
 async def topup_quote(request: web.Request) -> web.Response:
@@ -159,5 +179,6 @@ def add_routes(app: web.Application) -> None:
     app[BILLING] = Billing(BillingMetrics(app[STORES].metrics.registry))
     app.cleanup_ctx.append(_stripe_client)
     app.router.add_post("/api/v1/credits/topup", topup)
+    app.router.add_post("/api/v1/credits/topup/complete", topup_complete)
     app.router.add_get("/api/v1/credits/topup/quote", topup_quote)
     app.router.add_post("/webhooks/stripe", stripe_webhook)

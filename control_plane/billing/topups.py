@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from control_plane.billing import payments
 from control_plane.billing.gateway import StripeGateway
-from control_plane.errors import InvalidInput
+from control_plane.errors import InvalidInput, NotFound
 from control_plane.settings import BillingSettings
+from shared.redis_names import RedisNames
 
 CURRENCY = "usd"
 
@@ -91,3 +93,36 @@ async def start_topup(pool: asyncpg.Pool, gateway: StripeGateway, settings: Bill
                            price.fee_cents, price.amount_cents, CURRENCY)
     await payments.save_topup(pool, topup)
     return Started(topup, intent.client_secret)
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    status: str  # Stripe's PaymentIntent status
+    credited: bool  # True: this call wrote the credit (the webhook had not yet)
+    credit_cents: int
+    failure: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "credited": self.credited,
+                "credit_cents": self.credit_cents, "failure": self.failure}
+
+
+async def complete_topup(pool: asyncpg.Pool, redis: aioredis.Redis, names: RedisNames,
+                         gateway: StripeGateway, account: uuid.UUID, intent_id: object
+                         ) -> Completed:
+    """The page's return path: ask Stripe how the payment went and, if it succeeded,
+    credit it through the same idempotent function as the webhook, so a lost webhook
+    never loses money."""
+    topup = None
+    if isinstance(intent_id, str) and intent_id.startswith("pi_") and len(intent_id) < 100:
+        topup = await payments.topup_of_intent(pool, intent_id)
+    if topup is None or topup.account_id != account:
+        raise NotFound("no such top-up")  # another account's looks like none
+    intent = await gateway.retrieve_intent(topup.payment_intent_id)
+    paid = intent.status == "succeeded" and intent.currency == topup.currency \
+        and intent.amount_cents >= topup.amount_cents
+    if not paid:
+        return Completed(intent.status, False, topup.credit_cents, intent.failure)
+    done = await payments.credit_payment(pool, redis, names, topup, event_id=None,
+                                         event_type="return_path")
+    return Completed(intent.status, done.credited, topup.credit_cents, None)

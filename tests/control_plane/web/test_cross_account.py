@@ -32,6 +32,7 @@ OWN_ACCOUNT_ROUTES = frozenset({
     ("GET", "/api/v1/session"),
     # Top-ups (H13) name no object: they start a payment for the caller's own account.
     ("POST", "/api/v1/credits/topup"), ("GET", "/api/v1/credits/topup/quote"),
+    ("POST", "/api/v1/credits/topup/complete"),  # another account's intent: 404
 })
 
 
