@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -117,8 +118,13 @@ def clean_credit(kind: object, amount: object, reference: object) -> tuple[str, 
 async def credit(
     pool: asyncpg.Pool, redis: aioredis.Redis, names: RedisNames, account_id: str,
     kind: object, amount_micros: object, reference: object = None,
+    *, within: Callable[[asyncpg.Connection, int], Awaitable[None]] | None = None,
 ) -> Credited:
-    """Add a top-up, refund or adjustment to the ledger and to the live balance."""
+    """Add a top-up, refund or adjustment to the ledger and to the live balance.
+
+    ``within(conn, ledger_id)`` runs inside the credit's transaction, whether the row
+    is new or was already there: a caller records what caused the credit (a Stripe
+    event id) atomically with it."""
     kind_, amount, ref = clean_credit(kind, amount_micros, reference)
     account = parse_account_id(account_id)
     async with pool.acquire() as conn:
@@ -147,6 +153,8 @@ async def credit(
                         "INSERT INTO credit_pending (ledger_id, account_id) VALUES ($1, $2)",
                         row["id"], account,
                     )
+                if within is not None:
+                    await within(conn, row["id"])
             entry = LedgerEntry(**dict(row))
             try:
                 await _drain(conn, redis, names, account)

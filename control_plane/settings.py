@@ -111,6 +111,8 @@ class Settings:
     # Mail (H12): the outbox's SMTP server (SMTP_URL; unset = nothing is sent) and From.
     smtp: SmtpTarget | None = None
     mail_from: str = "QNP <no-reply@localhost>"
+    # Stripe top-ups (H13, issue 13); see BillingSettings below.
+    billing: BillingSettings = field(default_factory=lambda: BillingSettings())
 
     @property
     def names(self) -> RedisNames:
@@ -181,6 +183,7 @@ class Settings:
             tls=TlsSettings.from_env(e),  # TLS (H8)
             smtp=_smtp(e),
             mail_from=_parse(e, "QNP_MAIL_FROM", "QNP <no-reply@localhost>", _non_empty),
+            billing=BillingSettings.from_env(e),  # Stripe top-ups (H13)
         )
 
 
@@ -384,3 +387,48 @@ def _pair(env: Mapping[str, str], cert: str, key: str) -> tuple[Path | None, Pat
     if (pair[0] is None) != (pair[1] is None):
         raise SettingsError(f"{cert} and {key} go together: set both or neither")
     return pair
+
+
+# --- Stripe top-ups (H13, issue 13) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BillingSettings:
+    """Top-ups through Stripe. Without a secret key the top-up API answers 503."""
+
+    stripe_secret_key: str | None = field(default=None, repr=False)
+    stripe_webhook_secret: str | None = field(default=None, repr=False)
+    # Stripe's API base: https://api.stripe.com, or a localstripe for tests and `make run`.
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_timeout_s: float = 20.0
+    min_topup_cents: int = 500
+    max_topup_cents: int = 1_000_000
+    # The fee charged on top of the credit: a percentage (basis points) plus a fixed part.
+    fee_bps: int = 0
+    fee_fixed_cents: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BillingSettings:
+        low = _parse(env, "QNP_TOPUP_MIN_CENTS", 500, _int_in(50, 100_000_000))
+        high = _parse(env, "QNP_TOPUP_MAX_CENTS", 1_000_000, _int_in(50, 100_000_000))
+        if high < low:
+            raise SettingsError("QNP_TOPUP_MAX_CENTS must be at least QNP_TOPUP_MIN_CENTS")
+        return cls(
+            stripe_secret_key=_parse(env, "QNP_STRIPE_SECRET_KEY", None, _non_empty),
+            stripe_webhook_secret=_parse(env, "QNP_STRIPE_WEBHOOK_SECRET", None, _non_empty),
+            stripe_api_base=_parse(env, "QNP_STRIPE_API_BASE", "https://api.stripe.com",
+                                   _stripe_base),
+            stripe_timeout_s=_parse(env, "QNP_STRIPE_TIMEOUT_S", 20.0, _seconds(0.5, 120.0)),
+            min_topup_cents=low,
+            max_topup_cents=high,
+            fee_bps=_parse(env, "QNP_TOPUP_FEE_BPS", 0, _int_in(0, 5_000)),
+            fee_fixed_cents=_parse(env, "QNP_TOPUP_FEE_FIXED_CENTS", 0, _int_in(0, 10_000)),
+        )
+
+
+def _stripe_base(raw: str) -> str:
+    # Plain http only for a fake on this machine (localstripe); the key travels in it.
+    if raw.startswith("https://") or any(
+            raw.startswith(f"http://{host}:") for host in _LOOPBACK_HOSTS):
+        return raw.rstrip("/")
+    raise ValueError("must be an https:// URL, or http:// on a loopback host")

@@ -21,6 +21,7 @@ from aiohttp import web
 from control_plane.auth import oidc
 from control_plane.auth.apikey import KeyAuth
 from control_plane.auth.sessions import ALL, Sessions
+from control_plane.billing import routes as billing_routes
 from control_plane.privacy import export_api
 from control_plane.runtime import Stores
 from control_plane.settings import Settings
@@ -113,4 +114,5 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     signin.add_routes(app)
     account_api.add_routes(app)
     export_api.add_routes(app)  # issue 14: the account's data export
+    billing_routes.add_routes(app)  # Stripe top-ups and webhooks (H13)
     return app

@@ -30,6 +30,9 @@ OWN_ACCOUNT_ROUTES = frozenset({
     ("GET", "/api/v1/key"), ("GET", "/api/v1/auth/key"), ("GET", "/api/v1/credits"),
     ("GET", "/api/v1/keys"), ("POST", "/api/v1/keys"), ("GET", "/api/v1/activity"),
     ("GET", "/api/v1/session"), ("GET", "/api/v1/account/export"),
+    # Top-ups (H13) name no object: they start a payment for the caller's own account.
+    ("POST", "/api/v1/credits/topup"), ("GET", "/api/v1/credits/topup/quote"),
+    ("POST", "/api/v1/credits/topup/complete"),  # another account's intent: 404
 })
 
 

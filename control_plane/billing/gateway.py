@@ -1,0 +1,105 @@
+"""The one place that talks to Stripe: the official SDK's async client, pointed at
+``BillingSettings.stripe_api_base`` (Stripe, or localstripe in tests and ``make run``).
+
+Every SDK failure leaves as ``StripeUnavailable`` (Stripe could not be reached or
+failed) or ``StripeRefused`` (Stripe answered no), with a message safe to show: never
+the key. Must not import ``control_plane.web`` or ``proxy``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import stripe
+
+from control_plane.errors import InvalidInput, Unavailable
+from control_plane.settings import BillingSettings
+
+log = logging.getLogger(__name__)
+
+
+class StripeUnavailable(Unavailable):
+    """Stripe did not answer, or failed; nothing was charged by this call."""
+
+
+class StripeRefused(InvalidInput):
+    """Stripe refused the request; the message is Stripe's own, for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    id: str
+    client_secret: str
+    amount_cents: int
+    currency: str
+    status: str
+    failure: str | None = None  # Stripe's reason for the last failed attempt, to show
+
+
+class StripeGateway:
+    """Customers and PaymentIntents, with idempotency keys; opened once per process."""
+
+    def __init__(self, settings: BillingSettings) -> None:
+        if not settings.stripe_secret_key:
+            raise Unavailable("top-ups are not configured (QNP_STRIPE_SECRET_KEY)")
+        self._http = stripe.AIOHTTPClient(timeout=settings.stripe_timeout_s)
+        # No SDK retries: the caller's idempotency key makes a user's retry safe, and a
+        # click should fail fast with a clear error rather than hang.
+        self._client = stripe.StripeClient(
+            settings.stripe_secret_key, http_client=self._http, max_network_retries=0,
+            base_addresses={"api": settings.stripe_api_base})
+
+    async def close(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]
+
+    async def create_customer(self, account_id: str) -> str:
+        customer = await self._call(
+            self._client.v1.customers.create_async,
+            {"metadata": {"qnp_account_id": account_id}},
+            # One Customer per account even if two first top-ups race.
+            f"qnp-customer-{account_id}")
+        return str(customer.id)
+
+    async def create_intent(self, *, customer: str, amount_cents: int, currency: str,
+                            account_id: str, credit_cents: int, idempotency_key: str
+                            ) -> Intent:
+        intent = await self._call(
+            self._client.v1.payment_intents.create_async,
+            {"amount": amount_cents, "currency": currency, "customer": customer,
+             "metadata": {"qnp_account_id": account_id, "credit_cents": str(credit_cents)}},
+            idempotency_key)
+        return _intent(intent)
+
+    async def retrieve_intent(self, intent_id: str) -> Intent:
+        return _intent(await self._call(
+            self._client.v1.payment_intents.retrieve_async, intent_id, None))
+
+    @staticmethod
+    async def _call(method: Any, first: Any, idempotency_key: str | None) -> Any:
+        options = {"idempotency_key": idempotency_key} if idempotency_key else {}
+        try:
+            return await method(first, options=options)
+        except (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError) as e:
+            log.warning("stripe unavailable: %s", type(e).__name__)
+            raise StripeUnavailable(
+                "the payment provider cannot be reached; nothing was charged, "
+                "please try again in a minute") from None
+        except stripe.AuthenticationError:
+            log.error("stripe refused our API key")
+            raise StripeUnavailable("top-ups are misconfigured; nothing was charged") from None
+        except stripe.StripeError as e:
+            log.info("stripe refused: %s", type(e).__name__)
+            raise StripeRefused(e.user_message or "the payment provider refused the top-up"
+                                ) from None
+
+
+def _intent(obj: Any) -> Intent:
+    data = obj.to_dict()
+    error = data.get("last_payment_error") or {}
+    return Intent(id=str(data["id"]), client_secret=str(data["client_secret"]),
+                  # localstripe's PaymentIntents carry no amount_received; Stripe's do.
+                  amount_cents=int(data.get("amount_received") or data["amount"]),
+                  currency=str(data["currency"]), status=str(data["status"]),
+                  failure=error.get("message"))
