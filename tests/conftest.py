@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -20,6 +21,7 @@ from control_plane.migrate import migrate
 from devstack.servers import dev_servers
 from devstack.upstream_openai import MockOpenAIUpstream, UpstreamBehaviour
 from shared.redis_names import RedisNames
+from tests.chaos.conftest import OwnPostgres, OwnRedis
 
 UPSTREAM_API_KEY = "sk-upstream-test"
 
@@ -127,3 +129,20 @@ async def migrated_url(database_url: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{ours}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[OwnPostgres]:
+    """A PostgreSQL of the test's own, which it may stop and start (chaos, shutdown)."""
+    server = OwnPostgres(tmp_path / "postgres.log")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A Redis of the test's own, which it may kill, wipe and start again."""
+    server = OwnRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()

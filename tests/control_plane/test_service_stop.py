@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -22,21 +21,6 @@ GRACE_S = 3
 # A hang guard, far above the grace: the assertion is that the process exits by itself.
 HANG_GUARD_S = 60.0
 OUTAGE_S = 8.0
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[OwnPostgres]:
-    server = OwnPostgres(tmp_path / "postgres.log")
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
 
 
 def _warnings(log: str, store: str) -> list[str]:
