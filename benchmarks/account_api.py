@@ -35,8 +35,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ import redis.asyncio as aioredis
 import uvloop
 
 from benchmarks import loadgen, procstat
+from benchmarks.databases import scratch_database
 from benchmarks.stack import ROOT, Child, free_port, http_ok
 from control_plane import keys, users
 from control_plane.auth.oidc import Identity
@@ -184,18 +183,6 @@ def _bcrypt_cost_s() -> float:
     return (time.process_time() - started) / 3
 
 
-@asynccontextmanager
-async def _database(server_url: str) -> AsyncIterator[str]:
-    name = f"qnp_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
 def _status(url: str, headers: dict[str, str]) -> int:
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - our own 127.0.0.1
     try:
@@ -304,7 +291,7 @@ def report(figures: list[Figures], bcrypt_s: float) -> str:
 
 async def main(duration: float, concurrency: int) -> None:
     with dev_servers() as (server_url, redis_url), tempfile.TemporaryDirectory() as tmp:
-        async with _database(server_url) as database_url:
+        async with scratch_database(server_url) as database_url:
             figures, bcrypt_s = await run(database_url, redis_url, duration, concurrency,
                                           Path(tmp))
     print(report(figures, bcrypt_s))

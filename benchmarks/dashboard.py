@@ -26,6 +26,7 @@ import asyncpg
 import psutil
 from aiohttp import web
 
+from benchmarks.databases import scratch_database
 from control_plane import ledger
 from control_plane.auth.sessions import COOKIE
 from control_plane.migrate import migrate
@@ -151,16 +152,9 @@ async def _export(client: aiohttp.ClientSession, day: str) -> str:
 
 async def main(rows: int, requests: int) -> None:
     with dev_servers() as (server_url, redis_url):
-        name = f"qnp_bench_{secrets.token_hex(4)}"
-        admin = await asyncpg.connect(server_url)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        database_url = server_url.rsplit("/", 1)[0] + f"/{name}"
-        try:
+        async with scratch_database(server_url) as database_url:
             await migrate(database_url)
             lines = await bench(database_url, redis_url, rows, requests)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
     print("\n".join(lines))
 
 

@@ -21,9 +21,9 @@ import statistics
 import time
 import uuid
 
-import asyncpg
 import redis.asyncio as aioredis
 
+from benchmarks.databases import scratch_database
 from control_plane.connections import open_pool, open_redis
 from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
@@ -102,11 +102,7 @@ async def bench_emitter(redis_url: str, events: int) -> tuple[float, float]:
 
 async def main(events: int, batch: int, rounds: int) -> None:
     with dev_servers() as (server_url, redis_url):
-        name = f"qnp_bench_{secrets.token_hex(4)}"
-        admin = await asyncpg.connect(server_url)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        database_url = server_url.rsplit("/", 1)[0] + f"/{name}"
-        try:
+        async with scratch_database(server_url) as database_url:
             await migrate(database_url)
             rates: dict[bool, list[float]] = {True: [], False: []}
             for i in range(rounds):
@@ -115,9 +111,6 @@ async def main(events: int, batch: int, rounds: int) -> None:
                     rates[rollups].append(
                         await bench_ingest(database_url, redis_url, events, batch, rollups))
             emit_us, send_us = await bench_emitter(redis_url, min(events, 50_000))
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
     with_r, without = statistics.median(rates[True]), statistics.median(rates[False])
     print(f"ingest: {with_r:,.0f} events/s into Postgres with daily rollups, "
           f"{without:,.0f} without ({with_r / without:.1%}); one consumer, batch {batch}, "
