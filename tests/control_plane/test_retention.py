@@ -18,7 +18,10 @@ from control_plane.trim import Trimmer
 from control_plane.usage_logs import insert_rows, to_row
 from tests.control_plane.factories import make_event
 
-NOW = datetime.now(UTC).replace(microsecond=0)
+# Noon of today (UTC), never the wall clock's time of day: the ages below are whole days
+# plus an hour, so within the first hour after midnight "29 days and an hour ago" fell
+# on the day retention drops and the test failed (seen at 00:09 UTC).
+NOW = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
 
 
 def _us(moment: datetime) -> int:
