@@ -11,13 +11,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeAlias
 
 import asyncpg
 
 PURPOSES = ("functional", "analytics", "marketing_email")
 SOURCES = ("banner", "settings", "gpc", "unsubscribe", "signup", "policy_change")
 
-Executor = asyncpg.Pool | asyncpg.Connection
+Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 
 class InvalidConsent(ValueError):
