@@ -87,6 +87,8 @@ class Settings:
     # derive from it. Plain http only on a loopback host (development).
     public_url: str = "http://127.0.0.1:8082"
     session_secret: str | None = field(default=None, repr=False)
+    # The secret before the last rotation: still accepted, never used to sign.
+    session_secret_previous: str | None = field(default=None, repr=False)
     oidc_providers: tuple[OIDCProvider, ...] = ()
     policy_version: str = "2026-04"
     # The proxy's public base URL, shown in the dashboard's quick start.
@@ -159,6 +161,7 @@ class Settings:
             shutdown_grace_s=_parse(e, "QNP_SHUTDOWN_GRACE", 10.0, _seconds(0.1, 600.0)),
             public_url=_parse(e, "QNP_PUBLIC_URL", _default_public_url(e), _public_url),
             session_secret=_parse(e, "QNP_SESSION_SECRET", None, _secret),
+            session_secret_previous=_parse(e, "QNP_SESSION_SECRET_PREVIOUS", None, _secret),
             oidc_providers=_parse(e, "QNP_OIDC_PROVIDERS", (), _providers),
             policy_version=_parse(e, "QNP_POLICY_VERSION", "2026-04", _non_empty),
             api_base_url=_parse(e, "QNP_API_URL", "http://127.0.0.1:8080", _public_url),
