@@ -255,6 +255,7 @@ async def account_usage(request: web.Request) -> web.Response:
 
 async def privacy_open(request: web.Request) -> web.Response:
     found = await privacy_queue.open_requests(request.app[POOL], datetime.now(UTC))
+    request.app[METRICS].privacy_overdue.set(sum(1 for q in found if q["overdue"]))
     return json_response({"requests": found})
 
 
