@@ -55,6 +55,7 @@ async def test_privacy_staff_answer_the_queue_by_due_date_within_the_law(
 
         gauge = admin.app[METRICS].registry
         before = gauge.get_sample_value("qnp_privacy_requests_overdue")
+        assert before is not None
         assert before == sum(q["overdue"] for q in (await r.json())["requests"]) >= 1
 
         # Extend: the GDPR request by two months, with the reasons told; once only.

@@ -19,16 +19,18 @@ NOTICE = 'data-testid="restricted-notice"'
 
 
 async def _requests(pool: asyncpg.Pool, who: Person) -> list[asyncpg.Record]:
-    return await pool.fetch(
+    found: list[asyncpg.Record] = await pool.fetch(
         "SELECT r.*, d.subject, d.text FROM privacy_requests r "
         "LEFT JOIN privacy_request_details d ON d.request_id = r.id "
         "WHERE r.account_id = $1 ORDER BY r.id", uuid.UUID(who.me["account_id"]))
+    return found
 
 
 async def _mail(pool: asyncpg.Pool, who: Person, template: str) -> list[asyncpg.Record]:
-    return await pool.fetch(
+    found: list[asyncpg.Record] = await pool.fetch(
         "SELECT to_address, subject, body FROM email_outbox WHERE account_id = $1 "
         "AND template = $2 ORDER BY id", uuid.UUID(who.me["account_id"]), template)
+    return found
 
 
 def _done(r: object, code: str) -> None:
