@@ -5,11 +5,13 @@ person's words out of privacy_requests, and shows another account nothing."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import uuid
 from datetime import timedelta
 
 import asyncpg
+import pytest
 
 from control_plane.privacy import deadlines, rights
 from tests.control_plane.privacy.people import Person, person
@@ -39,8 +41,9 @@ def _done(r: object, code: str) -> None:
 
 
 async def test_each_right_works_from_plain_forms_and_is_a_recorded_request(
-    web: Web, pool: asyncpg.Pool
+    web: Web, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     a, b = await person(web), await person(web)
     account = uuid.UUID(a.me["account_id"])
     page = await a.page("/settings/privacy")
@@ -118,6 +121,9 @@ async def test_each_right_works_from_plain_forms_and_is_a_recorded_request(
     assert canary not in theirs and "dispute:dp_123" not in theirs and "None yet." in theirs
     r = await web.client.get("/api/v1/account/privacy", headers=b.api)
     assert (await r.json())["data"]["requests"] == []
+    # Logs name ids, never the person's words, name or address.
+    for secret in (canary, "Ada Corrected", "one address", a.email):
+        assert secret not in caplog.text, secret
 
 
 async def test_the_account_api_exercises_the_same_rights_for_its_callers(
