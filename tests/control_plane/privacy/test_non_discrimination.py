@@ -27,7 +27,7 @@ TOPUP = 5_000_000
 
 
 async def _funded_key(web: Web, pool: asyncpg.Pool, who: Person) -> tuple[str, str]:
-    stores = web.client.app[STORES]  # type: ignore[index]
+    stores = web.client.app[STORES]
     await ledger.credit(pool, stores.redis, web.settings.names, who.me["account_id"],
                         "topup", TOPUP, f"nd-{who.me['account_id']}")
     r = await web.client.post("/api/v1/keys", json={"name": "app", "limit": 3},
@@ -75,7 +75,7 @@ async def test_exercising_rights_changes_neither_admission_nor_billing(
             ticket = await admission.admit(record, str(uuid.uuid4()), 100, 1234)
             with pytest.raises(proxy_errors.KeyLimitExceeded):  # past the key's $3 limit
                 await admission.admit(record, str(uuid.uuid4()), 100, 3_500_000)
-            state = await client.hgetall(names.account_state(account))  # type: ignore[misc]
+            state = await client.hgetall(names.account_state(account))
             seen[account] = (record.limits, record.credit_limit_micros, ticket.mode,
                              _same_shape(ticket.headers),
                              # resv and credited are ids of this account's own rows
@@ -86,7 +86,7 @@ async def test_exercising_rights_changes_neither_admission_nor_billing(
         await client.aclose()
 
     # Billing: the same request costs both the same, once.
-    stores = web.client.app[STORES]  # type: ignore[index]
+    stores = web.client.app[STORES]
     for who in (exercised, control):
         account = who.me["account_id"]
         event = make_event(account, key_id=keys[account][1], cost_micros=1234)
