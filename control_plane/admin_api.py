@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -41,6 +42,8 @@ from control_plane.errors import (
 )
 from control_plane.metrics import Metrics
 from control_plane.outages import POSTGRES_ERRORS
+from control_plane.privacy import queue as privacy_queue
+from control_plane.privacy import requests as privacy_requests
 from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
 from shared.apikeys import PREFIX as API_KEY_PREFIX
@@ -250,6 +253,35 @@ async def account_usage(request: web.Request) -> web.Response:
     return json_response(report.to_json())
 
 
+async def privacy_open(request: web.Request) -> web.Response:
+    found = await privacy_queue.open_requests(request.app[POOL], datetime.now(UTC))
+    request.app[METRICS].privacy_overdue.set(sum(1 for q in found if q["overdue"]))
+    return json_response({"requests": found})
+
+
+async def _privacy_overdue(app: web.Application, now: datetime) -> None:
+    # At once, not at the next maintenance pass: an answered request leaves the gauge.
+    app[METRICS].privacy_overdue.set(await privacy_requests.overdue(app[POOL], now))
+
+
+async def privacy_extend(request: web.Request) -> web.Response:
+    body, now = await _json_body(request), datetime.now(UTC)
+    rid = privacy_queue.request_id(request.match_info["request_id"])
+    until = await privacy_queue.extend(request.app[POOL], rid, now, body.get("reason"))
+    await _privacy_overdue(request.app, now)
+    return json_response({"id": rid, "extended_until": until.isoformat()})
+
+
+async def privacy_answer(request: web.Request) -> web.Response:
+    body, now = await _json_body(request), datetime.now(UTC)
+    rid = privacy_queue.request_id(request.match_info["request_id"])
+    await privacy_queue.answer(request.app[POOL], rid, now, body.get("outcome"),
+                               body.get("answer"))
+    await _privacy_overdue(request.app, now)
+    return json_response({"id": rid, "outcome": body["outcome"],
+                          "completed_at": now.isoformat()})
+
+
 async def healthz(request: web.Request) -> web.Response:
     app = request.app
     checks = {"postgres": True, "redis": True}
@@ -311,6 +343,9 @@ def make_app(settings: Settings, stores: Stores | None = None) -> web.Applicatio
     app.router.add_post("/admin/accounts/{account_id}/suspend", _set_status("suspended"))
     app.router.add_post("/admin/accounts/{account_id}/resume", _set_status("active"))
     app.router.add_get("/admin/accounts/{account_id}/usage", account_usage)
+    app.router.add_get("/admin/privacy/requests", privacy_open)
+    app.router.add_post("/admin/privacy/requests/{request_id}/extend", privacy_extend)
+    app.router.add_post("/admin/privacy/requests/{request_id}/answer", privacy_answer)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app

@@ -56,6 +56,7 @@ class Session:
     id: uuid.UUID
     user_id: uuid.UUID
     account_id: uuid.UUID
+    restricted: bool = False  # the account restricted its processing (issue 14)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +158,13 @@ class Sessions:
             return hit[1]
         self.queries += 1
         row = await self._pool.fetchrow(
-            "SELECT s.id, s.user_id, s.account_id FROM web_sessions s "
+            "SELECT s.id, s.user_id, s.account_id, a.restricted_at IS NOT NULL AS restricted "
+            "FROM web_sessions s "
             "JOIN users u ON u.id = s.user_id JOIN accounts a ON a.id = s.account_id "
             "WHERE s.id = $1 AND s.revoked_at IS NULL AND s.expires_at > now() "
             "AND u.status = 'active' AND a.status = 'active'", sid)
-        found = None if row is None else Session(row["id"], row["user_id"], row["account_id"])
+        found = None if row is None else Session(row["id"], row["user_id"], row["account_id"],
+                                                 row["restricted"])
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()  # bounded memory; a cold cache only costs queries
         self._cache[sid] = (now + CACHE_TTL_S, found)
@@ -195,6 +198,14 @@ class Sessions:
             "WHERE user_id = $1 AND revoked_at IS NULL RETURNING id", user_id)
         await self._announce([r["id"] for r in rows])
         return len(rows)
+
+    async def reread(self, account_id: uuid.UUID) -> None:
+        """The account's state changed (a restriction): every replica drops its live
+        sessions from the cache, to read them again (nothing is revoked)."""
+        rows = await self._pool.fetch(
+            "SELECT id FROM web_sessions WHERE account_id = $1 AND revoked_at IS NULL "
+            "AND expires_at > now()", account_id)
+        await self._announce([r["id"] for r in rows])
 
     async def _announce(self, sids: list[uuid.UUID]) -> None:
         for sid in sids:

@@ -14,13 +14,9 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from control_plane.errors import Forbidden
-from control_plane.privacy import export, requests
+from control_plane.privacy import export, requests, rights
 from control_plane.web.guard import caller
 from control_plane.web.state import STORES
-
-# Until settings let a user choose a jurisdiction (issue 14, later slice), the
-# policy's own 30 days apply.
-JURISDICTION = "default"
 
 
 async def account_export(request: web.Request) -> web.StreamResponse:
@@ -44,7 +40,8 @@ async def account_export(request: web.Request) -> web.StreamResponse:
 
     async with pool.acquire() as conn:
         await export.write_export(conn, who.account_id, now, sink)
-    await requests.record(pool, who.account_id, "access", JURISDICTION, now,
+    await requests.record(pool, who.account_id, "access",
+                          await rights.jurisdiction_of(pool, who.account_id), now,
                           "self-service", outcome="fulfilled")
     await response.write_eof()
     return response

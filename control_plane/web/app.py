@@ -28,6 +28,7 @@ from control_plane.settings import Settings
 from control_plane.web import (
     account_api,
     dashboard,
+    privacy_page,
     security,
     settings_page,
     signin,
@@ -115,5 +116,6 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     signin.add_routes(app)
     account_api.add_routes(app)
     export_api.add_routes(app)  # issue 14: the account's data export
+    privacy_page.add_routes(app)  # issue 14: Settings > Privacy and its account API
     billing_routes.add_routes(app)  # Stripe top-ups and webhooks (H13)
     return app

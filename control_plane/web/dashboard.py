@@ -53,7 +53,8 @@ def session_of(request: web.Request) -> Session:
 def render(request: web.Request, template: str, session: Session, status: int = 200,
            **values: Any) -> web.Response:
     context = {"nav": NAV, "path": request.path, "api_base": request.app[SETTINGS].api_base_url,
-               "csrf_token": request.app[SESSIONS].csrf_token(str(session.id)), **values}
+               "csrf_token": request.app[SESSIONS].csrf_token(str(session.id)),
+               "restricted": session.restricted, **values}
     return aiohttp_jinja2.render_template(template, request, context, status=status,
                                           app_key=TEMPLATES)
 

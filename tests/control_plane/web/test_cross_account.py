@@ -33,6 +33,12 @@ OWN_ACCOUNT_ROUTES = frozenset({
     # Top-ups (H13) name no object: they start a payment for the caller's own account.
     ("POST", "/api/v1/credits/topup"), ("GET", "/api/v1/credits/topup/quote"),
     ("POST", "/api/v1/credits/topup/complete"),  # another account's intent: 404
+    # Privacy rights (issue 14) act on the caller's own account; another user's e-mail
+    # confirmation token is 404 (tests/control_plane/privacy/test_email_change.py).
+    *((m, "/api/v1/account/privacy" + p) for m, p in (
+        ("GET", ""), ("PUT", "/jurisdiction"), ("POST", "/name"), ("POST", "/email"),
+        ("POST", "/email/confirm"), ("POST", "/correction"), ("PUT", "/restriction"),
+        ("POST", "/objection"), ("POST", "/human-review"))),
 })
 
 
