@@ -33,6 +33,10 @@ OWN_ACCOUNT_ROUTES = frozenset({
     # Top-ups (H13) name no object: they start a payment for the caller's own account.
     ("POST", "/api/v1/credits/topup"), ("GET", "/api/v1/credits/topup/quote"),
     ("POST", "/api/v1/credits/topup/complete"),  # another account's intent: 404
+    # Auto top-up settings (H22): the caller's own; another account's SetupIntent: 404.
+    ("GET", "/api/v1/credits/auto-topup"), ("PUT", "/api/v1/credits/auto-topup"),
+    ("POST", "/api/v1/credits/auto-topup/card"),
+    ("POST", "/api/v1/credits/auto-topup/card/complete"),
 })
 
 
