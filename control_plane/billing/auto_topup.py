@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 MICROS_PER_CENT = MICROS_PER_DOLLAR // 100
 MAX_THRESHOLD_CENTS = 100_000_000  # $1M
 # A Stripe outage is retried with the same idempotency key, backing off from 30 s to an
-# hour; after MAX_ATTEMPTS the charge fails as ``stripe_unavailable``.
+# hour; after MAX_ATTEMPTS (about 22 hours, inside the 24 hours Stripe keeps an
+# idempotency key) the charge fails as ``stripe_unavailable``.
 BACKOFF_BASE_S = 30.0
 BACKOFF_CAP_S = 3600.0
 MAX_ATTEMPTS = 12
@@ -253,8 +254,10 @@ def action(billing: BillingSettings) -> Action:
 
 _DUE = """
 SELECT account_id, crossing, credit_cents, fee_cents, payment_method_id, attempts
-FROM auto_topup_charges
+FROM auto_topup_charges c
 WHERE status = 'pending' AND next_attempt_at <= $1
+  -- An account no longer active (suspended, being deleted) is not charged.
+  AND EXISTS (SELECT 1 FROM accounts a WHERE a.id = c.account_id AND a.status = 'active')
 ORDER BY next_attempt_at
 LIMIT 1
 FOR UPDATE SKIP LOCKED

@@ -142,7 +142,14 @@ class StripeGateway:
         except stripe.StripeError as e:
             log.info("stripe refused: %s", type(e).__name__)
             raise StripeRefused(e.user_message or "the payment provider refused the top-up",
-                                e.code) from None
+                                _reason(e)) from None
+
+
+def _reason(e: stripe.StripeError) -> str | None:
+    """Stripe's reason code: a card's decline code (``insufficient_funds``) if given,
+    else the error's code (``card_declined``)."""
+    decline = getattr(e.error, "decline_code", None) if e.error is not None else None
+    return str(decline) if decline else e.code
 
 
 @dataclass(frozen=True, slots=True)

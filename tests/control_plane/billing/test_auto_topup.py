@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,11 +17,13 @@ import stripe
 from control_plane import ledger
 from control_plane.billing import auto_topup, balance_watch, low_balance
 from control_plane.billing.balance_watch import AUTO_TOPUP, LOW_BALANCE, Action
+from control_plane.billing.gateway import StripeGateway
 from control_plane.billing.routes import BILLING
 from control_plane.runtime import Stores
 from control_plane.web.state import STORES
 from tests.control_plane.billing.flows import balance, count, signed_in
 from tests.control_plane.web.conftest import Web
+from tests.proxy.conftest import closed_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -207,3 +211,45 @@ async def test_a_card_that_fails_off_session_turns_auto_topup_off_and_says_why(
     await _adjust(billing_web, account, -DOLLAR)
     assert (await _check(billing_web, account)).fired == 0
     assert await _charger(billing_web).charge_once() is None
+
+
+async def test_stripe_unreachable_retries_the_same_crossing_later_with_its_key(
+        billing_web: Web, stripe_client: stripe.StripeClient) -> None:
+    account, headers = await signed_in(billing_web)
+    await save_card(billing_web, headers, stripe_client)
+    r = await put_settings(billing_web, headers, enabled=True, threshold_cents=500,
+                           amount_cents=1000)
+    assert r.status == 200, await r.text()
+    await _adjust(billing_web, account, 3 * DOLLAR)
+    assert (await _check(billing_web, account)).fired == 1
+    stores = _stores(billing_web)
+    t0 = datetime.now(UTC) + timedelta(minutes=1)  # the charge was due at the claim
+    down = StripeGateway(replace(billing_web.settings.billing,
+                                 stripe_api_base=f"http://127.0.0.1:{closed_port()}"))
+    try:
+        unreachable = auto_topup.Charger(stores.pool, stores.redis, stores.settings.names,
+                                         down, billing_web.settings.public_url,
+                                         clock=lambda: t0)
+        outcome = await unreachable.charge_once()
+        assert outcome is not None and outcome.status == "retrying"
+    finally:
+        await down.close()
+    row = await stores.pool.fetchrow("SELECT * FROM auto_topup_charges WHERE account_id = $1",
+                                     uuid.UUID(account))
+    assert (row["status"], row["attempts"], row["next_attempt_at"]) == \
+        ("pending", 1, t0 + timedelta(seconds=auto_topup.BACKOFF_BASE_S))
+    # Not due before its back-off; then the same crossing (and so the same idempotency
+    # key, qnp-auto-topup-<account>-1) is charged, once.
+    gateway = billing_web.client.server.app[BILLING].gateway
+    assert gateway is not None
+
+    def charger_at(at: datetime) -> auto_topup.Charger:
+        return auto_topup.Charger(stores.pool, stores.redis, stores.settings.names, gateway,
+                                  billing_web.settings.public_url, clock=lambda: at)
+
+    assert await charger_at(t0 + timedelta(seconds=29)).charge_once() is None
+    later = await charger_at(t0 + timedelta(seconds=31)).charge_once()
+    assert later is not None and later.status == "succeeded"
+    assert auto_topup.idempotency_key(uuid.UUID(account), 1) == \
+        f"qnp-auto-topup-{account}-1"
+    assert (await balance(billing_web, account)).ledger_micros == 13 * DOLLAR
