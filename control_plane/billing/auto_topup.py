@@ -172,7 +172,11 @@ async def configure(pool: asyncpg.Pool, account: uuid.UUID, wanted: Wanted,
             "amount_cents = $2, updated_at = $3, disabled_reason = CASE WHEN $4 "
             "THEN NULL ELSE auto_topup_settings.disabled_reason END",
             account, wanted.amount_cents, now, wanted.enabled)
-        if wanted.threshold_cents is not None:
+        if wanted.threshold_cents is None:  # (``parse``: only when it is off)
+            await conn.execute(
+                "UPDATE balance_triggers SET enabled = false, updated_at = $3 "
+                "WHERE account_id = $1 AND kind = $2", account, AUTO_TOPUP, now)
+        else:
             # Turning it on arms it (a balance already below fires at the next check);
             # a new threshold alone keeps the armed state, so a charge in flight is not
             # followed by a second one.

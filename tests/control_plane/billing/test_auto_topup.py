@@ -127,6 +127,19 @@ async def test_settings_are_checked_and_need_a_card_first(
     data = (await r.json())["data"]
     assert (data["enabled"], data["threshold_cents"], data["amount_cents"],
             data["low_balance_cents"]) == (False, 750, 2500, None)
+    # On again through the API, then off from a form whose threshold was emptied.
+    r = await put_settings(billing_web, headers, enabled=True)
+    assert (await r.json())["data"]["enabled"] is True
+    r = await billing_web.client.post(
+        "/credits/auto-topup", allow_redirects=False, headers=billing_web.same_origin,
+        data={"csrf_token": headers["X-CSRF-Token"], "threshold": "", "amount": "25"})
+    assert r.status == 303, await r.text()
+    data = (await (await billing_web.client.get(SETTINGS_URL)).json())["data"]
+    assert (data["enabled"], data["threshold_cents"]) == (False, 750)
+    r = await billing_web.client.post(
+        "/credits/auto-topup", headers=billing_web.same_origin,
+        data={"csrf_token": headers["X-CSRF-Token"], "threshold": "abc"})
+    assert r.status == 400 and "dollar amount" in await r.text()
 
 
 async def test_another_accounts_card_setup_is_not_found(
