@@ -24,6 +24,7 @@ accounts whose status is ``active`` fire. Must not import ``control_plane.web`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import uuid
@@ -215,9 +216,12 @@ class BalanceWatch:
                 done = await check(self._pool, self._redis, self._names, self._actions,
                                    accounts, self._clock)
             except STORE_ERRORS as e:
-                # Not lost: an account still below its threshold fires at its next
-                # batch or sweep.
+                # Checked again once the store answers: nothing is lost, and a store
+                # that is down is not asked more than once per back-off.
                 log.warning("balance watch check failed (%s)", type(e).__name__)
+                self._dirty |= accounts
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), min(self._sweep_s, 1.0))
                 continue
             except Exception:  # top of the task: a bug must not end the watch
                 log.exception("balance watch check failed unexpectedly")

@@ -247,6 +247,9 @@ async def test_stripe_unreachable_retries_the_same_crossing_later_with_its_key(
         assert outcome is not None and outcome.status == "retrying"
     finally:
         await down.close()
+    # A manual top-up meanwhile does not re-arm it: no second charge while one is due.
+    await _adjust(billing_web, account, 10 * DOLLAR)
+    assert (await _check(billing_web, account)).rearmed == 0
     row = await stores.pool.fetchrow("SELECT * FROM auto_topup_charges WHERE account_id = $1",
                                      uuid.UUID(account))
     assert (row["status"], row["attempts"], row["next_attempt_at"]) == \
@@ -265,4 +268,5 @@ async def test_stripe_unreachable_retries_the_same_crossing_later_with_its_key(
     assert later is not None and later.status == "succeeded"
     assert auto_topup.idempotency_key(uuid.UUID(account), 1) == \
         f"qnp-auto-topup-{account}-1"
-    assert (await balance(billing_web, account)).ledger_micros == 13 * DOLLAR
+    assert (await balance(billing_web, account)).ledger_micros == 23 * DOLLAR
+    assert (await _check(billing_web, account)).rearmed == 1  # charged: armed again
