@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -115,6 +117,7 @@ class Consumer:
         metrics: Metrics,
         outages: Outages | None = None,
         rollups: bool = True,  # off only to measure what they cost (benchmarks.ingest)
+        on_debited: Callable[[set[uuid.UUID]], None] | None = None,
     ) -> None:
         names = settings.names
         self._outages = Outages() if outages is None else outages
@@ -131,6 +134,9 @@ class Consumer:
         self._retention = timedelta(days=settings.retention_days)
         self._pool = pool
         self._rollups = rollups
+        # Told, after each commit, which accounts the batch debited (the balance
+        # watch of auto top-up and the low-balance e-mail); must not block.
+        self._on_debited = on_debited
         self._redis = redis
         self._metrics = metrics
         self._partitions = Partitions()
@@ -201,6 +207,9 @@ class Consumer:
         result = BatchResult(read=len(entries), inserted=stored.rows, debits=stored.debits,
                              duplicates=len(batch.rows) - len(failed_at) - stored.rows)
         self._observe(batch, failed_at, result, committed)
+        if self._on_debited is not None and stored.debits:
+            self._on_debited({account for i, row in enumerate(batch.rows)
+                              if i not in failed_at and (account := row.billed_account)})
         acks = [entry_id for i, entry_id in enumerate(batch.row_ids) if i not in failed_at]
         try:
             if acks:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from control_plane import admin_api
+from control_plane.billing.balance_tasks import BalanceTasks
 from control_plane.ingest import Consumer
 from control_plane.logs import AccessLog
 from control_plane.mail.sender import Sender
@@ -105,7 +106,10 @@ class Ingest:
 
     def __init__(self, stores: Stores) -> None:
         s = stores
-        self._consumer = Consumer(s.settings, s.pool, s.redis, s.metrics, s.outages)
+        # Auto top-up and the low-balance e-mail (H22): told what each batch debited.
+        self._balance = BalanceTasks(s)
+        self._consumer = Consumer(s.settings, s.pool, s.redis, s.metrics, s.outages,
+                                  on_debited=self._balance.watch.note)
         self._reconciler = Reconciler(s.pool, s.redis, s.settings.names, s.metrics,
                                       outages=s.outages,
                                       sweep_interval_s=s.settings.sweep_interval_s,
@@ -121,13 +125,16 @@ class Ingest:
                        asyncio.create_task(self._reconciler.run(), name="reconciler")]
         if self._mail is not None:
             self._tasks.append(asyncio.create_task(self._mail.run(), name="mail sender"))
+        self._tasks += self._balance.start()
 
     async def stop(self, grace_s: float) -> None:
         self._consumer.stop()
         self._reconciler.stop()
         if self._mail is not None:
             self._mail.stop()
+        self._balance.stop()
         if not self._tasks:
+            await self._balance.close()
             return
         _, late = await asyncio.wait(self._tasks, timeout=grace_s)
         for task in late:
@@ -137,6 +144,7 @@ class Ingest:
         for task in late:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._balance.close()
 
 
 def build(names: tuple[str, ...], stores: Stores) -> list[Role]:

@@ -117,6 +117,9 @@ class Settings:
     mail_from: str = "QNP <no-reply@localhost>"
     # Stripe top-ups (H13, issue 13); see BillingSettings below.
     billing: BillingSettings = field(default_factory=lambda: BillingSettings())
+    # Auto top-up and the low-balance e-mail (H22): how often disarmed triggers are
+    # re-checked and due charges retried (crossings are checked after every batch).
+    balance_sweep_s: float = 5.0
 
     @property
     def names(self) -> RedisNames:
@@ -190,6 +193,7 @@ class Settings:
             smtp=_smtp(e),
             mail_from=_parse(e, "QNP_MAIL_FROM", "QNP <no-reply@localhost>", _non_empty),
             billing=BillingSettings.from_env(e),  # Stripe top-ups (H13)
+            balance_sweep_s=_parse(e, "QNP_BALANCE_SWEEP_S", 5.0, _seconds(0.1, 3600.0)),
         )
 
 

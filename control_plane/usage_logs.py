@@ -94,6 +94,10 @@ class RowError(ValueError):
     """An event that decoded but cannot be stored; the message is the reason."""
 
 
+_ACCOUNT_AT = [name for name, _ in _COLUMNS].index("account_id")
+_COST_AT = [name for name, _ in _COLUMNS].index("cost_micros")
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRow:
     """One validated row, plus the UTC day that names its partition."""
@@ -101,6 +105,14 @@ class UsageRow:
     values: Row
     day: date
     done_at: float = 0.0  # epoch seconds, for the consumer-lag metric
+
+    @property
+    def billed_account(self) -> uuid.UUID | None:
+        """The account this row debits, if it costs anything."""
+        account, cost = self.values[_ACCOUNT_AT], self.values[_COST_AT]
+        if isinstance(account, uuid.UUID) and isinstance(cost, int) and cost > 0:
+            return account
+        return None
 
 
 def _time(us: int, field: str) -> datetime:

@@ -123,3 +123,14 @@ async def profile(conn: asyncpg.Pool | asyncpg.Connection, user_id: uuid.UUID
     return {"email": row["email"], "name": row["display_name"],
             "created_at": row["created_at"].isoformat(),
             "providers": [p["provider"] for p in providers]}
+
+
+async def owner_address(conn: asyncpg.Pool | asyncpg.Connection, account_id: uuid.UUID
+                        ) -> str | None:
+    """The e-mail address of the account's active owner, for transactional mail; None
+    for an account nobody signs in to."""
+    address: str | None = await conn.fetchval(
+        "SELECT u.email FROM memberships m JOIN users u ON u.id = m.user_id "
+        "WHERE m.account_id = $1 AND m.role = 'owner' AND u.status = 'active' "
+        "ORDER BY m.created_at LIMIT 1", account_id)
+    return address

@@ -25,7 +25,12 @@ class StripeUnavailable(Unavailable):
 
 
 class StripeRefused(InvalidInput):
-    """Stripe refused the request; the message is Stripe's own, for the user."""
+    """Stripe refused the request; the message is Stripe's own, for the user, and
+    ``code`` Stripe's reason code (``card_declined``...), never card data."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +81,56 @@ class StripeGateway:
         return _intent(await self._call(
             self._client.v1.payment_intents.retrieve_async, intent_id, None))
 
+    # --- saved cards and off-session charges (auto top-up, H22) ---
+
+    async def create_setup_intent(self, *, customer: str, account_id: str,
+                                  idempotency_key: str) -> tuple[str, str]:
+        """A SetupIntent saving a card for off-session use: (id, client secret)."""
+        setup = await self._call(
+            self._client.v1.setup_intents.create_async,
+            {"customer": customer, "usage": "off_session",
+             "metadata": {"qnp_account_id": account_id}}, idempotency_key)
+        return str(setup.id), str(setup.client_secret)
+
+    async def saved_card(self, setup_intent_id: str) -> SavedCard:
+        """The card a succeeded SetupIntent saved, attached to its Customer."""
+        setup = (await self._call(self._client.v1.setup_intents.retrieve_async,
+                                  setup_intent_id, None)).to_dict()
+        if setup.get("status") != "succeeded" or not setup.get("payment_method"):
+            raise StripeRefused("the card was not saved; please enter it again",
+                                str(setup.get("status")))
+        method_id = str(setup["payment_method"])
+        method = (await self._call(self._client.v1.payment_methods.retrieve_async,
+                                   method_id, None)).to_dict()
+        customer = str(setup.get("customer") or "")
+        if method.get("customer") != customer:
+            # Stripe attaches it when the SetupIntent succeeds; localstripe does not.
+            await self._call(self._client.v1.payment_methods.attach_async, method_id,
+                             f"qnp-attach-{setup_intent_id}", {"customer": customer})
+        card = method.get("card") or {}
+        return SavedCard(setup_intent_id, customer, method_id, str(card.get("brand", "")),
+                         str(card.get("last4", "")))
+
+    async def charge_off_session(self, *, customer: str, payment_method: str,
+                                 amount_cents: int, currency: str, account_id: str,
+                                 credit_cents: int, idempotency_key: str) -> Intent:
+        """Charge the saved card with the customer away; a decline is StripeRefused
+        with Stripe's code."""
+        intent = await self._call(
+            self._client.v1.payment_intents.create_async,
+            {"amount": amount_cents, "currency": currency, "customer": customer,
+             "payment_method": payment_method, "confirm": True, "off_session": True,
+             "metadata": {"qnp_account_id": account_id, "credit_cents": str(credit_cents),
+                          "qnp_kind": "auto_topup"}},
+            idempotency_key)
+        return _intent(intent)
+
     @staticmethod
-    async def _call(method: Any, first: Any, idempotency_key: str | None) -> Any:
+    async def _call(method: Any, first: Any, idempotency_key: str | None, *more: Any
+                    ) -> Any:
         options = {"idempotency_key": idempotency_key} if idempotency_key else {}
         try:
-            return await method(first, options=options)
+            return await method(first, *more, options=options)
         except (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError) as e:
             log.warning("stripe unavailable: %s", type(e).__name__)
             raise StripeUnavailable(
@@ -91,8 +141,24 @@ class StripeGateway:
             raise StripeUnavailable("top-ups are misconfigured; nothing was charged") from None
         except stripe.StripeError as e:
             log.info("stripe refused: %s", type(e).__name__)
-            raise StripeRefused(e.user_message or "the payment provider refused the top-up"
-                                ) from None
+            raise StripeRefused(e.user_message or "the payment provider refused the top-up",
+                                _reason(e)) from None
+
+
+def _reason(e: stripe.StripeError) -> str | None:
+    """Stripe's reason code: a card's decline code (``insufficient_funds``) if given,
+    else the error's code (``card_declined``)."""
+    decline = getattr(e.error, "decline_code", None) if e.error is not None else None
+    return str(decline) if decline else e.code
+
+
+@dataclass(frozen=True, slots=True)
+class SavedCard:
+    setup_intent_id: str
+    customer: str
+    payment_method_id: str
+    brand: str
+    last4: str
 
 
 def _intent(obj: Any) -> Intent:

@@ -72,6 +72,16 @@ class Started:
                 "amount_cents": t.amount_cents, "currency": t.currency}
 
 
+async def customer_for(pool: asyncpg.Pool, gateway: StripeGateway, account: uuid.UUID
+                       ) -> str:
+    """The account's Stripe Customer, created (once, whoever races) on first use."""
+    customer = await payments.customer_of(pool, account)
+    if customer is None:
+        customer = await payments.save_customer(
+            pool, account, await gateway.create_customer(str(account)))
+    return customer
+
+
 async def start_topup(pool: asyncpg.Pool, gateway: StripeGateway, settings: BillingSettings,
                       account: uuid.UUID, credit_cents: object, request_id: uuid.UUID
                       ) -> Started:
@@ -81,10 +91,7 @@ async def start_topup(pool: asyncpg.Pool, gateway: StripeGateway, settings: Bill
         intent = await gateway.retrieve_intent(existing.payment_intent_id)
         return Started(existing, intent.client_secret)
     price = quote(settings, credit_cents)
-    customer = await payments.customer_of(pool, account)
-    if customer is None:
-        customer = await payments.save_customer(
-            pool, account, await gateway.create_customer(str(account)))
+    customer = await customer_for(pool, gateway, account)
     intent = await gateway.create_intent(
         customer=customer, amount_cents=price.amount_cents, currency=CURRENCY,
         account_id=str(account), credit_cents=price.credit_cents,

@@ -27,6 +27,7 @@ from control_plane.runtime import Stores
 from control_plane.settings import Settings
 from control_plane.web import (
     account_api,
+    billing_settings,
     dashboard,
     privacy_page,
     security,
@@ -118,4 +119,5 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     export_api.add_routes(app)  # issue 14: the account's data export
     privacy_page.add_routes(app)  # issue 14: Settings > Privacy and its account API
     billing_routes.add_routes(app)  # Stripe top-ups and webhooks (H13)
+    billing_settings.add_routes(app)  # auto top-up, low-balance e-mail (H22)
     return app

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from control_plane import account_usage, keys, ledger, ledger_history, publisher, rollups
 from control_plane.accounts import clean_name
 from control_plane.auth.sessions import Session
+from control_plane.billing import auto_topup
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.web.state import CALLER, KEY_DOCS, KEYS, SESSIONS, SETTINGS, STORES
 from shared.pricing import PriceError, dollars_to_micros
@@ -97,6 +98,7 @@ async def credits_page(request: web.Request) -> web.Response:
     return render(request, "credits.html", session,
                   balance=await _balance(request, session.account_id),
                   entries=await ledger_history.credits(pool, session.account_id),
+                  auto_topup=await auto_topup.config_of(pool, session.account_id),  # H22
                   days=[d for d in reversed(days) if d.requests])
 
 

@@ -39,6 +39,10 @@ OWN_ACCOUNT_ROUTES = frozenset({
         ("GET", ""), ("PUT", "/jurisdiction"), ("POST", "/name"), ("POST", "/email"),
         ("POST", "/email/confirm"), ("POST", "/correction"), ("PUT", "/restriction"),
         ("POST", "/objection"), ("POST", "/human-review"))),
+    # Auto top-up settings (H22): the caller's own; another account's SetupIntent: 404.
+    ("GET", "/api/v1/credits/auto-topup"), ("PUT", "/api/v1/credits/auto-topup"),
+    ("POST", "/api/v1/credits/auto-topup/card"),
+    ("POST", "/api/v1/credits/auto-topup/card/complete"),
 })
 
 
