@@ -46,6 +46,7 @@ ROUTE_ROLES: Mapping[tuple[str, str], frozenset[str]] = {
     ("POST", "/admin/accounts/{account_id}/suspend"): SUPPORT,
     ("POST", "/admin/accounts/{account_id}/resume"): SUPPORT,
     ("GET", "/admin/accounts/{account_id}/usage"): READ,
+    ("GET", "/admin/billing/reconciliation"): BILLING,
 }
 ROLES_CACHE_TTL_S = 5.0
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

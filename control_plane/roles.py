@@ -5,7 +5,9 @@
 - ``ingest``: the ingest consumer and the reconciler. The reconciler lives here because
   it is what keeps Redis filled for the proxy, and every deployment runs ingest
   somewhere (events pile up otherwise); several replicas reconcile harmlessly. With
-  SMTP_URL set it also runs the mail sender (``mail.sender``), safe on every replica.
+  SMTP_URL set it also runs the mail sender (``mail.sender``), safe on every replica,
+  and with a Stripe key the Stripe reconciliation (``billing.reconcile``), which one
+  replica at a time runs.
 
 The maintenance job (stream trim, partitions, retention) is not a role: ``service``
 runs it once in every process whatever its roles, as it is safe on every replica.
@@ -25,6 +27,9 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from control_plane import admin_api
+from control_plane.billing.gateway import StripeGateway
+from control_plane.billing.reconcile import ReconcileMetrics
+from control_plane.billing.reconcile import Reconciler as StripeReconciler
 from control_plane.ingest import Consumer
 from control_plane.logs import AccessLog
 from control_plane.mail.sender import Sender
@@ -105,6 +110,7 @@ class Ingest:
 
     def __init__(self, stores: Stores) -> None:
         s = stores
+        self._stripe_interval_s = s.settings.billing.reconcile_interval_s
         self._consumer = Consumer(s.settings, s.pool, s.redis, s.metrics, s.outages)
         self._reconciler = Reconciler(s.pool, s.redis, s.settings.names, s.metrics,
                                       outages=s.outages,
@@ -113,6 +119,11 @@ class Ingest:
         # The mail sender rides along (H12): every deployment runs ingest somewhere.
         self._mail = (Sender(s.pool, s.settings.smtp, s.settings.mail_from)
                       if s.settings.smtp else None)
+        billing = s.settings.billing
+        self._stripe = StripeGateway(billing) if billing.stripe_secret_key else None
+        self._stripe_job = None if self._stripe is None else StripeReconciler(
+            s.pool, s.redis, s.settings.names, self._stripe,
+            ReconcileMetrics(s.metrics.registry), lookback_s=billing.reconcile_lookback_s)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -121,12 +132,24 @@ class Ingest:
                        asyncio.create_task(self._reconciler.run(), name="reconciler")]
         if self._mail is not None:
             self._tasks.append(asyncio.create_task(self._mail.run(), name="mail sender"))
+        if self._stripe_job is not None:
+            job = self._stripe_job.run(self._stripe_interval_s)
+            self._tasks.append(asyncio.create_task(job, name="stripe reconciliation"))
 
     async def stop(self, grace_s: float) -> None:
         self._consumer.stop()
         self._reconciler.stop()
         if self._mail is not None:
             self._mail.stop()
+        if self._stripe_job is not None:
+            self._stripe_job.stop()
+        try:
+            await self._stop_tasks(grace_s)
+        finally:
+            if self._stripe is not None:
+                await self._stripe.close()
+
+    async def _stop_tasks(self, grace_s: float) -> None:
         if not self._tasks:
             return
         _, late = await asyncio.wait(self._tasks, timeout=grace_s)
