@@ -33,11 +33,14 @@ from control_plane import accounts, audit, keys, ledger, limits, usage
 from control_plane.accounts import parse_account_id
 from control_plane.admin_rbac import CSRF_HEADER, NotStaff, StaffAccess
 from control_plane.auth.sessions import COOKIE, Sessions
+from control_plane.billing import reconcile
+from control_plane.billing.gateway import StripeGateway
 from control_plane.errors import (
     ControlPlaneError,
     InvalidInput,
     NotFound,
     Unauthorized,
+    Unavailable,
     classify,
 )
 from control_plane.metrics import Metrics
@@ -54,6 +57,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
+STRIPE = web.AppKey("stripe", StripeGateway)
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -303,6 +307,39 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+def _day(raw: str | None, name: str) -> int:
+    try:
+        return int(datetime.strptime(raw or "", "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        raise InvalidInput(f"{name} must be a date, YYYY-MM-DD (UTC)") from None
+
+
+async def billing_reconciliation(request: web.Request) -> web.Response:
+    """Stripe's totals against the ledger's for the days ``from`` to ``to`` (inclusive,
+    UTC), optionally of one ``account_id``."""
+    start = _day(request.query.get("from"), "from")
+    end = _day(request.query.get("to"), "to") + 86_400
+    if end <= start or end - start > 366 * 86_400:
+        raise InvalidInput("to must be on or after from, within a year")
+    raw = request.query.get("account_id")
+    account = None if raw is None else parse_account_id(raw)
+    if STRIPE not in request.app:
+        raise Unavailable("Stripe is not configured on this server")
+    return json_response(await reconcile.report(request.app[POOL], request.app[STRIPE],
+                                                start, end, account))
+
+
+async def _stripe_client(app: web.Application) -> AsyncIterator[None]:
+    billing = app[SETTINGS].billing
+    if billing.stripe_secret_key:
+        app[STRIPE] = StripeGateway(billing)
+    try:
+        yield
+    finally:
+        if STRIPE in app:
+            await app[STRIPE].close()
+
+
 async def _own_stores(app: web.Application) -> AsyncIterator[None]:
     """Stores of the app's own, when it runs alone (tests, tools) rather than in a role."""
     async with open_stores(app[SETTINGS]) as stores:
@@ -346,6 +383,8 @@ def make_app(settings: Settings, stores: Stores | None = None) -> web.Applicatio
     app.router.add_get("/admin/privacy/requests", privacy_open)
     app.router.add_post("/admin/privacy/requests/{request_id}/extend", privacy_extend)
     app.router.add_post("/admin/privacy/requests/{request_id}/answer", privacy_answer)
+    app.cleanup_ctx.append(_stripe_client)  # the reconciliation report (H21)
+    app.router.add_get("/admin/billing/reconciliation", billing_reconciliation)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app

@@ -51,6 +51,7 @@ ROUTE_ROLES: Mapping[tuple[str, str], frozenset[str]] = {
     ("GET", "/admin/privacy/requests"): PRIVACY,
     ("POST", "/admin/privacy/requests/{request_id}/extend"): PRIVACY,
     ("POST", "/admin/privacy/requests/{request_id}/answer"): PRIVACY,
+    ("GET", "/admin/billing/reconciliation"): BILLING,
 }
 ROLES_CACHE_TTL_S = 5.0
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -127,50 +128,74 @@ async def credit(
     event id) atomically with it."""
     kind_, amount, ref = clean_credit(kind, amount_micros, reference)
     account = parse_account_id(account_id)
-    async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _LOCK_CLASS,
-                           str(account))
-        try:
-            async with conn.transaction():
-                await get_account(conn, account_id)
-                row = await conn.fetchrow(
-                    f"INSERT INTO credit_ledger (account_id, kind, amount_micros, reference) "  # noqa: S608
-                    f"VALUES ($1, $2, $3, $4) ON CONFLICT (kind, reference) "
-                    f"WHERE reference IS NOT NULL DO NOTHING RETURNING {_COLUMNS}",
-                    account, kind_, amount, ref,
-                )
-                created = row is not None
-                if row is None:
-                    row = await conn.fetchrow(
-                        f"SELECT {_COLUMNS} FROM credit_ledger "  # noqa: S608
-                        "WHERE kind = $1 AND reference = $2", kind_, ref,
-                    )
-                    assert row is not None
-                    if (row["account_id"], row["amount_micros"]) != (account, amount):
-                        raise Conflict(f"reference already used by a different {kind_}")
-                else:
-                    await conn.execute(
-                        "INSERT INTO credit_pending (ledger_id, account_id) VALUES ($1, $2)",
-                        row["id"], account,
-                    )
-                if within is not None:
-                    await within(conn, row["id"])
-            entry = LedgerEntry(**dict(row))
-            try:
-                await _drain(conn, redis, names, account)
-            except RedisError as e:
-                log.warning("credit committed, not yet live (reconciler will apply it) "
-                            "ledger_id=%d account_id=%s: %s", entry.id, account,
-                            type(e).__name__)
-        finally:
-            if not conn.is_closed():
-                await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))",
-                                   _LOCK_CLASS, str(account))
+    async with account_lock(pool, account) as conn:
+        async with conn.transaction():
+            await get_account(conn, account_id)
+            entry, created = await insert_credit(conn, account, kind_, amount, ref)
+            if within is not None:
+                await within(conn, entry.id)
+        await drain_account(conn, redis, names, account)
     if created:
         log.info("credit kind=%s amount_micros=%d account_id=%s ledger_id=%d",
                  kind_, amount, account, entry.id)
     return Credited(entry, created, await get_balance(pool, redis, names, account_id,
                                                       tolerate_redis_down=True))
+
+
+@asynccontextmanager
+async def account_lock(pool: asyncpg.Pool, account: uuid.UUID
+                       ) -> AsyncIterator[asyncpg.Connection]:
+    """A connection holding the account's credit lock (every replica's credits of the
+    account wait for it): credits get ledger ids in commit order, and a caller may read
+    what it bases a credit on without a race (``billing.reversals``)."""
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _LOCK_CLASS,
+                           str(account))
+        try:
+            yield conn
+        finally:
+            if not conn.is_closed():
+                await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))",
+                                   _LOCK_CLASS, str(account))
+
+
+async def insert_credit(conn: asyncpg.Connection, account: uuid.UUID, kind: str,
+                        amount: int, reference: str | None) -> tuple[LedgerEntry, bool]:
+    """The credit's ledger row and its pending hand-off to Redis, in the caller's
+    transaction under ``account_lock`` (values already checked). A repeated reference
+    (per kind) finds the original row: (entry, False)."""
+    row = await conn.fetchrow(
+        f"INSERT INTO credit_ledger (account_id, kind, amount_micros, reference) "  # noqa: S608
+        f"VALUES ($1, $2, $3, $4) ON CONFLICT (kind, reference) "
+        f"WHERE reference IS NOT NULL DO NOTHING RETURNING {_COLUMNS}",
+        account, kind, amount, reference,
+    )
+    created = row is not None
+    if row is None:
+        row = await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM credit_ledger "  # noqa: S608
+            "WHERE kind = $1 AND reference = $2", kind, reference,
+        )
+        assert row is not None
+        if (row["account_id"], row["amount_micros"]) != (account, amount):
+            raise Conflict(f"reference already used by a different {kind}")
+    else:
+        await conn.execute(
+            "INSERT INTO credit_pending (ledger_id, account_id) VALUES ($1, $2)",
+            row["id"], account,
+        )
+    return LedgerEntry(**dict(row)), created
+
+
+async def drain_account(conn: asyncpg.Connection, redis: aioredis.Redis, names: RedisNames,
+                        account: uuid.UUID) -> None:
+    """After the commit, under ``account_lock``: hand the account's pending credits to
+    Redis; if Redis is down they stay pending for the reconciler."""
+    try:
+        await _drain(conn, redis, names, account)
+    except RedisError as e:
+        log.warning("credit committed, not yet live (reconciler will apply it) "
+                    "account_id=%s: %s", account, type(e).__name__)
 
 
 async def _drain(

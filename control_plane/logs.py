@@ -15,8 +15,20 @@ from aiohttp.abc import AbstractAccessLogger
 FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 
+# Libraries that log what must not be logged, kept at WARNING whatever QNP_LOG_LEVEL
+# says: the stripe SDK logs request parameters and response bodies at INFO and DEBUG
+# (PaymentIntent client secrets, metadata).
+QUIET_LOGGERS = ("stripe",)
+
+
 def configure(level: int) -> None:
     logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class AccessLog(AbstractAccessLogger):

@@ -62,8 +62,14 @@ return 1
 """
 
 # One snapshot: the sum and the highest credit id must describe the same ledger rows.
+# An account with an open payment dispute (billing.reversals) is published as
+# suspended, whatever accounts.status says: every proxy refuses its keys, while its
+# user can still sign in, see why and ask for a review.
 _STATE_SQL = """
-SELECT a.id, a.status, a.limits::text AS limits,
+SELECT a.id, CASE WHEN EXISTS (SELECT 1 FROM billing_disputes d WHERE d.account_id = a.id
+                               AND d.withdrawn AND d.outcome IS NULL)
+             THEN 'suspended' ELSE a.status END AS status,
+       a.limits::text AS limits,
        (SELECT coalesce(sum(amount_micros), 0)::bigint FROM credit_ledger l
          WHERE l.account_id = a.id) AS ledger_micros,
        (SELECT coalesce(max(id), 0) FROM credit_ledger l

@@ -5,7 +5,9 @@
 - ``ingest``: the ingest consumer and the reconciler. The reconciler lives here because
   it is what keeps Redis filled for the proxy, and every deployment runs ingest
   somewhere (events pile up otherwise); several replicas reconcile harmlessly. With
-  SMTP_URL set it also runs the mail sender (``mail.sender``), safe on every replica.
+  SMTP_URL set it also runs the mail sender (``mail.sender``), safe on every replica,
+  and with a Stripe key the Stripe reconciliation (``billing.reconcile``), which one
+  replica at a time runs.
 
 The maintenance job (stream trim, partitions, retention) is not a role: ``service``
 runs it once in every process whatever its roles, as it is safe on every replica.
@@ -26,6 +28,8 @@ from aiohttp import web
 
 from control_plane import admin_api
 from control_plane.billing.balance_tasks import BalanceTasks
+from control_plane.billing.reconcile import ReconcileMetrics
+from control_plane.billing.reconcile import Reconciler as StripeReconciler
 from control_plane.ingest import Consumer
 from control_plane.logs import AccessLog
 from control_plane.mail.sender import Sender
@@ -100,13 +104,16 @@ class Listener:
 
 
 class Ingest:
-    """The ingest consumer and the reconciler, as two tasks."""
+    """The ingest consumer and the reconciler, as two tasks; with them the mail sender,
+    the balance watch and, with Stripe configured, the auto top-up charger and the
+    Stripe reconciliation."""
 
     name = INGEST
 
     def __init__(self, stores: Stores) -> None:
         s = stores
         # Auto top-up and the low-balance e-mail (H22): told what each batch debited.
+        # It owns the role's Stripe client, which the reconciliation (H21) shares.
         self._balance = BalanceTasks(s)
         self._consumer = Consumer(s.settings, s.pool, s.redis, s.metrics, s.outages,
                                   on_debited=self._balance.watch.note)
@@ -117,6 +124,11 @@ class Ingest:
         # The mail sender rides along (H12): every deployment runs ingest somewhere.
         self._mail = (Sender(s.pool, s.settings.smtp, s.settings.mail_from)
                       if s.settings.smtp else None)
+        billing, gateway = s.settings.billing, self._balance.gateway
+        self._stripe_interval_s = billing.reconcile_interval_s
+        self._stripe_job = None if gateway is None else StripeReconciler(
+            s.pool, s.redis, s.settings.names, gateway,
+            ReconcileMetrics(s.metrics.registry), lookback_s=billing.reconcile_lookback_s)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -126,6 +138,9 @@ class Ingest:
         if self._mail is not None:
             self._tasks.append(asyncio.create_task(self._mail.run(), name="mail sender"))
         self._tasks += self._balance.start()
+        if self._stripe_job is not None:
+            job = self._stripe_job.run(self._stripe_interval_s)
+            self._tasks.append(asyncio.create_task(job, name="stripe reconciliation"))
 
     async def stop(self, grace_s: float) -> None:
         self._consumer.stop()
@@ -133,8 +148,15 @@ class Ingest:
         if self._mail is not None:
             self._mail.stop()
         self._balance.stop()
+        if self._stripe_job is not None:
+            self._stripe_job.stop()
+        try:
+            await self._stop_tasks(grace_s)
+        finally:
+            await self._balance.close()  # the Stripe client, once every task ended
+
+    async def _stop_tasks(self, grace_s: float) -> None:
         if not self._tasks:
-            await self._balance.close()
             return
         _, late = await asyncio.wait(self._tasks, timeout=grace_s)
         for task in late:
@@ -144,7 +166,6 @@ class Ingest:
         for task in late:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._balance.close()
 
 
 def build(names: tuple[str, ...], stores: Stores) -> list[Role]:

@@ -431,6 +431,11 @@ class BillingSettings:
     # The fee charged on top of the credit: a percentage (basis points) plus a fixed part.
     fee_bps: int = 0
     fee_fixed_cents: int = 0
+    # Reconciliation (H21): how often the ingest role lists Stripe's payments and
+    # refunds, and how far before its last run each listing reaches back (a payment
+    # is listed by when it was created, and may succeed a while later).
+    reconcile_interval_s: float = 300.0
+    reconcile_lookback_s: int = 86_400
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> BillingSettings:
@@ -448,6 +453,10 @@ class BillingSettings:
             max_topup_cents=high,
             fee_bps=_parse(env, "QNP_TOPUP_FEE_BPS", 0, _int_in(0, 5_000)),
             fee_fixed_cents=_parse(env, "QNP_TOPUP_FEE_FIXED_CENTS", 0, _int_in(0, 10_000)),
+            reconcile_interval_s=_parse(env, "QNP_STRIPE_RECONCILE_INTERVAL_S", 300.0,
+                                        _seconds(0.1, 86_400.0)),
+            reconcile_lookback_s=_parse(env, "QNP_STRIPE_RECONCILE_LOOKBACK_S", 86_400,
+                                        _int_in(0, 90 * 86_400)),
         )
 
 

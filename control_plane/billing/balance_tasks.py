@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 class BalanceTasks:
     def __init__(self, stores: Stores) -> None:
         s = stores.settings
-        self._gateway = StripeGateway(s.billing) if s.billing.stripe_secret_key else None
+        self.gateway = StripeGateway(s.billing) if s.billing.stripe_secret_key else None
         actions: dict[str, Action] = {LOW_BALANCE: low_balance.action(s.public_url)}
         self.charger: auto_topup.Charger | None = None
-        if self._gateway is not None:
+        if self.gateway is not None:
             actions[AUTO_TOPUP] = auto_topup.action(s.billing)
             self.charger = auto_topup.Charger(stores.pool, stores.redis, s.names,
-                                              self._gateway, s.public_url,
+                                              self.gateway, s.public_url,
                                               tick_s=s.balance_sweep_s)
         self.watch = BalanceWatch(stores.pool, stores.redis, s.names, actions,
                                   sweep_s=s.balance_sweep_s,
@@ -47,7 +47,8 @@ class BalanceTasks:
             self.charger.stop()
 
     async def close(self) -> None:
-        """After the tasks ended: the Stripe client."""
-        if self._gateway is not None:
+        """After the tasks ended: the Stripe client (shared with the role's other Stripe
+        users, the reconciliation among them)."""
+        if self.gateway is not None:
             with contextlib.suppress(Exception):
-                await self._gateway.close()
+                await self.gateway.close()

@@ -9,6 +9,7 @@ the key. Must not import ``control_plane.web`` or ``proxy``.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,34 @@ class StripeGateway:
                           "qnp_kind": "auto_topup"}},
             idempotency_key)
         return _intent(intent)
+    async def listed(self, kind: str, since: int, until: int | None = None,
+                     **filters: str) -> AsyncIterator[dict[str, Any]]:
+        """``payment_intents`` or ``refunds`` created in [since, until), as Stripe lists
+        them: newest first, a page of 100 at a time, stopping at the first older one."""
+        service: Any = {"payment_intents": self._client.v1.payment_intents,
+                        "refunds": self._client.v1.refunds}[kind]
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 100, **filters}
+            if after is not None:
+                params["starting_after"] = after
+            page = (await self._call(service.list_async, params, None)).to_dict()
+            items: list[dict[str, Any]] = page.get("data") or []
+            for item in items:
+                if int(item["created"]) < since:
+                    return
+                if until is None or int(item["created"]) < until:
+                    yield item
+            if not page.get("has_more") or not items:
+                return
+            after = str(items[-1]["id"])
+
+    async def charge_intent(self, charge_id: str) -> str | None:
+        """The PaymentIntent a charge belongs to (a refund may name only its charge)."""
+        charge = (await self._call(self._client.v1.charges.retrieve_async, charge_id,
+                                   None)).to_dict()
+        intent = charge.get("payment_intent")
+        return intent if isinstance(intent, str) else None
 
     @staticmethod
     async def _call(method: Any, first: Any, idempotency_key: str | None, *more: Any

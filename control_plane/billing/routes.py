@@ -3,7 +3,10 @@ session; the guard checks CSRF), ``POST /api/v1/credits/topup/complete`` (the pa
 return path: credits a succeeded payment even if its webhook is lost),
 ``GET /api/v1/credits/topup/quote`` (the fee, shown before paying) and
 ``POST /webhooks/stripe`` (Stripe's signature on the raw body, tolerance 300 s;
-listed in guard.CSRF_EXEMPT). The Stripe client lives in the app's ``cleanup_ctx``.
+listed in guard.CSRF_EXEMPT): payments credit (``payments``), refunds and disputes
+reverse (``reversals``). A middleware puts the signed-in account's open disputes into
+every dashboard page's context (``_hold_notice.html`` in the layout). The Stripe
+client lives in the app's ``cleanup_ctx``.
 Handlers stay thin: SQL is in ``payments``, Stripe in ``gateway``.
 Never imports ``proxy``.
 """
@@ -20,11 +23,12 @@ import stripe
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from control_plane.billing import payments, topups
+from control_plane.billing import payments, reversals, topups
 from control_plane.billing.gateway import StripeGateway
 from control_plane.errors import Forbidden, InvalidInput, Unavailable
+from control_plane.web.errors import Handler
 from control_plane.web.guard import caller
-from control_plane.web.state import SETTINGS, STORES
+from control_plane.web.state import CALLER, PAGE_CONTEXT, SETTINGS, STORES
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,8 @@ class BillingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.webhooks = Counter(
             "qnp_billing_webhooks", "Stripe webhook deliveries by outcome "
-            "(credited, duplicate, ignored, unmatched, mismatch, bad_signature).",
+            "(credited, reversed, reinstated, recorded, duplicate, ignored, unmatched, "
+            "mismatch, bad_signature).",
             ["outcome"], registry=registry)
         self.unknown_types = Counter(
             "qnp_billing_webhook_unknown_types",
@@ -140,9 +145,17 @@ async def stripe_webhook(request: web.Request) -> web.Response:
 
 async def _handle(request: web.Request, event_id: str, event_type: str,
                   obj: dict[str, Any]) -> str:
+    stores = request.app[STORES]
+    if event_type == reversals.REFUNDED:
+        return (await reversals.refunded(
+            stores.pool, stores.redis, stores.settings.names, obj, event_id=event_id,
+            event_type=event_type, cause=event_id)).outcome
+    if event_type in reversals.DISPUTE_EVENTS:
+        return (await reversals.disputed(
+            stores.pool, stores.redis, stores.settings.names, obj, event_id=event_id,
+            event_type=event_type)).outcome
     if event_type != SUCCEEDED:
         return "ignored"  # acknowledged, so Stripe stops retrying; counted
-    stores = request.app[STORES]
     if await payments.event_seen(stores.pool, event_id):
         return "duplicate"
     intent_id = str(obj.get("id"))
@@ -175,8 +188,24 @@ async def _stripe_client(app: web.Application) -> AsyncIterator[None]:
             await billing.gateway.close()
 
 
+_NO_PAGE = ("/api/", "/static/", "/webhooks/", "/auth/")
+
+
+@web.middleware
+async def hold_notice(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A dashboard page shows the account's open disputes (its keys are paused)."""
+    found = request[CALLER] if CALLER in request else None
+    if request.method == "GET" and found is not None and found.session is not None \
+            and not request.path.startswith(_NO_PAGE):
+        context = request.setdefault(PAGE_CONTEXT, {})
+        context["billing_holds"] = await reversals.holds(request.app[STORES].pool,
+                                                         found.account_id)
+    return await handler(request)
+
+
 def add_routes(app: web.Application) -> None:
     app[BILLING] = Billing(BillingMetrics(app[STORES].metrics.registry))
+    app.middlewares.append(hold_notice)  # innermost: after guard identified the caller
     app.cleanup_ctx.append(_stripe_client)
     app.router.add_post("/api/v1/credits/topup", topup)
     app.router.add_post("/api/v1/credits/topup/complete", topup_complete)

@@ -45,3 +45,6 @@ class Caller:
 
 
 CALLER = web.RequestKey("caller", Caller)
+# Values a middleware adds to every dashboard page's template context (``render``),
+# e.g. the account's open payment disputes (``billing.routes.hold_notice``).
+PAGE_CONTEXT = web.RequestKey("page_context", dict[str, object])

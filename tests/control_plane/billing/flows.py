@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import stripe
 
 from control_plane import ledger
 from control_plane.web.state import STORES
@@ -33,3 +34,13 @@ async def balance(web: Web, account_id: str) -> ledger.Balance:
 async def count(web: Web, sql: str, *args: Any) -> int:
     value: int = await web.client.server.app[STORES].pool.fetchval(sql, *args)
     return value
+
+
+async def pay(client: stripe.StripeClient, intent: str, number: str = "4242424242424242",
+              cvc: str = "123") -> None:
+    """What Stripe.js does with the card form: a PaymentMethod, then the confirmation."""
+    method = await client.v1.payment_methods.create_async(
+        {"type": "card", "card": {"number": number, "exp_month": 12, "exp_year": 2030,
+                                  "cvc": cvc}})
+    await client.v1.payment_intents.update_async(intent, {"payment_method": method.id})
+    assert (await client.v1.payment_intents.confirm_async(intent)).status == "succeeded"
