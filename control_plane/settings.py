@@ -113,6 +113,11 @@ class Settings:
     mail_from: str = "QNP <no-reply@localhost>"
     # Stripe top-ups (H13, issue 13); see BillingSettings below.
     billing: BillingSettings = field(default_factory=lambda: BillingSettings())
+    # The privacy policy and rights pages (H19): the complaint authorities file that
+    # replaces control_plane/policy/authorities.toml, and how many data exports one
+    # process streams at once (each holds a Postgres connection for its duration).
+    complaint_authorities: Path | None = None
+    exports_per_process: int = 2
 
     @property
     def names(self) -> RedisNames:
@@ -184,6 +189,9 @@ class Settings:
             smtp=_smtp(e),
             mail_from=_parse(e, "QNP_MAIL_FROM", "QNP <no-reply@localhost>", _non_empty),
             billing=BillingSettings.from_env(e),  # Stripe top-ups (H13)
+            complaint_authorities=_parse(e, "QNP_COMPLAINT_AUTHORITIES", None,
+                                         _readable_file),  # H19
+            exports_per_process=_parse(e, "QNP_EXPORTS_PER_PROCESS", 2, _int_in(1, 64)),
         )
 
 

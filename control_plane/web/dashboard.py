@@ -25,7 +25,15 @@ from control_plane import account_usage, keys, ledger, ledger_history, publisher
 from control_plane.accounts import clean_name
 from control_plane.auth.sessions import Session
 from control_plane.errors import InvalidInput, NotFound
-from control_plane.web.state import CALLER, KEY_DOCS, KEYS, SESSIONS, SETTINGS, STORES
+from control_plane.web.state import (
+    CALLER,
+    KEY_DOCS,
+    KEYS,
+    PAGE_CONTEXT,
+    SESSIONS,
+    SETTINGS,
+    STORES,
+)
 from shared.pricing import PriceError, dollars_to_micros
 
 HERE = Path(__file__).parent
@@ -53,7 +61,8 @@ def session_of(request: web.Request) -> Session:
 def render(request: web.Request, template: str, session: Session, status: int = 200,
            **values: Any) -> web.Response:
     context = {"nav": NAV, "path": request.path, "api_base": request.app[SETTINGS].api_base_url,
-               "csrf_token": request.app[SESSIONS].csrf_token(str(session.id)), **values}
+               "csrf_token": request.app[SESSIONS].csrf_token(str(session.id)),
+               **request.get(PAGE_CONTEXT, {}), **values}
     return aiohttp_jinja2.render_template(template, request, context, status=status,
                                           app_key=TEMPLATES)
 

@@ -45,3 +45,6 @@ class Caller:
 
 
 CALLER = web.RequestKey("caller", Caller)
+# What middlewares add to the template context of every dashboard page (the policy
+# banner, ``policy_page``); ``dashboard.render`` merges it.
+PAGE_CONTEXT = web.RequestKey("page_context", dict[str, object])
