@@ -52,8 +52,7 @@ WITH picked AS (
 marked AS (
     INSERT INTO policy_notices (user_id, version) SELECT id, $1 FROM picked
     ON CONFLICT DO NOTHING RETURNING user_id)
-SELECT p.id, p.email, p.account_id, k.user_id IS NOT NULL AS marked,
-       (SELECT max(id) FROM picked) AS last_id
+SELECT p.id, p.email, p.account_id, k.user_id IS NOT NULL AS marked
 FROM picked p LEFT JOIN marked k ON k.user_id = p.id
 ORDER BY p.id
 """
@@ -138,7 +137,7 @@ async def notify(pool: asyncpg.Pool, version: str, public_url: str, *,
             await conn.executemany(
                 "UPDATE policy_notices SET outbox_id = $3 WHERE user_id = $1 AND version = $2",
                 [(user, version, row_id) for user, row_id in queued_ids])
-        after = rows[0]["last_id"]
+        after = rows[-1]["id"]  # ordered by id: the next batch starts after it
         queued += len(queued_ids)
         batches += 1
         log.info("policy notices queued version=%s batch=%d total=%d", version,
