@@ -15,6 +15,7 @@ lives in ``policy`` and ``privacy``. Never imports ``proxy``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -87,7 +88,7 @@ async def acknowledge(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(safe_next(back if isinstance(back, str) else None))
 
 
-async def _authority(request: web.Request, account_id: Any) -> authorities.Authority:
+async def _authority(request: web.Request, account_id: uuid.UUID) -> authorities.Authority:
     jurisdiction = await request.app[STORES].pool.fetchval(
         "SELECT jurisdiction FROM accounts WHERE id = $1", account_id)
     return request.app[AUTHORITIES][jurisdiction or "default"]
