@@ -22,6 +22,7 @@ from control_plane import accounts, audit, keys, ledger, limits, logs, service, 
 from control_plane.connections import open_pool, open_redis
 from control_plane.errors import InvalidInput, classify
 from control_plane.migrate import migrate
+from control_plane.policy import notices
 from control_plane.roles import ADMIN, WEB, RoleError, parse_roles
 from control_plane.settings import Settings, SettingsError
 from shared.pricing import MICROS_PER_DOLLAR, PriceError, dollars_to_micros
@@ -213,7 +214,16 @@ async def _audit_log(settings: Settings, args: argparse.Namespace) -> Output:
     return {"audit": rows}, "\n".join(lines) or "no audit rows"
 
 
+async def _policy_notify(settings: Settings, args: argparse.Namespace) -> Output:
+    async with _pool(settings) as pool:
+        run = await notices.notify(pool, args.version, settings.public_url,
+                                   batch=args.batch, rate_per_s=args.rate)
+    doc = {"version": run.version, "queued": run.queued, "batches": run.batches}
+    return doc, f"policy {run.version}: {run.queued} notices queued"
+
+
 _COMMANDS: dict[str, Command] = {
+    "policy-notify": _policy_notify,
     "grant-staff": _grant_staff,
     "revoke-staff": _revoke_staff,
     "list-staff": _list_staff,
@@ -279,6 +289,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("email")
         p.add_argument("role", choices=staff.ROLES)
     sub.add_parser("list-staff", parents=[common], help="staff and their roles")
+    p = sub.add_parser("policy-notify", parents=[common],
+                       help="e-mail every user once about a material policy change "
+                            "(resumable: run it again after a crash)")
+    p.add_argument("version")
+    p.add_argument("--batch", type=int, default=notices.DEFAULT_BATCH,
+                   help="users per transaction")
+    p.add_argument("--rate", type=float, default=notices.DEFAULT_RATE_PER_S,
+                   help="messages queued per second at most")
     p = sub.add_parser("audit-log", parents=[common], help="export the audit log")
     p.add_argument("--since", default=None, help="ISO 8601 time")
     return parser

@@ -120,6 +120,11 @@ class Settings:
     # Auto top-up and the low-balance e-mail (H22): how often disarmed triggers are
     # re-checked and due charges retried (crossings are checked after every batch).
     balance_sweep_s: float = 5.0
+    # The privacy policy and rights pages (H19): the complaint authorities file that
+    # replaces control_plane/policy/authorities.toml, and how many data exports one
+    # process streams at once (each holds a Postgres connection for its duration).
+    complaint_authorities: Path | None = None
+    exports_per_process: int = 2
 
     @property
     def names(self) -> RedisNames:
@@ -194,6 +199,9 @@ class Settings:
             mail_from=_parse(e, "QNP_MAIL_FROM", "QNP <no-reply@localhost>", _non_empty),
             billing=BillingSettings.from_env(e),  # Stripe top-ups (H13)
             balance_sweep_s=_parse(e, "QNP_BALANCE_SWEEP_S", 5.0, _seconds(0.1, 3600.0)),
+            complaint_authorities=_parse(e, "QNP_COMPLAINT_AUTHORITIES", None,
+                                         _readable_file),  # H19
+            exports_per_process=_parse(e, "QNP_EXPORTS_PER_PROCESS", 2, _int_in(1, 64)),
         )
 
 

@@ -2,7 +2,7 @@
 about one account as ONE JSON document, written piece by piece from server-side
 cursors so memory stays flat however many rows the account has.
 
-Owns the export's SQL and its wire format, ``schema_version`` 1, documented in
+Owns the export's SQL and its wire format, ``schema_version`` 2, documented in
 ``EXPORT_SCHEMA.md`` next to this module: change one, change the other and the
 version. Every query names the account; nothing is selected by any other filter, so
 another account's rows cannot appear. Key secrets (their bcrypt hashes) and session
@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 USAGE_LOG_DAYS = 30  # request logs are kept 30 days (policy clause 6), all of them here
 FLUSH_BYTES = 64 * 1024  # one write per ~64 KiB: few syscalls, bounded buffer
 PREFETCH_ROWS = 500  # rows a cursor fetches at a time
@@ -36,6 +36,8 @@ _MEMBERS = "SELECT user_id FROM memberships WHERE account_id = $1"
 
 # (section, query) in document order; $1 is always the account id, $2 (usage_logs)
 # the oldest time exported, (audit) the targets that name the account or its users.
+# Consent history is read here rather than through ``consent.records.history``, which
+# returns a list: a cursor keeps an account's every choice out of memory.
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("users",
      "SELECT u.id, u.email, u.email_verified, u.display_name, u.status, u.created_at, "
@@ -50,6 +52,16 @@ SECTIONS: tuple[tuple[str, str], ...] = (
      "SELECT id, user_id, what, policy_version, accepted_at FROM acceptances "
      "WHERE user_id IN (SELECT user_id FROM memberships WHERE account_id = $1) "
      "ORDER BY id"),
+    ("consents",
+     "SELECT DISTINCT ON (purpose) purpose, granted, source, policy_version, recorded_at "
+     "FROM consent_records WHERE account_id = $1 ORDER BY purpose, recorded_at DESC, id DESC"),
+    ("consent_history",
+     "SELECT id, purpose, granted, source, policy_version, recorded_at, browser_id "
+     "FROM consent_records WHERE account_id = $1 ORDER BY recorded_at, id"),
+    ("policy_notices",
+     "SELECT user_id, version, queued_at FROM policy_notices "
+     "WHERE user_id IN (SELECT user_id FROM memberships WHERE account_id = $1) "
+     "ORDER BY queued_at, user_id"),
     ("sessions",
      "SELECT user_id, created_at, last_seen_at, expires_at, user_agent, revoked_at "
      "FROM web_sessions WHERE account_id = $1 ORDER BY created_at"),
@@ -71,10 +83,26 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("ledger",
      "SELECT id, kind, amount_micros, event_id, reference, created_at FROM credit_ledger "
      "WHERE account_id = $1 ORDER BY id"),
+    ("billing_customers",
+     "SELECT stripe_customer_id, created_at FROM billing_customers WHERE account_id = $1"),
+    ("billing_topups",
+     "SELECT payment_intent_id, request_id, credit_cents, fee_cents, amount_cents, currency, "
+     "created_at FROM billing_topups WHERE account_id = $1 "
+     "ORDER BY created_at, payment_intent_id"),
+    ("billing_events",
+     "SELECT e.event_id, e.type, e.ledger_id, e.received_at FROM billing_events e "
+     "JOIN credit_ledger l ON l.id = e.ledger_id WHERE l.account_id = $1 "
+     "ORDER BY e.received_at, e.event_id"),
     ("privacy_requests",
      "SELECT id, type, jurisdiction, received_at, due_at, extended_until, completed_at, "
      "outcome, handled_by FROM privacy_requests WHERE account_id = $1 "
      "ORDER BY received_at, id"),
+    # What was e-mailed, not the bodies: see EXPORT_SCHEMA.md.
+    ("emails",
+     "SELECT id, to_address, kind, template, subject, created_at, sent_at, attempts, "
+     "CASE WHEN sent_at IS NOT NULL THEN 'sent' WHEN next_attempt_at IS NULL "
+     "THEN 'given_up' ELSE 'queued' END AS status FROM email_outbox "
+     "WHERE account_id = $1 ORDER BY created_at, id"),
     ("audit",
      "SELECT id, at, actor, action, target, detail::text AS detail FROM audit_log "
      "WHERE account_id = $1 OR target = ANY($2::text[]) ORDER BY id"),

@@ -29,6 +29,7 @@ from control_plane.web import (
     account_api,
     billing_settings,
     dashboard,
+    policy_page,
     privacy_page,
     security,
     settings_page,
@@ -120,4 +121,5 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     privacy_page.add_routes(app)  # issue 14: Settings > Privacy and its account API
     billing_routes.add_routes(app)  # Stripe top-ups and webhooks (H13)
     billing_settings.add_routes(app)  # auto top-up, low-balance e-mail (H22)
+    policy_page.add_routes(app)  # the privacy policy, its changes, sharing, summary (H19)
     return app

@@ -33,8 +33,9 @@ _TEMPLATES: Mapping[str, str] = {
 <p><label><input type="checkbox" name="age_18" required> I am 18 or older.</label></p>
 <p><label><input type="checkbox" name="terms" required> I accept the terms of service.
 </label></p>
-<p><label><input type="checkbox" name="privacy_policy" required> I accept the privacy
-policy (version {{ policy_version }}).</label></p>
+<p><label><input type="checkbox" name="privacy_policy" required> I accept the
+<a href="/privacy" target="_blank" rel="noopener">privacy policy</a> (version
+{{ policy_version }}).</label></p>
 <p><button type="submit">Create my account</button></p>
 </form>{% endblock %}""",
     "message.html": """{% extends "layout.html" %}{% block title %}{{ title }} · QNP{% endblock %}

@@ -45,6 +45,7 @@ class Caller:
 
 
 CALLER = web.RequestKey("caller", Caller)
-# Values a middleware adds to every dashboard page's template context (``render``),
-# e.g. the account's open payment disputes (``billing.routes.hold_notice``).
+# What middlewares add to the template context of every dashboard page (the policy
+# banner, ``policy_page``; the open payment disputes, ``billing.routes.hold_notice``);
+# ``dashboard.render`` merges it. Add with ``request.setdefault(PAGE_CONTEXT, {})``.
 PAGE_CONTEXT = web.RequestKey("page_context", dict[str, object])

@@ -7,6 +7,8 @@ from datetime import datetime
 
 import asyncpg
 
+from control_plane.policy import versions
+
 
 async def usage_rows(pool: asyncpg.Pool, account_id: uuid.UUID, key_id: str | None,
                      count: int, newest: datetime) -> list[uuid.UUID]:
@@ -34,3 +36,35 @@ async def billing_rows(pool: asyncpg.Pool, account_id: uuid.UUID, day: datetime,
     await pool.execute(
         "INSERT INTO audit_log (actor, action, target, account_id) "
         "VALUES ('admin', 'credit.grant', $1, $2)", f"account:{account_id}", account_id)
+
+
+async def payment_rows(pool: asyncpg.Pool, account_id: uuid.UUID, user_id: uuid.UUID,
+                       now: datetime) -> None:
+    """One of each: consent choice, policy notice, Stripe customer, top-up, Stripe event
+    and e-mail (the sections schema_version 2 added)."""
+    await pool.execute(
+        "INSERT INTO consent_records (account_id, purpose, granted, source, policy_version)"
+        " VALUES ($1, 'analytics', true, 'banner', '2026-04')", account_id)
+    async with pool.acquire() as conn:
+        await versions.sync(conn, versions.latest().version)  # as the web role's start does
+    await pool.execute(
+        "INSERT INTO policy_notices (user_id, version) VALUES ($1, '2026-04') "
+        "ON CONFLICT DO NOTHING", user_id)
+    await pool.execute(
+        "INSERT INTO billing_customers (account_id, stripe_customer_id) VALUES ($1, $2)",
+        account_id, f"cus_{account_id.hex}")
+    await pool.execute(
+        "INSERT INTO billing_topups (payment_intent_id, account_id, request_id, "
+        "credit_cents, fee_cents, amount_cents, currency) VALUES ($1, $2, $3, 1000, 59, "
+        "1059, 'usd')", f"pi_x{account_id.hex}", account_id, uuid.uuid4())
+    ledger_id = await pool.fetchval(
+        "INSERT INTO credit_ledger (account_id, kind, amount_micros, reference, created_at) "
+        "VALUES ($1, 'topup', 10000000, $2, $3) RETURNING id", account_id,
+        f"pi_x{account_id.hex}", now)
+    await pool.execute(
+        "INSERT INTO billing_events (event_id, type, ledger_id) "
+        "VALUES ($1, 'payment_intent.succeeded', $2)", f"evt_{account_id.hex}", ledger_id)
+    await pool.execute(
+        "INSERT INTO email_outbox (account_id, to_address, kind, template, subject, body, "
+        "next_attempt_at) VALUES ($1, 'someone@example.test', 'transactional', "
+        "'signin_notice', 'New sign-in', 'body-not-exported', NULL)", account_id)

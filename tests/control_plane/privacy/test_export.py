@@ -1,4 +1,4 @@
-"""The account's data export (issue 14): one JSON document of schema_version 1 with
+"""The account's data export (issue 14): one JSON document of schema_version 2 with
 every key and every recent request of the account and nothing of any other account,
 downloaded by a session only, recorded as a fulfilled self-service access request,
 and written in constant memory however many rows there are."""
@@ -17,12 +17,14 @@ import orjson
 from control_plane.partitions import create_days
 from control_plane.privacy import export, requests
 from control_plane.web.state import STORES
-from tests.control_plane.privacy.rows import billing_rows, usage_rows
+from tests.control_plane.privacy.rows import billing_rows, payment_rows, usage_rows
 from tests.control_plane.web.conftest import Web, sign_in_new_user
 
 COOKIE = "__Host-qnp_session"
-SECTIONS = ["account", "users", "identities", "acceptances", "sessions", "keys",
-            "usage_logs", "usage_daily", "ledger", "privacy_requests", "audit"]
+SECTIONS = ["account", "users", "identities", "acceptances", "consents", "consent_history",
+            "policy_notices", "sessions", "keys", "usage_logs", "usage_daily", "ledger",
+            "billing_customers", "billing_topups", "billing_events", "privacy_requests",
+            "emails", "audit"]
 
 
 async def _person(web: Web) -> tuple[dict[str, Any], dict[str, str]]:
@@ -80,7 +82,7 @@ async def test_the_export_holds_everything_of_the_account_and_nothing_of_another
 
     assert list(doc) == ["schema_version", "generated_at", "account_id",
                          "usage_logs_since", *SECTIONS]
-    assert doc["schema_version"] == export.SCHEMA_VERSION == 1
+    assert doc["schema_version"] == export.SCHEMA_VERSION == 2
     assert doc["account_id"] == str(me_id) == doc["account"]["id"]
     assert {k["key_id"]: k["status"] for k in doc["keys"]} == {key_a: "active",
                                                                key_b: "revoked"}
@@ -199,6 +201,7 @@ async def test_the_documented_schema_is_the_one_written(
     await pool.execute("INSERT INTO api_keys (key_id, account_id, name, secret_hash) "
                        "VALUES ($1, $2, 'k', 'x')", f"k{account.hex[:12]}", account)
     await requests.record(pool, account, "access", "gdpr", now, "staff")
+    await payment_rows(pool, account, user, now)
     chunks: list[bytes] = []
 
     async def sink(data: bytes) -> None:
@@ -208,6 +211,7 @@ async def test_the_documented_schema_is_the_one_written(
         counts = await export.write_export(conn, account, now, sink)
     doc = orjson.loads(b"".join(chunks))
     assert all(counts[s] >= 1 for s in SECTIONS[1:]), counts
+    assert b"body-not-exported" not in b"".join(chunks)  # e-mails without their bodies
     documented = _documented()
     assert documented.pop("Top level") == [k for k in doc if k not in SECTIONS]
     assert documented.pop("account") == list(doc["account"])

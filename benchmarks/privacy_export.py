@@ -1,0 +1,115 @@
+"""Privacy benchmark: the data export of an account with a busy month, and the privacy
+pages that read the same data.
+
+    python -m benchmarks.privacy_export [--rows 1000000] [--requests 20]
+
+Uses throwaway servers (devstack). Fills ``usage_logs`` with ``--rows`` requests of one
+account over the last 30 days with their ledger debits and daily rollups (the
+dashboard benchmark's fill), serves the real web app, downloads
+``/api/v1/account/export`` from a client in the same process that keeps nothing but a
+count, and reports rows per second and how much the process's resident memory grew
+while the document streamed (server and client together: an upper bound of the
+server's). Then times ``/settings/privacy/summary`` and ``/settings/privacy/sharing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import statistics
+import time
+import uuid
+
+import aiohttp
+import asyncpg
+import psutil
+from aiohttp import web
+
+from benchmarks.dashboard import _fill, _time_page
+from benchmarks.databases import scratch_database
+from control_plane.auth.sessions import COOKIE
+from control_plane.migrate import migrate
+from control_plane.runtime import open_stores
+from control_plane.settings import Settings
+from control_plane.web.app import make_web_app
+from control_plane.web.state import SESSIONS
+from devstack.servers import dev_servers
+
+
+async def _export(client: aiohttp.ClientSession) -> str:
+    me = psutil.Process()
+    base = peak = me.memory_info().rss
+    lines = size = 0
+    tail = b""
+    started = time.perf_counter()
+    async with client.get("/api/v1/account/export") as r:
+        assert r.status == 200, r.status
+        async for chunk in r.content.iter_chunked(1 << 16):
+            lines += chunk.count(b"\n")
+            size += len(chunk)
+            tail = (tail + chunk)[-64:]
+            peak = max(peak, me.memory_info().rss)
+    took = time.perf_counter() - started
+    assert tail.endswith(b"}\n"), "the document must be complete"
+    rows = lines - 2  # the head line and the closing brace
+    return (f"export: {rows:,} rows ({size / 2**20:,.0f} MiB) in {took:.1f} s = "
+            f"{rows / took:,.0f} rows/s, memory grew {(peak - base) / 2**20:.1f} MiB "
+            "while streaming")
+
+
+async def bench(database_url: str, redis_url: str, rows: int, requests: int) -> list[str]:
+    port = 18000 + secrets.randbelow(2000)
+    settings = Settings.from_env({
+        "DATABASE_URL": database_url, "REDIS_URL": redis_url,
+        "QNP_REDIS_PREFIX": f"bench{secrets.token_hex(4)}", "QNP_WEB_PORT": str(port),
+        "QNP_SESSION_SECRET": secrets.token_urlsafe(32)})
+    account, user = uuid.uuid4(), uuid.uuid4()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO accounts (id, name) VALUES ($1, 'bench')", account)
+        await conn.execute("INSERT INTO users (id, email, email_verified) VALUES "
+                           "($1, 'bench@example.test', true)", user)
+        await conn.execute("INSERT INTO memberships VALUES ($1, $2, 'owner')", account, user)
+        started = time.perf_counter()
+        await _fill(conn, account, rows)
+        fill_s = time.perf_counter() - started
+    finally:
+        await conn.close()
+    out = [f"filled {rows:,} usage rows and ledger debits over 30 days in {fill_s:.0f} s"]
+    async with open_stores(settings) as stores:
+        app = make_web_app(settings, stores)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            sid = await app[SESSIONS].create(stores.pool, user, account, "bench")
+            jar = aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=[settings.public_url])
+            async with aiohttp.ClientSession(settings.public_url, cookie_jar=jar) as client:
+                client.cookie_jar.update_cookies({COOKIE: app[SESSIONS].cookie_value(sid)})
+                out.append(await _export(client))
+                for name, path in (("summary page", "/settings/privacy/summary"),
+                                   ("sharing page", "/settings/privacy/sharing")):
+                    await _time_page(client, path, 2)  # warm
+                    t = await _time_page(client, path, requests)
+                    out.append(f"{name}: p50 {statistics.median(t):.1f} ms, "
+                               f"max {max(t):.1f} ms ({requests} requests)")
+        finally:
+            await runner.cleanup()
+    return out
+
+
+async def main(rows: int, requests: int) -> None:
+    with dev_servers() as (server_url, redis_url):
+        async with scratch_database(server_url) as database_url:
+            await migrate(database_url)
+            lines = await bench(database_url, redis_url, rows, requests)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=20)
+    args = parser.parse_args()
+    asyncio.run(main(args.rows, args.requests))
