@@ -32,6 +32,7 @@ READ = frozenset({"viewer", "support", "billing", "privacy", "owner"})
 SUPPORT = frozenset({"support", "owner"})
 BILLING = frozenset({"billing", "owner"})
 OWNER = frozenset({"owner"})
+PRIVACY = frozenset({"privacy", "owner"})
 
 # (method, route template) -> the staff roles that may call it.
 ROUTE_ROLES: Mapping[tuple[str, str], frozenset[str]] = {
@@ -46,6 +47,7 @@ ROUTE_ROLES: Mapping[tuple[str, str], frozenset[str]] = {
     ("POST", "/admin/accounts/{account_id}/suspend"): SUPPORT,
     ("POST", "/admin/accounts/{account_id}/resume"): SUPPORT,
     ("GET", "/admin/accounts/{account_id}/usage"): READ,
+    ("POST", "/admin/accounts/{account_id}/child"): PRIVACY,  # clause 11 (H17)
 }
 ROLES_CACHE_TTL_S = 5.0
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

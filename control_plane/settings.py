@@ -113,6 +113,9 @@ class Settings:
     mail_from: str = "QNP <no-reply@localhost>"
     # Stripe top-ups (H13, issue 13); see BillingSettings below.
     billing: BillingSettings = field(default_factory=lambda: BillingSettings())
+    # Account deletion (H17, issue 14): days a deletion can be cancelled before the
+    # purge (shortened where the law's clock is shorter, see privacy.deletion).
+    deletion_grace_days: int = 7
 
     @property
     def names(self) -> RedisNames:
@@ -184,6 +187,9 @@ class Settings:
             smtp=_smtp(e),
             mail_from=_parse(e, "QNP_MAIL_FROM", "QNP <no-reply@localhost>", _non_empty),
             billing=BillingSettings.from_env(e),  # Stripe top-ups (H13)
+            # Account deletion (H17): the policy promises personal data gone within 30
+            # days of deletion, so the grace ends inside them.
+            deletion_grace_days=_parse(e, "QNP_DELETION_GRACE_DAYS", 7, _int_in(0, 29)),
         )
 
 
