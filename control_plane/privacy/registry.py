@@ -83,8 +83,9 @@ TABLES: tuple[Table, ...] = (
     # Staff actions stay accountable; the account's id in the target text becomes the
     # anonymous one too, and the free-form detail is dropped.
     Table("audit_log", A, "account_id", "who did what stays, nothing personal", sql=(
-        "UPDATE audit_log SET account_id = $2, detail = '{}'::jsonb, "
-        "target = replace(target, $1::text, $2::text) WHERE account_id = $1")),
+        "UPDATE audit_log SET account_id = $2::uuid, detail = '{}'::jsonb, "
+        "target = replace(target, $1::uuid::text, $2::uuid::text) "
+        "WHERE account_id = $1::uuid")),
     Table("accounts", P, "id", "the account itself, last: the rows above point at it"),
 )
 
