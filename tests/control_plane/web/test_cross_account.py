@@ -33,6 +33,9 @@ OWN_ACCOUNT_ROUTES = frozenset({
     # Top-ups (H13) name no object: they start a payment for the caller's own account.
     ("POST", "/api/v1/credits/topup"), ("GET", "/api/v1/credits/topup/quote"),
     ("POST", "/api/v1/credits/topup/complete"),  # another account's intent: 404
+    # Deletion (H17) names no object: the caller's own account, or (cancel) the one its
+    # restore cookie names; tests/control_plane/privacy/test_deletion.py.
+    ("POST", "/api/v1/account/deletion"), ("DELETE", "/api/v1/account/deletion"),
 })
 
 
