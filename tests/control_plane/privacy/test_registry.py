@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from control_plane.privacy.registry import TABLES, Fate
+from control_plane.settings import Settings, SettingsError
 
 # Tables (partitioned parents, not their partitions) and their columns, from the catalog.
 _COLUMNS = """
@@ -54,3 +55,12 @@ async def test_a_table_nobody_classified_fails_the_check(pool: asyncpg.Pool) -> 
                 await conn.execute("CREATE TABLE h17_unclassified (user_id uuid)")
                 assert _unclassified(await _columns(conn)) == {"h17_unclassified"}
                 raise _Rollback
+
+
+@pytest.mark.parametrize("value", ["30", "-1", "seven"])
+def test_a_grace_past_the_policys_30_days_is_refused_by_name(value: str) -> None:
+    with pytest.raises(SettingsError, match="QNP_DELETION_GRACE_DAYS"):
+        Settings.from_env({"DATABASE_URL": "postgresql://x", "REDIS_URL": "redis://x",
+                           "QNP_DELETION_GRACE_DAYS": value})
+    assert Settings.from_env({"DATABASE_URL": "postgresql://x", "REDIS_URL": "redis://x"}
+                             ).deletion_grace_days == 7
