@@ -127,8 +127,9 @@ async def offer_restore(request: web.Request, member: users.Member
     found = await deletion.pending(pool, member.account_id)
     if found is None:
         return None
-    if found.purge_after <= datetime.now(UTC):
-        raise SignInRefused("this account has been deleted", "sign-in to a purged account")
+    if found.kind != "self-service" or found.purge_after <= datetime.now(UTC):
+        raise SignInRefused("this account has been deleted",
+                            "sign-in to an account being purged")
     token = secrets.token_urlsafe(32)
     record = {"account_id": str(member.account_id), "user_id": str(member.user_id)}
     await request.app[STORES].redis.set(_restore_key(request, token), orjson.dumps(record),
