@@ -16,13 +16,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from control_plane import accounts, admin_rbac, staff
 from control_plane.admin_api import make_app
+from control_plane.billing.gateway import StripeGateway
 from control_plane.consent import records
 from control_plane.errors import Conflict
 from control_plane.privacy import deletion, purge
 from control_plane.privacy.registry import TABLES, Fate
-from control_plane.settings import Settings
+from control_plane.settings import BillingSettings, Settings
 from tests.control_plane.privacy.rows import billing_rows, usage_rows
 from tests.control_plane.web.conftest import Web, sign_in_new_user
+from tests.support import free_port
 
 NOW = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
 
@@ -75,6 +77,8 @@ async def test_a_childs_account_is_purged_at_once_and_audited(
         await staff.grant(pool, officer["user"]["email"], "privacy", "test")
         r = await admin.post(child_route, headers=as_staff)
         assert r.status == 202, await r.text()
+        r = await admin.post(f"/admin/accounts/{account}/resume", headers=as_staff)
+        assert r.status == 409  # a deletion is not undone by resuming the account
     assert await pool.fetchval("SELECT count(*) FROM web_sessions WHERE account_id = $1 "
                                "AND revoked_at IS NULL", account) == 0
     with pytest.raises(Conflict):  # no grace, no cancelling
@@ -147,3 +151,26 @@ async def test_billing_records_end_after_seven_years_and_balances_carry_forward(
     assert await pool.fetchval("SELECT count(*) FROM billing_topups "
                                "WHERE payment_intent_id = 'pi_old_h17'") == 0
     assert await purge.expire_billing(pool, NOW) == 0  # nothing more: idempotent
+
+
+async def test_the_purge_waits_while_the_stripe_customer_cannot_be_deleted(
+        settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    account = (await accounts.create_account(pool, rclient, settings.names, "paying")).id
+    await pool.execute("INSERT INTO billing_customers (account_id, stripe_customer_id) "
+                       "VALUES ($1, $2)", account, f"cus_{account.hex[:14]}")
+    await deletion.request(pool, rclient, settings.names, account, NOW, timedelta(0))
+    due = NOW + deletion.SETTLE
+    # Stripe not configured here; then configured but unreachable (nothing listens on the port).
+    unreachable = StripeGateway(BillingSettings(
+        stripe_secret_key="sk_test_x", stripe_api_base=f"http://127.0.0.1:{free_port()}",
+        stripe_timeout_s=2.0))
+    try:
+        for stripe in (None, unreachable):
+            assert await purge.Purger(rclient, settings.names, stripe).run(pool, due) == 0
+            assert await pool.fetchval("SELECT status FROM accounts WHERE id = $1",
+                                       account) == "deleting"
+    finally:
+        await unreachable.close()
+    postponed = [r.getMessage() for r in caplog.records if "purge postponed" in r.getMessage()]
+    assert len(postponed) == 2 and all(str(account) in m for m in postponed)
