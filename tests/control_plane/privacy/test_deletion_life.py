@@ -31,6 +31,7 @@ from control_plane.privacy.purge import Purger
 from control_plane.service import maintain_once
 from control_plane.trim import Trimmer
 from control_plane.web.state import STORES
+from tests.canary import found_in_postgres, found_in_redis
 from tests.control_plane.billing.conftest import (  # noqa: F401  (fixtures)
     billing_web,
     localstripe,
@@ -119,43 +120,6 @@ async def _stripe_deleted(client: stripe.StripeClient, customer: str) -> bool:
     return found.get("deleted") is True
 
 
-async def _in_redis(redis: aioredis.Redis, needles: list[str]) -> list[str]:
-    found = []
-    async for name in redis.scan_iter(count=1000):
-        kind = (await redis.type(name)).decode()
-        if kind == "string":
-            dump: object = await redis.get(name)
-        elif kind == "hash":
-            dump = await redis.hgetall(name)
-        elif kind == "list":
-            dump = await redis.lrange(name, 0, -1)
-        elif kind == "set":
-            dump = await redis.smembers(name)
-        elif kind == "zset":
-            dump = await redis.zrange(name, 0, -1)
-        elif kind == "stream":
-            dump = await redis.xrange(name)
-        else:
-            dump = await redis.dump(name)
-        text = (repr(name) + repr(dump)).lower()
-        found += [f"{n} in Redis {name!r}" for n in needles if n.lower() in text]
-    return found
-
-
-async def _in_postgres(pool: asyncpg.Pool, needles: list[str]) -> list[str]:
-    tables = await pool.fetch(
-        "SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables "
-        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')")
-    assert len(tables) > 20
-    found = []
-    for (table,) in tables:
-        for needle in needles:  # every column, as the row's text, searched in Postgres
-            if await pool.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table} t "  # noqa: S608
-                                   "WHERE t::text ILIKE '%' || $1 || '%')", needle):
-                found.append(f"{needle} in Postgres {table}")
-    return found
-
-
 async def test_the_life_of_an_account_ends_with_only_anonymous_billing_left(
         billing_web: Web, stripe_client: stripe.StripeClient,  # noqa: F811
         localstripe: str, start_gateway: GatewayFactory, redis: aioredis.Redis,  # noqa: F811
@@ -222,8 +186,9 @@ async def test_the_life_of_an_account_ends_with_only_anonymous_billing_left(
                                "AND type = 'deletion'", anonymous) == "fulfilled"
 
     needles = [person["email"], person["name"], ip]
-    found = await _in_postgres(pool, [*needles, str(account)])
-    found += await _in_redis(redis, [*needles, str(account)])
+    assert len(await pool.fetch("SELECT 1 FROM pg_tables WHERE schemaname = 'public'")) > 20
+    found = await found_in_postgres(pool, [*needles, str(account)])
+    found += await found_in_redis(redis, [*needles, str(account)])
     logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
     found += [f"{n} in the logs" for n in needles if n.lower() in logged.lower()]
     spool = Path(gateway.settings.spool_dir)
