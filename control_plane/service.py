@@ -78,7 +78,8 @@ async def maintain(stores: Stores, clock: Clock = _utc_now) -> None:
     trimmer = Trimmer(stores.redis, settings.names.event_streams(settings.event_shards),
                       stores.metrics)
     stripe = StripeGateway(settings.billing) if settings.billing.stripe_secret_key else None
-    purger = purge.Purger(stores.redis, settings.names, stripe)
+    purger = purge.Purger(stores.redis, settings.names, stripe,
+                          settings.names.event_streams(settings.event_shards))
     try:
         while True:
             try:

@@ -8,8 +8,9 @@ Stripe customer is deleted through the API, then, in one transaction, every tabl
 record of compliance given one new random account id, drawn here and written nowhere
 else), the open deletion request is answered, and the account's Redis state, key
 records and counters are removed. A replica that finds the account locked by another
-skips it; an account that fails (Stripe down, a table nobody classified) is logged by
-id and tried again on the next pass. The real and the anonymous id are never logged
+skips it; an account is postponed to a later pass (logged by id) while ingest has not
+stored every event from before its deletion settled, while Stripe is down, or if a
+table nobody classified blocks it. The real and the anonymous id are never logged
 together.
 
 ``expire_billing`` deletes billing records older than ``BILLING_YEARS`` (policy clause
@@ -33,7 +34,9 @@ from redis.exceptions import RedisError
 from control_plane.billing.gateway import StripeRefused, StripeUnavailable
 from control_plane.privacy import requests
 from control_plane.privacy.deadlines import add_months
+from control_plane.privacy.deletion import SETTLE
 from control_plane.privacy.registry import TABLES, Fate
+from control_plane.trim import parse_id
 from shared.redis_names import RedisNames
 
 log = logging.getLogger(__name__)
@@ -56,15 +59,19 @@ class Purger:
     redis: aioredis.Redis
     names: RedisNames
     stripe: CustomerDeleter | None  # None: Stripe not configured on this server
+    # The event streams ingest reads (``names.event_streams(shards)``), trimmed by the
+    # same maintenance pass just before the purge runs.
+    streams: tuple[str, ...] = ()
 
     async def run(self, pool: asyncpg.Pool, now: datetime) -> int:
         """Purge the accounts due at ``now``; how many were purged by this replica."""
         due = await pool.fetch(
-            "SELECT id FROM accounts WHERE purge_after <= $1 ORDER BY purge_after LIMIT $2",
-            now, ACCOUNTS_PER_PASS)
+            "SELECT id, deletion_requested_at FROM accounts WHERE purge_after <= $1 "
+            "ORDER BY purge_after LIMIT $2", now, ACCOUNTS_PER_PASS)
         purged = 0
         for row in due:
             try:
+                await self._ingested_past(row["deletion_requested_at"] + SETTLE)
                 purged += await self.purge(pool, row["id"], now)
             except (PurgeBlocked, StripeUnavailable, StripeRefused, RedisError,
                     asyncpg.PostgresError) as e:
@@ -111,6 +118,18 @@ class Purger:
         log.info("account purged account_id=%s keys=%d users=%d", account_id, len(key_ids),
                  len(user_ids))
         return True
+
+    async def _ingested_past(self, moment: datetime) -> None:
+        """Every event added before ``moment`` (the deletion plus the time requests in
+        flight take to settle) is stored, so no usage or debit of the account can
+        arrive after its purge: the head of each trimmed stream, the oldest entry some
+        consumer still needs, is younger (entry ids are Redis's milliseconds)."""
+        cutoff_ms = int(moment.timestamp() * 1000)
+        for stream in self.streams:
+            head = await self.redis.xrange(stream, count=1)
+            if head and parse_id(head[0][0])[0] <= cutoff_ms:
+                raise PurgeBlocked("ingest has not yet stored every event from before "
+                                   "the deletion settled")
 
     async def _forget(self, account_id: uuid.UUID, key_ids: list[str]) -> None:
         """The account's admission state, counters and key records, gone from Redis;

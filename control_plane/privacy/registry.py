@@ -72,7 +72,8 @@ TABLES: tuple[Table, ...] = (
     Table("api_keys", P, "account_id", "key names the person chose (revoked at request)"),
     # Billing: kept 7 years for tax law (clause 6), under an unlinkable id; no row holds
     # more than ids, amounts, Stripe ids and dates (migrations 0002, 0050).
-    Table("credit_pending", A, "account_id", "billing: credits not yet in Redis"),
+    Table("credit_pending", P, "account_id", "a hand-off of credits to Redis, not a "
+          "record (the ledger row is kept): the account's Redis state is gone"),
     Table("credit_ledger", A, "account_id", "billing: every balance change, 7 years"),
     Table("billing_customers", A, "account_id", "billing: the (deleted) Stripe customer's "
           "id, for reconciling Stripe's own records"),

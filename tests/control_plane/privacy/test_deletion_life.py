@@ -88,10 +88,17 @@ async def _refused(client: openai.AsyncOpenAI) -> int:
     return 200
 
 
+async def _lag(redis: aioredis.Redis, stream: str) -> tuple[int, int]:
+    """(entries the ingest group has not read, entries it read and not stored)."""
+    (group,) = await redis.xinfo_groups(stream)
+    return int(group["lag"]), int(group["pending"])
+
+
 async def _revoked_then_purged(web: Web, pool: asyncpg.Pool, redis: aioredis.Redis,
-                               client: openai.AsyncOpenAI) -> None:
+                               client: openai.AsyncOpenAI, account: uuid.UUID) -> None:
     """The key refused as soon as the proxy hears of it, the session gone; then the
-    maintenance job, on a clock past the grace, purges; the key is still refused."""
+    maintenance job, on a clock past the grace, waits for ingest to store every event
+    from before the deletion settled, and purges; the key is still refused."""
     names = web.settings.names
     for _ in range(HANG_GUARD):  # every proxy drops the key on the revocation message
         if (status := await _refused(client)) != 200:
@@ -99,15 +106,30 @@ async def _revoked_then_purged(web: Web, pool: asyncpg.Pool, redis: aioredis.Red
         await asyncio.sleep(0.05)
     assert status == 401
     assert (await web.client.get("/api/v1/session")).status == 401
+    for _ in range(HANG_GUARD):  # the refusals' events reach the stream
+        if (await _lag(redis, names.events))[0]:
+            break
+        await asyncio.sleep(0.05)
     later = datetime.now(UTC) + timedelta(days=web.settings.deletion_grace_days, hours=1)
     metrics = Metrics()
     stripe_gateway = StripeGateway(web.settings.billing)
+    purger = Purger(redis, names, stripe_gateway, (names.events,))
+    trimmer = Trimmer(redis, [names.events], metrics)
     try:
-        await maintain_once(web.settings, pool, Trimmer(redis, [names.events], metrics),
-                            metrics, clock=lambda: later,
-                            purger=Purger(redis, names, stripe_gateway))
+        await maintain_once(web.settings, pool, trimmer, metrics, clock=lambda: later,
+                            purger=purger)
+        assert await pool.fetchval("SELECT status FROM accounts WHERE id = $1",
+                                   account) == "deleting"  # ingest is behind: not yet
+        consumer = Consumer(web.settings, pool, redis, Metrics())
+        for _ in range(HANG_GUARD):
+            await consumer.run_once()
+            if await _lag(redis, names.events) == (0, 0):
+                break
+        await maintain_once(web.settings, pool, trimmer, metrics, clock=lambda: later,
+                            purger=purger)
     finally:
         await stripe_gateway.close()
+    assert await pool.fetchval("SELECT count(*) FROM accounts WHERE id = $1", account) == 0
     assert await _refused(client) == 401
 
 
@@ -169,7 +191,7 @@ async def test_the_life_of_an_account_ends_with_only_anonymous_billing_left(
     # deletion is a new request log (kept 30 days), not the deleted account's data.
     client = gateway.client(key)
     try:
-        await _revoked_then_purged(web, pool, redis, client)
+        await _revoked_then_purged(web, pool, redis, client, account)
     finally:
         await client.close()
     assert await _stripe_deleted(stripe_client, customer)
