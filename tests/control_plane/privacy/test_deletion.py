@@ -80,6 +80,13 @@ async def test_deleting_needs_a_fresh_sign_in_and_the_typed_words(
     for wrong in ({}, {"confirm": "delete"}, {"confirm": 1}):
         r = await web.client.post("/api/v1/account/deletion", json=wrong, headers=headers)
         assert r.status == 400 and "delete my account" in (await r.json())["error"]["message"]
+    r = await web.client.post("/settings/deletion", headers=headers, data={
+        "confirm": "yes", "csrf_token": headers["X-CSRF-Token"]})
+    assert r.status == 400 and 'role="alert"' in await r.text()  # the page, with why
+    for body in (b"{", b"[]"):  # not JSON, not an object: the API's own 400
+        r = await web.client.post("/api/v1/account/deletion", data=body, headers={
+            **headers, "Content-Type": "application/json"})
+        assert (r.status, (await r.json())["error"]["code"]) == (400, 400)
     # A message queued before is cancelled; none is queued after.
     queued = await _queue_mail(web, account, person["email"])
     assert queued is not None
