@@ -45,6 +45,7 @@ from control_plane.errors import (
 )
 from control_plane.metrics import Metrics
 from control_plane.outages import POSTGRES_ERRORS
+from control_plane.privacy import deletion
 from control_plane.privacy import queue as privacy_queue
 from control_plane.privacy import requests as privacy_requests
 from control_plane.runtime import Stores, open_stores
@@ -117,6 +118,7 @@ async def _authorize(request: web.Request) -> str:
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 AUTOMATION_ACTOR = "admin-bearer"  # the bearer token: automation
 STAFF = web.AppKey("staff", StaffAccess)
+ACTOR = web.RequestKey("actor", str)  # who is calling, for handlers that audit themselves
 
 
 async def _audit(request: web.Request, response: web.StreamResponse, actor: str) -> None:
@@ -141,6 +143,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         actor = None
         if request.path == "/admin" or request.path.startswith("/admin/"):
             actor = await _authorize(request)
+            request[ACTOR] = actor
         response = await handler(request)
         if actor is not None:
             await _audit(request, response, actor)
@@ -221,6 +224,16 @@ def _set_status(status: str) -> Handler:
         return json_response(account.to_json())
 
     return handler
+
+
+async def mark_child(request: web.Request) -> web.Response:
+    """Policy clause 11: the account is a child's; deleted on the next maintenance pass,
+    without a grace period (``privacy.deletion.mark_child``)."""
+    app = request.app
+    account_id = parse_account_id(request.match_info["account_id"])
+    done = await deletion.mark_child(app[POOL], app[REDIS], app[SETTINGS].names, account_id,
+                                     request[ACTOR], datetime.now(UTC))
+    return json_response(done.to_json(), 202)
 
 
 async def issue_key(request: web.Request) -> web.Response:
@@ -385,6 +398,7 @@ def make_app(settings: Settings, stores: Stores | None = None) -> web.Applicatio
     app.router.add_post("/admin/privacy/requests/{request_id}/answer", privacy_answer)
     app.cleanup_ctx.append(_stripe_client)  # the reconciliation report (H21)
     app.router.add_get("/admin/billing/reconciliation", billing_reconciliation)
+    app.router.add_post("/admin/accounts/{account_id}/child", mark_child)  # clause 11
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app

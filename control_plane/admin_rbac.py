@@ -52,6 +52,7 @@ ROUTE_ROLES: Mapping[tuple[str, str], frozenset[str]] = {
     ("POST", "/admin/privacy/requests/{request_id}/extend"): PRIVACY,
     ("POST", "/admin/privacy/requests/{request_id}/answer"): PRIVACY,
     ("GET", "/admin/billing/reconciliation"): BILLING,
+    ("POST", "/admin/accounts/{account_id}/child"): PRIVACY,  # clause 11 (H17)
 }
 ROLES_CACHE_TTL_S = 5.0
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -19,7 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from control_plane.accounts import ACCOUNT_COLUMNS, Account, parse_account_id
-from control_plane.errors import InvalidInput, NotFound
+from control_plane.errors import Conflict, InvalidInput, NotFound
 from control_plane.keys import KeyInfo, publish_keys
 from control_plane.publisher import LIMIT_NAMES, load_state, publish_state
 from shared.apikeys import KEY_ID_SHAPE
@@ -105,10 +105,15 @@ async def set_account_status(
         raise InvalidInput("status must be active or suspended")
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            f"UPDATE accounts SET status = $2 WHERE id = $1 RETURNING {ACCOUNT_COLUMNS}",  # noqa: S608
+            f"UPDATE accounts SET status = $2 WHERE id = $1 AND status <> 'deleting' "  # noqa: S608
+            f"RETURNING {ACCOUNT_COLUMNS}",
             parse_account_id(account_id), status,
         )
         if row is None:
+            if await conn.fetchval("SELECT true FROM accounts WHERE id = $1",
+                                   parse_account_id(account_id)):
+                raise Conflict("the account is being deleted (issue 14); it cannot be "
+                               "suspended or resumed")
             raise NotFound("account not found")
         account = await _publish_account(conn, redis, names, row)
         announced = await publish_keys(conn, redis, names, account_id=account.id)

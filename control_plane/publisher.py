@@ -94,7 +94,10 @@ class AccountState:
                    row["ledger_micros"], row["credited"])
 
     def argv(self) -> list[Any]:
-        return [self.ledger_micros, self.status,
+        # The proxy knows active and suspended; an account being deleted is refused
+        # like a suspended one.
+        status = "suspended" if self.status == "deleting" else self.status
+        return [self.ledger_micros, status,
                 *(self.limits.get(n, 0) for n in LIMIT_NAMES), self.credited]
 
 

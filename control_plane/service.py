@@ -4,8 +4,9 @@ plus the maintenance job, which every process runs whatever its roles.
 The maintenance job runs every ``maintenance_interval_s``: it trims the event stream
 below what every consumer group still needs (``trim``), and creates partitions ahead
 and drops those past retention (``retention``), and counts the overdue privacy
-requests for ``qnp_privacy_requests_overdue``. Every step is safe to run concurrently
-on every replica. SIGTERM or SIGINT, at any moment (start-up included), stops every
+requests for ``qnp_privacy_requests_overdue``, deletes billing records past 7 years and
+purges deleted accounts past their grace (``privacy.purge``). Every step is safe to run
+concurrently on every replica. SIGTERM or SIGINT, at any moment (start-up included), stops every
 role within QNP_SHUTDOWN_GRACE whatever the stores are doing: listeners stop accepting
 and let requests finish, ingest finishes its batch, what is still running is then
 cancelled, and the stores are closed. Runs on uvloop. Expects migrations to have been
@@ -26,9 +27,11 @@ import uvloop
 from redis.exceptions import RedisError
 
 from control_plane import retention, roles
+from control_plane.billing.gateway import StripeGateway
 from control_plane.mail import outbox
 from control_plane.metrics import Metrics
 from control_plane.outages import POSTGRES, POSTGRES_ERRORS, REDIS, Outages
+from control_plane.privacy import purge
 from control_plane.privacy import requests as privacy_requests
 from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
@@ -46,8 +49,10 @@ def _utc_now() -> datetime:
 async def maintain_once(
     settings: Settings, pool: asyncpg.Pool, trimmer: Trimmer, metrics: Metrics,
     clock: Clock = _utc_now, outages: Outages | None = None,
+    purger: purge.Purger | None = None,
 ) -> None:
-    """One pass of the maintenance job; a store that is down skips its step."""
+    """One pass of the maintenance job; a store that is down skips its step. With a
+    ``purger``, deleted accounts past their grace are purged (issue 14)."""
     outages = Outages() if outages is None else outages
     try:
         await trimmer.trim()
@@ -58,6 +63,9 @@ async def maintain_once(
         async with pool.acquire() as conn:
             result = await retention.apply(conn, clock(), settings.retention_days)
             await outbox.prune(conn, clock(), settings.retention_days)  # mail (H12)
+        await purge.expire_billing(pool, clock())  # billing kept 7 years (H17)
+        if purger is not None:
+            await purger.run(pool, clock())  # deleted accounts past their grace (H17)
         metrics.partitions_dropped.inc(len(result.dropped))
         metrics.privacy_overdue.set(await privacy_requests.overdue(pool, clock()))
         outages.ok(POSTGRES)
@@ -69,13 +77,20 @@ async def maintain(stores: Stores, clock: Clock = _utc_now) -> None:
     settings = stores.settings
     trimmer = Trimmer(stores.redis, settings.names.event_streams(settings.event_shards),
                       stores.metrics)
-    while True:
-        try:
-            await maintain_once(settings, stores.pool, trimmer, stores.metrics, clock,
-                                stores.outages)
-        except Exception:  # top of the task: a bug must not end maintenance
-            log.exception("maintenance pass failed")
-        await asyncio.sleep(settings.maintenance_interval_s)
+    stripe = StripeGateway(settings.billing) if settings.billing.stripe_secret_key else None
+    purger = purge.Purger(stores.redis, settings.names, stripe,
+                          settings.names.event_streams(settings.event_shards))
+    try:
+        while True:
+            try:
+                await maintain_once(settings, stores.pool, trimmer, stores.metrics, clock,
+                                    stores.outages, purger)
+            except Exception:  # top of the task: a bug must not end maintenance
+                log.exception("maintenance pass failed")
+            await asyncio.sleep(settings.maintenance_interval_s)
+    finally:
+        if stripe is not None:
+            await stripe.close()
 
 
 async def _run_roles(settings: Settings, names: tuple[str, ...], stop: asyncio.Event,

@@ -125,6 +125,9 @@ class Settings:
     # process streams at once (each holds a Postgres connection for its duration).
     complaint_authorities: Path | None = None
     exports_per_process: int = 2
+    # Account deletion (H17, issue 14): days a deletion can be cancelled before the
+    # purge (shortened where the law's clock is shorter, see privacy.deletion).
+    deletion_grace_days: int = 7
 
     @property
     def names(self) -> RedisNames:
@@ -202,6 +205,9 @@ class Settings:
             complaint_authorities=_parse(e, "QNP_COMPLAINT_AUTHORITIES", None,
                                          _readable_file),  # H19
             exports_per_process=_parse(e, "QNP_EXPORTS_PER_PROCESS", 2, _int_in(1, 64)),
+            # Account deletion (H17): the policy promises personal data gone within 30
+            # days of deletion, so the grace ends inside them.
+            deletion_grace_days=_parse(e, "QNP_DELETION_GRACE_DAYS", 7, _int_in(0, 29)),
         )
 
 

@@ -171,6 +171,12 @@ class RedisNames:
         where to go next), keyed by its ``state``; read once with GETDEL."""
         return f"{self.prefix}:web:signin:{state}"
 
+    def account_restore(self, digest: str) -> str:
+        """String, minutes: a sign-in to an account in its deletion grace period (account
+        and user ids), waiting for the person to keep the account; named by a digest of
+        the browser's restore cookie, read once with GETDEL."""
+        return f"{self.prefix}:web:restore:{digest}"
+
     def signup(self, token: str) -> str:
         """String, minutes: a first sign-in's verified identity waiting for the person to
         confirm 18+ and accept the terms; nothing is in Postgres before that."""

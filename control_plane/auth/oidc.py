@@ -150,7 +150,11 @@ class Client:
         assert isinstance(doc, dict)
         return doc
 
-    async def authorization_url(self, flow: Flow, redirect_uri: str) -> str:
+    async def authorization_url(self, flow: Flow, redirect_uri: str, *,
+                                fresh: bool = False) -> str:
+        """``fresh``: the person must authenticate again (account deletion asks for a
+        sign-in within minutes), OIDC Core 3.1.2.1's ``prompt=login`` and ``max_age=0``;
+        Apple supports neither and gets neither."""
         meta = await self.metadata()
         params = {
             "response_type": "code", "client_id": self.provider.client_id,
@@ -158,6 +162,8 @@ class Client:
             "nonce": flow.nonce, "code_challenge": flow.challenge,
             "code_challenge_method": "S256",
         }
+        if fresh and self.provider.apple is None:
+            params |= {"prompt": "login", "max_age": "0"}
         if self.provider.apple is not None:
             # Apple posts the callback (a cross-site POST) when name or email is asked.
             params |= {"scope": APPLE_SCOPES, "response_mode": "form_post"}

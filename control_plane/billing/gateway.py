@@ -68,6 +68,23 @@ class StripeGateway:
             f"qnp-customer-{account_id}")
         return str(customer.id)
 
+    async def delete_customer(self, customer_id: str) -> bool:
+        """Delete a Customer at Stripe (account deletion, issue 14): Stripe then keeps
+        only what its own legal duties need. False when Stripe has no such customer
+        (already deleted: the purge may run twice)."""
+        try:
+            await self._client.v1.customers.delete_async(customer_id)
+        except stripe.InvalidRequestError as e:
+            if e.http_status == 404 or e.code == "resource_missing":
+                return False
+            log.info("stripe refused a customer deletion: %s", type(e).__name__)
+            raise StripeRefused("the payment provider refused to delete the customer"
+                                ) from None
+        except stripe.StripeError as e:
+            log.warning("stripe unavailable: %s", type(e).__name__)
+            raise StripeUnavailable("the payment provider cannot be reached") from None
+        return True
+
     async def create_intent(self, *, customer: str, amount_cents: int, currency: str,
                             account_id: str, credit_cents: int, idempotency_key: str
                             ) -> Intent:

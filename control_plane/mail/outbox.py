@@ -56,8 +56,12 @@ class OutboxRow:
 async def enqueue(conn: asyncpg.Connection, *, to_address: str, kind: MailKind | str,
                   template: str, subject: str, body: str,
                   account_id: uuid.UUID | str | None = None,
-                  headers: dict[str, str] | None = None) -> int:
-    """Queue one message on ``conn`` (inside the caller's transaction, if any); its id."""
+                  headers: dict[str, str] | None = None) -> int | None:
+    """Queue one message on ``conn`` (inside the caller's transaction, if any); its id.
+
+    None, and nothing queued, for an account being deleted (issue 14: no more e-mail).
+    The account row is read FOR SHARE, so a deletion committing meanwhile either waits
+    for this message (and then cancels it) or is seen here."""
     extra = dict(headers or {})
     _check(to_address, subject, extra)
     try:
@@ -65,6 +69,9 @@ async def enqueue(conn: asyncpg.Connection, *, to_address: str, kind: MailKind |
     except ValueError:
         raise OutboxError("kind must be transactional or marketing") from None
     account = uuid.UUID(str(account_id)) if account_id is not None else None
+    if account is not None and await conn.fetchval(
+            "SELECT status = 'deleting' FROM accounts WHERE id = $1 FOR SHARE", account):
+        return None
     row_id: int = await conn.fetchval(
         "INSERT INTO email_outbox (account_id, to_address, kind, template, subject, body,"
         " headers) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) RETURNING id",
@@ -84,6 +91,15 @@ def _check(to_address: str, subject: str, headers: dict[str, str]) -> None:
     reserved = _RESERVED_HEADERS & {name.lower() for name in headers}
     if reserved:
         raise OutboxError(f"headers {sorted(reserved)} are set by the sender")
+
+
+async def cancel_for_account(conn: asyncpg.Connection, account_id: uuid.UUID) -> int:
+    """Give up every unsent message of an account being deleted; how many. The rows
+    themselves go with the purge."""
+    status: str = await conn.execute(
+        "UPDATE email_outbox SET next_attempt_at = NULL, last_error = 'account_deleted'"
+        " WHERE account_id = $1 AND next_attempt_at IS NOT NULL", account_id)
+    return int(status.rsplit(" ", 1)[1])
 
 
 _CLAIM = """

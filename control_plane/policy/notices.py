@@ -45,6 +45,7 @@ _BATCH = """
 WITH picked AS (
     SELECT DISTINCT ON (u.id) u.id, u.email, m.account_id
     FROM users u JOIN memberships m ON m.user_id = u.id
+    JOIN accounts a ON a.id = m.account_id AND a.status <> 'deleting'  -- no more e-mail
     WHERE u.id > $3 AND NOT EXISTS (
         SELECT 1 FROM policy_notices n WHERE n.user_id = u.id AND n.version = $1)
     ORDER BY u.id, m.created_at
@@ -111,7 +112,8 @@ async def _queue(conn: asyncpg.Connection, rows: list[asyncpg.Record], version: 
             log.warning("policy notice not queued user=%s version=%s: unusable address",
                         r["id"], version)
             continue
-        queued.append((r["id"], row_id))
+        if row_id is not None:  # None: the account's deletion began meanwhile
+            queued.append((r["id"], row_id))
     return queued
 
 

@@ -76,6 +76,16 @@ async def complete(conn: asyncpg.Pool | asyncpg.Connection, request_id: int,
     return done is not None
 
 
+async def open_of_type(conn: asyncpg.Pool | asyncpg.Connection, account_id: uuid.UUID,
+                       type_: str) -> int | None:
+    """The id of the account's open request of ``type_`` (the latest), if any."""
+    found: int | None = await conn.fetchval(
+        "SELECT id FROM privacy_requests WHERE account_id = $1 AND type = $2 "
+        "AND completed_at IS NULL ORDER BY received_at DESC, id DESC LIMIT 1",
+        account_id, type_)
+    return found
+
+
 async def extend(conn: asyncpg.Pool | asyncpg.Connection, request_id: int,
                  at: datetime) -> datetime | None:
     """Use, at ``at``, the one extension the request's law allows; None where the law

@@ -29,6 +29,7 @@ from control_plane.web import (
     account_api,
     billing_settings,
     dashboard,
+    deletion_page,
     policy_page,
     privacy_page,
     security,
@@ -122,4 +123,5 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     billing_routes.add_routes(app)  # Stripe top-ups and webhooks (H13)
     billing_settings.add_routes(app)  # auto top-up, low-balance e-mail (H22)
     policy_page.add_routes(app)  # the privacy policy, its changes, sharing, summary (H19)
+    deletion_page.add_routes(app)  # issue 14: deleting the account (H17)
     return app

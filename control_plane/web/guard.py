@@ -8,7 +8,8 @@ CSRF, on every unsafe method (POST, PUT, PATCH, DELETE) unless the route is list
 - the request must come from our own origin: ``Sec-Fetch-Site: same-origin``, or (for
   browsers that do not send it) an ``Origin`` equal to QNP_PUBLIC_URL;
 - and carry the synchronizer token bound to its session (or to the sign-up in
-  progress), in the ``X-CSRF-Token`` header or the ``csrf_token`` form field.
+  progress, or to keeping an account in its deletion grace), in the ``X-CSRF-Token``
+  header or the ``csrf_token`` form field.
 A request authenticated by a bearer key carries no ambient credential, so it needs no
 CSRF token (and any cookie it sends is ignored). Never imports ``proxy``.
 """
@@ -28,6 +29,7 @@ from control_plane.web.state import CALLER, KEYS, SESSIONS, SETTINGS, Caller
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SIGNUP_COOKIE = "__Host-qnp_signup"
+RESTORE_COOKIE = "__Host-qnp_restore"  # keeping an account in its deletion grace (H17)
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 
@@ -97,6 +99,8 @@ async def _check_csrf(request: web.Request, found: Caller | None) -> None:
         binding = str(found.session.id)
     elif (signup := request.cookies.get(SIGNUP_COOKIE)) is not None:
         binding = "signup:" + signup
+    elif (restore := request.cookies.get(RESTORE_COOKIE)) is not None:
+        binding = "restore:" + restore
     else:
         raise Forbidden("sign in first")
     given = request.headers.get(CSRF_HEADER)

@@ -27,6 +27,7 @@ from control_plane import users
 from control_plane.auth.oidc import Client, Flow, Identity
 from control_plane.auth.sessions import COOKIE, COOKIE_TTL_S
 from control_plane.errors import Conflict, InvalidInput, NotFound, SignInRefused
+from control_plane.web import deletion_page
 from control_plane.web.guard import SIGNUP_COOKIE, caller, clear_cookie, set_cookie
 from control_plane.web.pages import PAGES, redirect
 from control_plane.web.state import CALLER, OIDC, SESSIONS, SETTINGS, STORES
@@ -102,7 +103,8 @@ async def start(request: web.Request) -> web.StreamResponse:
               "verifier": flow.verifier, "next": safe_next(request.query.get("next")),
               "binding": _digest(binding)}
     names = request.app[SETTINGS].names
-    url = await client.authorization_url(flow, _redirect_uri(request, client.provider.name))
+    url = await client.authorization_url(flow, _redirect_uri(request, client.provider.name),
+                                         fresh=request.query.get("fresh") == "1")
     await request.app[STORES].redis.set(names.signin_state(flow.state), orjson.dumps(record),
                                         ex=SIGNIN_TTL_S)
     response = redirect(url)
@@ -155,6 +157,8 @@ async def _signed_in(request: web.Request, identity: Identity, next_path: str
     if member is not None:
         if member.status != "active":
             raise SignInRefused("this account is suspended", "suspended user signed in")
+        if (keep := await deletion_page.offer_restore(request, member)) is not None:
+            return keep  # the account is being deleted: keep it, or nothing (H17)
         return await _new_session(request, member, next_path)
     if identity.email is None or not identity.email_verified:
         raise SignInRefused("your sign-in provider did not confirm your email address",

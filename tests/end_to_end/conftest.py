@@ -23,6 +23,7 @@ from devstack.upstream_anthropic import MockAnthropicUpstream
 from devstack.upstream_gemini import MockGeminiUpstream
 from devstack.upstream_openai import MockOpenAIUpstream, UpstreamBehaviour
 from shared.redis_names import RedisNames
+from tests.canary import found_in_postgres, found_in_redis
 from tests.proxy.conftest import proxy_env, write_catalog
 from tests.support import ModuleProcess, free_port, wait_for_http
 
@@ -151,36 +152,12 @@ async def _rows(migrated_url: str, account_id: str, expected: int) -> list[async
 
 async def _assert_nowhere(canary: str, redis: aioredis.Redis, migrated_url: str,
                           stack: Stack) -> None:
-    needle = canary.encode()
-    # Redis: every key of every type in the database the services used.
-    async for name in redis.scan_iter(count=1000):
-        kind = (await redis.type(name)).decode()
-        if kind == "string":
-            dump = [await redis.get(name)]
-        elif kind == "hash":
-            dump = [*(await redis.hgetall(name)).items()]
-        elif kind == "list":
-            dump = await redis.lrange(name, 0, -1)
-        elif kind == "set":
-            dump = list(await redis.smembers(name))
-        elif kind == "zset":
-            dump = await redis.zrange(name, 0, -1)
-        elif kind == "stream":
-            dump = await redis.xrange(name)
-        else:
-            dump = [await redis.dump(name)]
-        assert needle not in repr(dump).encode(), f"canary found in Redis key {name!r}"
-    # Postgres: every row of every table, partitions included, as text.
+    # Every key of every type in the database the services used; every row of every
+    # table, partitions included, as text.
+    assert await found_in_redis(redis, [canary]) == []
     conn = await asyncpg.connect(migrated_url)
     try:
-        tables = await conn.fetch(
-            "SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables "
-            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
-        )
-        assert tables
-        for (table,) in tables:
-            for (text,) in await conn.fetch(f"SELECT t::text FROM {table} t"):
-                assert canary not in text, f"canary found in Postgres table {table}"
+        assert await found_in_postgres(conn, [canary]) == []
     finally:
         await conn.close()
     # Logs of both services (read after they stopped).

@@ -43,6 +43,9 @@ OWN_ACCOUNT_ROUTES = frozenset({
     ("GET", "/api/v1/credits/auto-topup"), ("PUT", "/api/v1/credits/auto-topup"),
     ("POST", "/api/v1/credits/auto-topup/card"),
     ("POST", "/api/v1/credits/auto-topup/card/complete"),
+    # Deletion (H17) names no object: the caller's own account, or (cancel) the one its
+    # restore cookie names; tests/control_plane/privacy/test_deletion.py.
+    ("POST", "/api/v1/account/deletion"), ("DELETE", "/api/v1/account/deletion"),
 })
 
 
