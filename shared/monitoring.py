@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sentry_sdk
 from sentry_sdk.integrations.atexit import AtexitIntegration
@@ -33,10 +33,13 @@ from sentry_sdk.integrations.excepthook import ExcepthookIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.utils import BadDsn, Dsn
 
+if TYPE_CHECKING:
+    from sentry_sdk._types import DataCollectionUserOptions, Event
+
 RESTRICTED_TAG = "qnp.restricted"
 SERVICE_TAG = "service"
 
-NOTHING_COLLECTED: dict[str, Any] = {
+NOTHING_COLLECTED: DataCollectionUserOptions = {
     "user_info": False,
     "cookies": {"mode": "off"},
     "http_headers": {"request": {"mode": "off"}},
@@ -169,7 +172,7 @@ def _crumb(crumb: Any) -> dict[str, Any]:
     return {k: v for k, v in crumb.items() if k in _BREADCRUMB_KEYS}
 
 
-def scrub_event(event: Any, hint: Any) -> dict[str, Any] | None:
+def scrub_event(event: Event, hint: dict[str, Any]) -> Event | None:
     """``before_send``: the event as it may leave, or None (a restricted account's)."""
     tags = event.get("tags")
     if isinstance(tags, Mapping) and tags.get(RESTRICTED_TAG):
@@ -193,13 +196,13 @@ def scrub_event(event: Any, hint: Any) -> dict[str, Any] | None:
             for name, ctx in contexts.items()
             if name in _CONTEXTS and isinstance(ctx, Mapping)
         }
-    crumbs = event.get("breadcrumbs")
+    crumbs: Any = event.get("breadcrumbs")
     if isinstance(crumbs, Mapping):
         crumbs = crumbs.get("values")
     if isinstance(crumbs, list):
         kept["breadcrumbs"] = {"values": [_crumb(c) for c in crumbs
                                           if isinstance(c, Mapping)]}
-    return kept
+    return cast("Event", kept)
 
 
 def scrub_breadcrumb(crumb: Any, hint: Any) -> dict[str, Any] | None:

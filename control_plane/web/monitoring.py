@@ -18,6 +18,7 @@ from control_plane.web.guard import guard
 from control_plane.web.state import CALLER, STORES
 from shared.monitoring import RESTRICTED_TAG
 
+
 @web.middleware
 async def request_scope(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: tags set while this request runs (by ``restriction``) are its own,
