@@ -114,7 +114,7 @@ def init(dsn: str | None, *, service: str, environment: str | None = None) -> bo
         before_send_transaction=_drop,
         before_breadcrumb=scrub_breadcrumb,
     )
-    sentry_sdk.set_tag(SERVICE_TAG, service)
+    sentry_sdk.get_global_scope().set_tag(SERVICE_TAG, service)  # every thread, task
     return True
 
 

@@ -45,6 +45,9 @@ async def test_the_request_path_calls_no_sentry_code(start_gateway: GatewayFacto
                 if event == "call" and "sentry_sdk" in frame.f_code.co_filename:
                     calls.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
 
+            # As in production (QNP_LOG_LEVEL=INFO): what the path logs would reach the SDK.
+            root, level = logging.getLogger(), logging.getLogger().level
+            root.setLevel(logging.INFO)
             sys.setprofile(profile)
             try:
                 await _requests(gw, key, 20)
@@ -53,6 +56,7 @@ async def test_the_request_path_calls_no_sentry_code(start_gateway: GatewayFacto
                 logging.getLogger("qnp.proxy").error("control event for the hook")
             finally:
                 sys.setprofile(None)
+                root.setLevel(level)
             assert during_requests == []
             assert calls, "the hook saw no SDK call at all: it proves nothing"
         finally:
