@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.stack import DIRECT, PASSTHROUGH, PROXY, PROXY_TLS
+from benchmarks.stack import DIRECT, PASSTHROUGH, PROXY, PROXY_SENTRY, PROXY_TLS
 
 DASH = "–"
 BASELINE_BAR = 0.97  # rps per core against the baseline: at most 3 % dearer
@@ -124,17 +124,18 @@ def baseline_targets(report: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def tls_cost(report: dict[str, Any]) -> list[list[str]]:
-    """Per scenario measured with ``--with-tls``: the HTTPS proxy against the plain one,
-    same run (rps per core, CPU per request, added latency; p50 and p99)."""
+def tls_cost(report: dict[str, Any], variant: str = PROXY_TLS) -> list[list[str]]:
+    """Per scenario measured with ``--with-tls`` (or ``--with-sentry``: ``variant``): that
+    proxy against the plain one, same run (rps per core, CPU per request, added latency;
+    p50 and p99)."""
     rows = []
     for sc in report["scenarios"]:
-        c = _get(sc, "comparisons", PROXY_TLS, "vs_plain")
+        c = _get(sc, "comparisons", variant, "vs_plain")
         if sc.get("kind") != "rounds" or c is None:
             continue
         h = "gap" if sc["name"].startswith("paced") else "ttft" if sc["stream"] else "latency"
         unit = "cpu_us_per_chunk" if sc["stream"] else "cpu_us_per_request"
-        plain, tls = (_get(sc, "targets", n, unit) for n in (PROXY, PROXY_TLS))
+        plain, tls = (_get(sc, "targets", n, unit) for n in (PROXY, variant))
         added = _get(c, "added_ms", h) or {}
         by_round = c["rps_per_core_ratio_by_round"]
         rows.append([sc["name"], _ratio(c["rps_per_core_ratio"]),
@@ -288,6 +289,12 @@ def render(report: dict[str, Any]) -> str:
                   "in this run.", "",
                   *_table(["scenario", "rps/core, tls / plain", "rounds",
                            "CPU µs per request (chunk)", "added ms p50 / p99"], tls)]
+    if sentry := tls_cost(report, PROXY_SENTRY):
+        lines += ["", "## What Sentry costs", "",
+                  f"`{PROXY_SENTRY}` is `{PROXY}` with SENTRY_DSN set (the SDK initialised, "
+                  "reporting to a local sink), rounds alternating in this run.", "",
+                  *_table(["scenario", "rps/core, sentry / plain", "rounds",
+                           "CPU µs per request (chunk)", "added ms p50 / p99"], sentry)]
     for sc in report["scenarios"]:
         title = sc.get("description", "")
         lines += ["", f"## {sc['name']}" + (f": {title}" if title else ""), ""]

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.measure import Load, Measured, Run, Runner, model_shape, stream_lifetime
-from benchmarks.stack import BASELINE_PREFIX, DIRECT, PASSTHROUGH, PROXY, PROXY_TLS, Target
+from benchmarks.stack import (
+    BASELINE_PREFIX,
+    DIRECT,
+    PASSTHROUGH,
+    PROXY,
+    PROXY_SENTRY,
+    PROXY_TLS,
+    Target,
+)
 
 ADDED_P99_BUDGET_MS = 5.0  # the sweep's bar: highest rate with added p99 under this
 _HEADLINE = ("latency", "ttft", "gap", "total")
@@ -188,8 +196,9 @@ def comparisons(measured: dict[str, Measured]) -> dict[str, dict[str, Any]]:
         out[name] = {"vs_direct": compare(m, measured[DIRECT])}
         if name != PASSTHROUGH and PASSTHROUGH in measured:
             out[name]["vs_passthrough"] = compare(m, measured[PASSTHROUGH])
-    if PROXY_TLS in measured and PROXY in measured:  # what TLS costs: same proxy, same run
-        out[PROXY_TLS]["vs_plain"] = compare(measured[PROXY_TLS], measured[PROXY])
+    for variant in (PROXY_TLS, PROXY_SENTRY):  # what TLS, Sentry cost: same proxy, same run
+        if variant in measured and PROXY in measured:
+            out[variant]["vs_plain"] = compare(measured[variant], measured[PROXY])
     baselines = {n: b for n, b in measured.items() if n.startswith(BASELINE_PREFIX)}
     if baselines and PROXY in measured:
         out[PROXY]["vs_baseline"] = {n: compare(measured[PROXY], b)

@@ -48,6 +48,9 @@ UPSTREAM_KEY = "sk-bench-upstream"
 ROOT = Path(__file__).resolve().parent.parent
 DIRECT, PASSTHROUGH, PROXY, NOADMIT = "direct", "passthrough", "proxy", "proxy-noadmit"
 PROXY_TLS = "proxy-tls"  # our proxy serving HTTPS itself (--with-tls): what TLS costs
+# Our proxy with SENTRY_DSN set (--with-sentry), reporting to a local sink: what the SDK
+# costs the hot path.
+PROXY_SENTRY = "proxy-sentry"
 BASELINE_PREFIX = f"{PROXY}@"  # a baseline's name: proxy@<the ref it was built from>
 # The warning a proxy logs when it admits an account with no published state: it then
 # runs the degraded local policy, which is not what production measures.
@@ -250,7 +253,8 @@ class Stack:
     @contextlib.contextmanager
     def proxy(self, name: str, *, workers: int, cpus: frozenset[int] | None,
               admission: bool = True, tree: Path | None = None,
-              tls: tuple[Path, Path, Path] | None = None) -> Iterator[Target]:
+              tls: tuple[Path, Path, Path] | None = None,
+              extra_env: Mapping[str, str] | None = None) -> Iterator[Target]:
         """Our proxy as ``python -m proxy``; its ``--workers`` children inherit its pinning.
 
         With ``tree`` (another commit's source), that tree's proxy: run from it, with it
@@ -266,7 +270,7 @@ class Stack:
                "QNP_SPOOL_DIR": str(self.tmp / f"spool-{file_name(name)}"),
                "QNP_METRICS_PORT": "0",
                # Every load connection comes from 127.0.0.1: no per-address cap here.
-               "QNP_HTTP_MAX_CONNECTIONS_PER_IP": "0"}
+               "QNP_HTTP_MAX_CONNECTIONS_PER_IP": "0", **(extra_env or {})}
         if tree is not None:
             env["PYTHONPATH"] = str(tree)
         argv = [sys.executable, "-m", "proxy", "--catalog", str(self.catalog), "--host", HOST,
@@ -339,6 +343,7 @@ class StackSpec:
     externals: Mapping[str, tuple[str, str | None, int | None]]  # name → (url, key, pid)
     baselines: Mapping[str, Path] = field(default_factory=dict)  # name → source tree
     with_tls: bool = False  # also our proxy serving HTTPS, with a throwaway certificate
+    with_sentry: bool = False  # also our proxy with SENTRY_DSN set (a local sink)
 
 
 @contextlib.contextmanager
@@ -406,6 +411,18 @@ def running_stack(spec: StackSpec, env: Mapping[str, str], tmp: Path) -> Iterato
             pki = make_pki(tmp / "pki")
             stack.targets.append(exits.enter_context(stack.proxy(
                 PROXY_TLS, workers=1, cpus=pin.proxy, tls=(pki.cert, pki.key, pki.ca))))
+        if spec.with_sentry:
+            # The tests' Sentry ingestion endpoint, on the load side: it only receives
+            # if the proxy reports an error, which a clean run does not.
+            sink_port = free_port()
+            sink_log = tmp / "sentry-sink.log"
+            exits.enter_context(stack._child(
+                "sentry-sink", [sys.executable, "-m", "tests.sentry_sink", "--port",
+                                str(sink_port)], env, pin.load,
+                _log_says(sink_log, "Sentry sink: SENTRY_DSN=")))
+            dsn = f"http://bench@{HOST}:{sink_port}/1"
+            stack.targets.append(exits.enter_context(stack.proxy(
+                PROXY_SENTRY, workers=1, cpus=pin.proxy, extra_env={"SENTRY_DSN": dsn})))
         for name, (url, key, pid) in spec.externals.items():
             headers = {"Content-Type": "application/json"}
             if key:

@@ -99,6 +99,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--with-noadmit", action="store_true", help="also measure our proxy with admission off")
     a("--with-tls", action="store_true", help="also measure our proxy serving HTTPS itself "
       "(proxy-tls, a throwaway certificate): what TLS costs, against plain proxy")
+    a("--with-sentry", action="store_true", help="also measure our proxy with SENTRY_DSN "
+      "set (proxy-sentry, reporting to a local sink): what the SDK costs, against plain proxy")
     a("--baseline", action="append", default=[], metavar="REF",
       help="also measure our proxy as git commit REF built it, labelled proxy@REF "
       "(same catalog, key and pinning; repeatable)")
@@ -201,7 +203,8 @@ def measure(args: argparse.Namespace, s: Settings, pinning: Pinning,
     baselines = [baseline.export(ref, tmp) for ref in args.baseline]
     spec = StackSpec(s.models, pinning, os.environ.get("REDIS_URL") or None, args.mock_port,
                      args.mock_processes, args.with_noadmit, args.externals,
-                     {b.name: b.tree for b in baselines}, with_tls=args.with_tls)
+                     {b.name: b.tree for b in baselines}, with_tls=args.with_tls,
+                     with_sentry=args.with_sentry)
     entries: list[dict[str, Any]] = []
     with running_stack(spec, os.environ, tmp) as stack:
         targets = stack.targets
@@ -275,7 +278,8 @@ def run(args: argparse.Namespace) -> Path:
                      "sweep_rates": list(s.sweep_rates),
                      "soak_minutes": s.soak_minutes, "scenarios": args.scenarios,
                      "loadgen_processes": args.loadgen_processes,
-                     "mock_processes": args.mock_processes, "with_tls": args.with_tls},
+                     "mock_processes": args.mock_processes, "with_tls": args.with_tls,
+                     "with_sentry": args.with_sentry},
         "machine": machine,
         "pinning": {"proxy": cpu_list(pinning.proxy) if pinning.proxy else None,
                     "load": cpu_list(pinning.load) if pinning.load else None,

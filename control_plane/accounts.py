@@ -93,3 +93,12 @@ async def get_account(conn: asyncpg.Pool | asyncpg.Connection, account_id: str) 
     if row is None:
         raise NotFound("account not found")
     return Account.from_row(row)
+
+
+async def is_restricted(conn: asyncpg.Pool | asyncpg.Connection, account_id: uuid.UUID
+                        ) -> bool:
+    """Whether the account asked to restrict processing (issue 14); an account that is
+    gone counts as restricted (what reads this must fail closed)."""
+    value = await conn.fetchval(
+        "SELECT restricted_at IS NOT NULL FROM accounts WHERE id = $1", account_id)
+    return value is not False

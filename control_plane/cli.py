@@ -25,6 +25,7 @@ from control_plane.migrate import migrate
 from control_plane.policy import notices
 from control_plane.roles import ADMIN, WEB, RoleError, parse_roles
 from control_plane.settings import Settings, SettingsError
+from shared import monitoring
 from shared.pricing import MICROS_PER_DOLLAR, PriceError, dollars_to_micros
 
 Output = tuple[Any, str]  # (JSON document, human text)
@@ -319,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level_number)
     try:
         if args.command == "serve":
+            # The service only: a one-off chore reports its failure on the terminal.
+            monitoring.init(settings.monitoring.sentry_dsn, service="control_plane",
+                            environment=settings.monitoring.sentry_environment)
             service.run(settings, serving)
             return 0
         doc, text = asyncio.run(_COMMANDS[args.command](settings, args))

@@ -20,6 +20,7 @@ import orjson
 
 from control_plane.mail.target import SmtpTarget, parse_smtp_url
 from shared.inflight import IN_FLIGHT_LIFETIME_MS
+from shared.monitoring import MonitoringError, dsn_origin
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
 from shared.secrets_env import SecretEnv, SecretFileError, with_secrets
 
@@ -128,6 +129,8 @@ class Settings:
     # Account deletion (H17, issue 14): days a deletion can be cancelled before the
     # purge (shortened where the law's clock is shorter, see privacy.deletion).
     deletion_grace_days: int = 7
+    # Error monitoring (H16, issue 15); see MonitoringSettings below.
+    monitoring: MonitoringSettings = field(default_factory=lambda: MonitoringSettings())
 
     @property
     def names(self) -> RedisNames:
@@ -208,6 +211,7 @@ class Settings:
             # Account deletion (H17): the policy promises personal data gone within 30
             # days of deletion, so the grace ends inside them.
             deletion_grace_days=_parse(e, "QNP_DELETION_GRACE_DAYS", 7, _int_in(0, 29)),
+            monitoring=MonitoringSettings.from_env(e),  # Sentry (H16)
         )
 
 
@@ -480,3 +484,39 @@ def _stripe_base(raw: str) -> str:
             raw.startswith(f"http://{host}:") for host in _LOOPBACK_HOSTS):
         return raw.rstrip("/")
     raise ValueError("must be an https:// URL, or http:// on a loopback host")
+
+
+# --- Error monitoring (H16, issue 15) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringSettings:
+    """Sentry, off unless a DSN is set: the service's own (``SENTRY_DSN``) and the one
+    the dashboard's pages report to (``QNP_SENTRY_BROWSER_DSN``, only with consent)."""
+
+    sentry_dsn: str | None = None
+    sentry_environment: str | None = None
+    browser_dsn: str | None = None
+
+    @property
+    def browser_origin(self) -> str | None:
+        """Where the browser SDK sends (the CSP's connect-src allows it), if on."""
+        return dsn_origin(self.browser_dsn) if self.browser_dsn else None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> MonitoringSettings:
+        return cls(
+            sentry_dsn=_parse(env, "SENTRY_DSN", None, _dsn),
+            sentry_environment=_parse(env, "SENTRY_ENVIRONMENT", None, _non_empty),
+            browser_dsn=_parse(env, "QNP_SENTRY_BROWSER_DSN", None, _dsn),
+        )
+
+
+def _dsn(raw: str) -> str | None:
+    if not raw.strip():
+        return None
+    try:
+        dsn_origin(raw)
+    except MonitoringError as e:
+        raise ValueError(str(e)) from None
+    return raw

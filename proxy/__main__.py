@@ -7,6 +7,7 @@ import sys
 
 from proxy import server
 from proxy.settings import CommandLine, SettingsError, environment, load
+from shared import monitoring
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"proxy: configuration error: {e}", file=sys.stderr)
         return 2
+    # Before the workers start: the supervisor and each worker (the same entry point,
+    # --workers 1) have an SDK of their own when SENTRY_DSN is set.
+    monitoring.init(settings.sentry_dsn, service="proxy",
+                    environment=settings.sentry_environment)
     return server.supervise(settings, argv)
 
 

@@ -22,6 +22,7 @@ from proxy.catalog import Catalog, CatalogError
 from proxy.catalog import load as load_catalog
 from proxy.routing import RoutingPolicy
 from proxy.tls import RedisTls
+from shared.monitoring import MonitoringError, dsn_origin
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
 from shared.secrets_env import SecretEnv, SecretFileError, with_secrets
 
@@ -102,6 +103,9 @@ class Settings:
     tls_key: Path | None = None
     # Trust and client identity for a rediss:// REDIS_URL (proxy.tls.redis_options).
     redis_tls: RedisTls = field(default_factory=RedisTls)
+    # Error monitoring (shared.monitoring): SENTRY_DSN unset or empty = no SDK at all.
+    sentry_dsn: str | None = None
+    sentry_environment: str | None = None
 
 
 def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -254,7 +258,18 @@ def load(env: Mapping[str, str] | None = None, cli: CommandLine | None = None) -
         http_max_buffered_body=_int(env, "QNP_HTTP_MAX_BUFFERED_BODY_MB", 256, minimum=1)
         * 1024 * 1024,
         **_tls(env, cli),
+        **_sentry(env),
     )
+
+
+def _sentry(env: Mapping[str, str]) -> dict[str, Any]:
+    dsn = env.get("SENTRY_DSN") or None
+    if dsn is not None:
+        try:
+            dsn_origin(dsn)
+        except MonitoringError as e:
+            raise SettingsError(f"SENTRY_DSN {e}") from None
+    return {"sentry_dsn": dsn, "sentry_environment": env.get("SENTRY_ENVIRONMENT") or None}
 
 
 def _file(env: Mapping[str, str], name: str, given: str | None = None) -> Path | None:

@@ -30,6 +30,7 @@ from control_plane.web import (
     billing_settings,
     dashboard,
     deletion_page,
+    monitoring,
     policy_page,
     privacy_page,
     security,
@@ -109,7 +110,9 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     app[HEADS] = HeadDeadline()
     app[KEY_DOCS] = {}
     app[KEY_DOC_LOADS] = {}
-    security.install(app, settings.public_is_https)
+    security.install(app, settings.public_is_https,
+                     connect=settings.monitoring.browser_origin)  # Sentry in pages (H16)
+    monitoring.install(app, settings)  # Sentry scopes, restriction (H16)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_revocations)
     app.router.add_get("/healthz", healthz)

@@ -267,6 +267,8 @@ def setup(app: web.Application) -> None:
         app, loader=jinja2.FileSystemLoader(HERE / "templates"), app_key=TEMPLATES,
         autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["money"] = money
+    # _analytics.html (H16): where pages' Sentry reports go, "" = off.
+    env.globals["sentry_browser_dsn"] = app[SETTINGS].monitoring.browser_dsn or ""
 
 
 def add_routes(app: web.Application) -> None:

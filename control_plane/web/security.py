@@ -30,9 +30,14 @@ def serialise(policy: Mapping[str, tuple[str, ...]]) -> str:
     return "; ".join(f"{name} {' '.join(values)}" for name, values in policy.items())
 
 
-def headers(https: bool) -> dict[str, str]:
+def headers(https: bool, connect: str | None = None) -> dict[str, str]:
+    """``connect``: one more origin pages may send to (the Sentry ingestion endpoint of
+    ``QNP_SENTRY_BROWSER_DSN``, only when it is configured)."""
+    policy = dict(POLICY)
+    if connect:
+        policy["connect-src"] = (*POLICY["connect-src"], connect)
     found = {
-        "Content-Security-Policy": serialise(POLICY),
+        "Content-Security-Policy": serialise(policy),
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "same-origin",
         "X-Frame-Options": "DENY",
@@ -47,9 +52,9 @@ def headers(https: bool) -> dict[str, str]:
     return found
 
 
-def install(app: web.Application, https: bool) -> None:
+def install(app: web.Application, https: bool, connect: str | None = None) -> None:
     """Add the headers to every response the app sends, errors and redirects included."""
-    fixed = headers(https)
+    fixed = headers(https, connect)
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         for name, value in fixed.items():
