@@ -25,7 +25,15 @@ from control_plane import account_usage, keys, ledger, ledger_history, publisher
 from control_plane.accounts import clean_name
 from control_plane.auth.sessions import Session
 from control_plane.errors import InvalidInput, NotFound
-from control_plane.web.state import CALLER, KEY_DOCS, KEYS, SESSIONS, SETTINGS, STORES
+from control_plane.web.state import (
+    CALLER,
+    CONSENT,
+    KEY_DOCS,
+    KEYS,
+    SESSIONS,
+    SETTINGS,
+    STORES,
+)
 from shared.pricing import PriceError, dollars_to_micros
 
 HERE = Path(__file__).parent
@@ -54,6 +62,8 @@ def render(request: web.Request, template: str, session: Session, status: int = 
            **values: Any) -> web.Response:
     context = {"nav": NAV, "path": request.path, "api_base": request.app[SETTINGS].api_base_url,
                "csrf_token": request.app[SESSIONS].csrf_token(str(session.id)), **values}
+    if CONSENT in request:  # the cookie banner, scripts by category, the theme (issue 15)
+        context.setdefault("consent", request[CONSENT])
     return aiohttp_jinja2.render_template(template, request, context, status=status,
                                           app_key=TEMPLATES)
 

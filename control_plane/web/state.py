@@ -12,6 +12,7 @@ from aiohttp import web
 from control_plane.auth.apikey import KeyAuth, KeyCaller
 from control_plane.auth.oidc import Client
 from control_plane.auth.sessions import Session, Sessions
+from control_plane.consent.view import ConsentView
 from control_plane.runtime import Stores
 from control_plane.settings import Settings
 
@@ -45,3 +46,5 @@ class Caller:
 
 
 CALLER = web.RequestKey("caller", Caller)
+# What a page may do under the browser's consent (issue 15; control_plane/web/consent_page.py).
+CONSENT = web.RequestKey("consent", ConsentView)
