@@ -25,7 +25,8 @@ _LAYOUT = """<!doctype html>
 <link rel="stylesheet" href="/static/app.css">
 <script src="/static/consent.js" defer></script></head>
 <body>{% include "_consent_banner.html" %}<main>{% block main %}{% endblock %}</main>
-<footer class="foot">{% include "_consent_footer.html" %}</footer>
+<footer class="foot">{% include "_theme_toggle.html" %}{% include "_consent_footer.html" %}
+</footer>
 {% include "_analytics.html" ignore missing %}</body></html>"""
 
 _TEMPLATES: Mapping[str, str] = {

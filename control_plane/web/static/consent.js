@@ -96,7 +96,9 @@
     if (!form.hasAttribute("data-consent-form") || form.hasAttribute("data-plain")) { return; }
     event.preventDefault();
     var submitter = event.submitter;
-    post(form.action, new URLSearchParams(new FormData(form, submitter)))
+    var body = new URLSearchParams(new FormData(form, submitter));
+    if (gpc()) { body.set("gpc", "1"); }  // the page's own signal, as Sec-GPC would
+    post(form.action, body)
       .then(function (doc) { apply(doc.data); })
       .catch(function () {  // post it the plain way instead
         form.setAttribute("data-plain", "");

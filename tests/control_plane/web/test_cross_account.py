@@ -33,6 +33,8 @@ OWN_ACCOUNT_ROUTES = frozenset({
     # Top-ups (H13) name no object: they start a payment for the caller's own account.
     ("POST", "/api/v1/credits/topup"), ("GET", "/api/v1/credits/topup/quote"),
     ("POST", "/api/v1/credits/topup/complete"),  # another account's intent: 404
+    # Consent (issue 15): the caller's own choices (tests/control_plane/consent).
+    ("GET", "/api/v1/account/consents"), ("PUT", "/api/v1/account/consents"),
 })
 
 
