@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 
 from control_plane import ledger
 from control_plane.auth.sessions import COOKIE
-from control_plane.consent.cookies import CONSENT_COOKIE
 from control_plane.connections import open_pool, open_redis
+from control_plane.consent.cookies import CONSENT_COOKIE
 from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
 from devstack.upstream_openai import MockOpenAIUpstream
