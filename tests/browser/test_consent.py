@@ -35,13 +35,13 @@ BACKGROUND = "getComputedStyle(document.body).backgroundColor"
 
 def _override_analytics(web: Web) -> None:
     """Our ``_analytics.html`` in both template environments of the running app."""
-    app = web.client.server.app
+    app = web.client.app
     assert app is not None
     for env in (app[TEMPLATES], app[PAGES]._env):
         assert env.loader is not None
         env.loader = jinja2.ChoiceLoader(
             [jinja2.DictLoader({"_analytics.html": OVERRIDE}), env.loader])
-        env.cache = None  # type: ignore[assignment]  # no template compiled before this
+        env.cache = None  # no template compiled before this one counts
 
 
 def _probed(b: Browser) -> list[str]:
