@@ -285,7 +285,7 @@ def _attach(app: web.Application, stores: Stores) -> None:
                                          else settings.require_session_secret())
     if secret is not None:  # staff sessions need the web service's signing key
         sessions = Sessions(secret, stores.pool, stores.redis, settings.names,
-                            stores.outages)
+                            stores.outages, previous=settings.session_secret_previous)
         app[STAFF] = StaffAccess(sessions, stores.pool)
 
 

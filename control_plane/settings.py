@@ -21,7 +21,7 @@ import orjson
 from control_plane.mail.target import SmtpTarget, parse_smtp_url
 from shared.inflight import IN_FLIGHT_LIFETIME_MS
 from shared.redis_names import DEFAULT_PREFIX, RedisNames
-from shared.secrets_env import SecretFileError, with_secrets
+from shared.secrets_env import SecretEnv, SecretFileError, with_secrets
 
 _T = TypeVar("_T")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -31,9 +31,11 @@ SECRETS = (
     "DATABASE_URL", "REDIS_URL", "QNP_ADMIN_TOKEN",
     "QNP_SESSION_SECRET", "QNP_SESSION_SECRET_PREVIOUS",
     "QNP_STRIPE_SECRET_KEY", "QNP_STRIPE_WEBHOOK_SECRET",
-    "QNP_OIDC_GOOGLE_CLIENT_SECRET", "QNP_OIDC_APPLE_CLIENT_SECRET",
     "SMTP_URL",
 )
+# Besides these, each sign-in provider's client secret may come from
+# QNP_OIDC_<NAME>_CLIENT_SECRET (or its _FILE) instead of the provider list: see
+# ``_providers``.
 # Never echoed in an error: the secrets, and the provider list that holds client secrets.
 _CONFIDENTIAL = frozenset((*SECRETS, "QNP_OIDC_PROVIDERS"))
 
@@ -87,6 +89,8 @@ class Settings:
     # derive from it. Plain http only on a loopback host (development).
     public_url: str = "http://127.0.0.1:8082"
     session_secret: str | None = field(default=None, repr=False)
+    # The secret before the last rotation: still accepted, never used to sign.
+    session_secret_previous: str | None = field(default=None, repr=False)
     oidc_providers: tuple[OIDCProvider, ...] = ()
     policy_version: str = "2026-04"
     # The proxy's public base URL, shown in the dashboard's quick start.
@@ -159,7 +163,9 @@ class Settings:
             shutdown_grace_s=_parse(e, "QNP_SHUTDOWN_GRACE", 10.0, _seconds(0.1, 600.0)),
             public_url=_parse(e, "QNP_PUBLIC_URL", _default_public_url(e), _public_url),
             session_secret=_parse(e, "QNP_SESSION_SECRET", None, _secret),
-            oidc_providers=_parse(e, "QNP_OIDC_PROVIDERS", (), _providers),
+            session_secret_previous=_parse(e, "QNP_SESSION_SECRET_PREVIOUS", None, _secret),
+            oidc_providers=_parse(e, "QNP_OIDC_PROVIDERS", (),
+                                  lambda raw: _providers(raw, e)),
             policy_version=_parse(e, "QNP_POLICY_VERSION", "2026-04", _non_empty),
             api_base_url=_parse(e, "QNP_API_URL", "http://127.0.0.1:8080", _public_url),
             bcrypt_rounds=_parse(e, "QNP_BCRYPT_ROUNDS", 12, _int_in(4, 31)),
@@ -279,9 +285,18 @@ def _apple(item: dict[str, object]) -> AppleKey | None:
     return AppleKey(str(raw["team_id"]), str(raw["key_id"]), str(raw["private_key_file"]))
 
 
-def _providers(raw: str) -> tuple[OIDCProvider, ...]:
+def client_secret_variable(name: str) -> str:
+    """Where a provider's client secret may come from instead of the provider list:
+    ``google`` → ``QNP_OIDC_GOOGLE_CLIENT_SECRET`` (or ``…_FILE``, a mounted secret)."""
+    return f"QNP_OIDC_{name.upper().replace('-', '_')}_CLIENT_SECRET"
+
+
+def _providers(raw: str, env: Mapping[str, str] | None = None) -> tuple[OIDCProvider, ...]:
     """A JSON list of {name, label, issuer, client_id, client_secret}; an Apple provider
-    has {"apple": {team_id, key_id, private_key_file}} instead of client_secret."""
+    has {"apple": {team_id, key_id, private_key_file}} instead of client_secret. A
+    provider without ``client_secret`` takes it from ``client_secret_variable(name)``,
+    so the list itself holds no secret and can be plain configuration."""
+    secret_env = SecretEnv(env or {}, lambda path: Path(path).read_text("utf-8"))
     try:
         items = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -293,10 +308,16 @@ def _providers(raw: str) -> tuple[OIDCProvider, ...]:
         if not isinstance(item, dict):
             raise ValueError("each provider must be a JSON object")
         apple = _apple(item)
+        if not apple and not item.get("client_secret") and isinstance(item.get("name"), str):
+            try:
+                item["client_secret"] = secret_env.get(client_secret_variable(item["name"]))
+            except SecretFileError as e:
+                raise ValueError(str(e)) from None
         needed = ("name", "issuer", "client_id") + (() if apple else ("client_secret",))
         values = {k: item.get(k) for k in needed}
         if not all(isinstance(v, str) and v for v in values.values()):
-            raise ValueError("each provider needs name, issuer, client_id and client_secret")
+            raise ValueError("each provider needs name, issuer, client_id and client_secret "
+                             "(or QNP_OIDC_<NAME>_CLIENT_SECRET)")
         name = str(values["name"])
         if not set(name) <= _PROVIDER_NAME or name in {p.name for p in found}:
             raise ValueError(f"provider name {name!r} must be unique, a-z 0-9 and -")

@@ -63,9 +63,12 @@ class CookieClaims:
     sid: uuid.UUID
     issued_at: int
     expires_at: int
+    # Signed under QNP_SESSION_SECRET_PREVIOUS: valid during a rotation, re-issued
+    # under the current secret on this response.
+    old_key: bool = False
 
     def wants_renewal(self, now: float) -> bool:
-        return self.expires_at - now < COOKIE_TTL_S / 2
+        return self.old_key or self.expires_at - now < COOKIE_TTL_S / 2
 
 
 def user_agent_summary(raw: str | None) -> str:
@@ -80,11 +83,31 @@ def user_agent_summary(raw: str | None) -> str:
     return browser or system
 
 
+def _keys(secret: str) -> tuple[bytes, bytes]:
+    """The cookie-signing key and the CSRF key derived from one secret."""
+    return (hashlib.sha256(b"qnp-session:" + secret.encode()).digest(),
+            hashlib.sha256(b"qnp-csrf:" + secret.encode()).digest())
+
+
+def _csrf(key: bytes, binding: str) -> str:
+    return hmac.new(key, binding.encode(), hashlib.sha256).hexdigest()
+
+
+def _claims(value: str, key: bytes, *, old_key: bool) -> CookieClaims:
+    claims = jwt.decode(value, key, algorithms=[_ALG],
+                        options={"require": ["sid", "iat", "exp"]})
+    return CookieClaims(uuid.UUID(str(claims["sid"])), int(claims["iat"]), int(claims["exp"]),
+                        old_key)
+
+
 class Sessions:
     def __init__(self, secret: str, pool: asyncpg.Pool, redis: aioredis.Redis,
-                 names: RedisNames, outages: Outages) -> None:
-        self._key = hashlib.sha256(b"qnp-session:" + secret.encode()).digest()
-        self._csrf_key = hashlib.sha256(b"qnp-csrf:" + secret.encode()).digest()
+                 names: RedisNames, outages: Outages, previous: str | None = None) -> None:
+        # Rotation: cookies and CSRF tokens signed under ``previous`` are still accepted
+        # (cookies are re-issued under ``secret`` at once), so changing the secret
+        # signs nobody out. New ones are always signed under ``secret``.
+        self._key, self._csrf_key = _keys(secret)
+        self._previous = None if previous in (None, secret) else _keys(previous or "")
         self._pool, self._redis, self._names, self._outages = pool, redis, names, outages
         # sid -> (cached until, state or None when the session is not usable)
         self._cache: dict[uuid.UUID, tuple[float, Session | None]] = {}
@@ -99,19 +122,29 @@ class Sessions:
 
     def read_cookie(self, value: str) -> CookieClaims:
         try:
-            claims = jwt.decode(value, self._key, algorithms=[_ALG],
-                                options={"require": ["sid", "iat", "exp"]})
-            return CookieClaims(uuid.UUID(str(claims["sid"])), int(claims["iat"]),
-                                int(claims["exp"]))
+            return _claims(value, self._key, old_key=False)
+        except jwt.InvalidSignatureError:
+            if self._previous is None:
+                raise Unauthorized("your session has ended; please sign in again") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise Unauthorized("your session has ended; please sign in again") from None
+        try:
+            return _claims(value, self._previous[0], old_key=True)
         except (jwt.PyJWTError, ValueError, TypeError):
             raise Unauthorized("your session has ended; please sign in again") from None
 
     def csrf_token(self, binding: str) -> str:
         """The synchronizer token of a session (or a sign-up in progress)."""
-        return hmac.new(self._csrf_key, binding.encode(), hashlib.sha256).hexdigest()
+        return _csrf(self._csrf_key, binding)
 
     def csrf_ok(self, binding: str, given: str | None) -> bool:
-        return given is not None and hmac.compare_digest(self.csrf_token(binding), given)
+        if given is None:
+            return False
+        if hmac.compare_digest(self.csrf_token(binding), given):
+            return True
+        # A form rendered before the rotation still submits.
+        return self._previous is not None and hmac.compare_digest(
+            _csrf(self._previous[1], binding), given)
 
     # -- state -----------------------------------------------------------------------
 

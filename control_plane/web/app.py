@@ -100,7 +100,8 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
                           client_max_size=MAX_BODY_BYTES)
     app[SETTINGS], app[STORES], app[PAGES] = settings, stores, Pages()
     app[SESSIONS] = Sessions(settings.require_session_secret(), stores.pool, stores.redis,
-                             settings.names, stores.outages)
+                             settings.names, stores.outages,
+                             previous=settings.session_secret_previous)
     app[KEYS] = KeyAuth(stores.pool)
     app[HEADS] = HeadDeadline()
     app[KEY_DOCS] = {}

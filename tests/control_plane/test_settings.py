@@ -169,3 +169,24 @@ def test_an_invalid_secret_is_refused_without_echoing_it() -> None:
     with pytest.raises(SettingsError, match="QNP_OIDC_PROVIDERS") as refused:
         Settings.from_env({**BASE, "QNP_OIDC_PROVIDERS": bad})
     assert "canary-client-secret" not in str(refused.value)
+
+
+def test_a_providers_client_secret_can_come_from_its_own_variable_or_file(
+    tmp_path: Path
+) -> None:
+    """The provider list is configuration; the secret is mounted like the others:
+    QNP_OIDC_<NAME>_CLIENT_SECRET or its _FILE (what the Kubernetes manifests give)."""
+    raw = ('[{"name": "google", "issuer": "https://accounts.google.com", "client_id": "c"},'
+           ' {"name": "corp-idp", "issuer": "https://idp.example", "client_id": "d"}]')
+    secret_file = tmp_path / "google"
+    secret_file.write_text("from-a-file\n")
+    env = {**BASE, "QNP_OIDC_PROVIDERS": raw,
+           "QNP_OIDC_GOOGLE_CLIENT_SECRET_FILE": str(secret_file),
+           "QNP_OIDC_CORP_IDP_CLIENT_SECRET": "from-the-env"}
+    google, corp = Settings.from_env(env).oidc_providers
+    assert (google.client_secret, corp.client_secret) == ("from-a-file", "from-the-env")
+    with pytest.raises(SettingsError, match="QNP_OIDC_<NAME>_CLIENT_SECRET"):
+        Settings.from_env({**BASE, "QNP_OIDC_PROVIDERS": raw})  # no secret anywhere
+    missing = {**env, "QNP_OIDC_GOOGLE_CLIENT_SECRET_FILE": str(tmp_path / "absent")}
+    with pytest.raises(SettingsError, match="QNP_OIDC_GOOGLE_CLIENT_SECRET_FILE"):
+        Settings.from_env(missing)

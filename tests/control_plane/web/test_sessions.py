@@ -5,6 +5,7 @@ reaches a second replica within a second; every response carries the security he
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from dataclasses import replace
@@ -222,3 +223,32 @@ def test_a_session_keeps_only_the_browser_and_system_of_its_user_agent(
     # The sessions list needs to tell browsers apart, nothing more: versions and build
     # details in the raw header can single a person out.
     assert user_agent_summary(header) == summary
+
+
+async def test_rotating_the_session_secret_signs_nobody_out(web: Web) -> None:
+    """QNP_SESSION_SECRET_PREVIOUS: a replica restarted with a new secret and the old one
+    as previous keeps the session and its CSRF token, re-issues the cookie under the new
+    secret at once, and the old secret alone no longer opens anything."""
+    me = await sign_in_new_user(web)
+    old_cookie = _cookie(web)
+    new_secret = "rotated-session-secret-" + "1" * 16
+    rotated = replace(web.settings, web_port=free_port(), session_secret=new_secret,
+                      session_secret_previous=SESSION_SECRET)
+    async with serve_web(rotated) as replica:
+        _set_cookie(replica, old_cookie)
+        r = await replica.client.get("/api/v1/session")
+        assert r.status == 200 and (await r.json())["data"]["account_id"] == me["account_id"]
+        reissued = r.cookies[COOKIE].value
+        assert reissued and reissued != old_cookie
+        jwt.decode(reissued, hashlib.sha256(b"qnp-session:" + new_secret.encode()).digest(),
+                   algorithms=["HS256"])  # signed under the new secret
+        # A form rendered before the rotation (its token from the old secret) still posts.
+        r = await replica.client.post("/api/v1/keys", json={"name": "after rotation"},
+                                      headers={**replica.same_origin,
+                                               "X-CSRF-Token": me["csrf_token"]})
+        assert r.status == 201, await r.text()
+    # Once the previous secret is dropped, a cookie signed under it is refused.
+    dropped = replace(rotated, web_port=free_port(), session_secret_previous=None)
+    async with serve_web(dropped) as replica:
+        _set_cookie(replica, old_cookie)
+        assert await _status_and_cleared(replica) == (401, True)
