@@ -2,7 +2,8 @@
 the account id and the purpose under a key derived from QNP_SESSION_SECRET, so a link
 names exactly one account and cannot be made for another without the secret. Tokens do
 not expire (a link in an old e-mail must still work); changing the secret invalidates
-them all. Pure code: stdlib only.
+them all, once ``QNP_SESSION_SECRET_PREVIOUS`` no longer holds the old one. Pure code:
+stdlib only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import uuid
+from collections.abc import Sequence
 
 PURPOSE = "marketing_email"
 
@@ -26,8 +28,10 @@ def make_token(secret: str, account_id: uuid.UUID, purpose: str = PURPOSE) -> st
     return f"{account_id.hex}.{_mac(secret, account_id, purpose)}"
 
 
-def account_of(secret: str, token: str, purpose: str = PURPOSE) -> uuid.UUID | None:
-    """The account a genuine token names; None for anything else."""
+def account_of(secrets: Sequence[str], token: str, purpose: str = PURPOSE
+               ) -> uuid.UUID | None:
+    """The account a genuine token names under any of ``secrets`` (the session secret
+    and the one before its last rotation); None for anything else."""
     raw_id, _, mac = token.partition(".")
     if len(raw_id) != 32 or not mac or len(token) > 100:
         return None
@@ -35,6 +39,7 @@ def account_of(secret: str, token: str, purpose: str = PURPOSE) -> uuid.UUID | N
         account_id = uuid.UUID(hex=raw_id)
     except ValueError:
         return None
-    if not hmac.compare_digest(_mac(secret, account_id, purpose).encode(), mac.encode()):
+    if not any(hmac.compare_digest(_mac(secret, account_id, purpose).encode(), mac.encode())
+               for secret in secrets):
         return None
     return account_id

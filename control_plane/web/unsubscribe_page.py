@@ -25,8 +25,10 @@ from control_plane.web.state import SETTINGS, STORES
 
 
 async def _account(request: web.Request) -> uuid.UUID:
-    found = account_of(request.app[SETTINGS].require_session_secret(),
-                       request.match_info["token"])
+    settings = request.app[SETTINGS]
+    secrets = [settings.require_session_secret(), *filter(None, [
+        settings.session_secret_previous])]
+    found = account_of(secrets, request.match_info["token"])
     if found is None or not await request.app[STORES].pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)", found):
         raise NotFound("this unsubscribe link is not valid")

@@ -82,4 +82,8 @@ async def test_marketing_mail_needs_consent_and_unsubscribes_in_one_click_once(
             r = await web.client.request(method, forged)
             assert r.status == 404, (forged, method, await r.text())
     assert await _withdrawals(pool, other) == []
-    assert account_of(SESSION_SECRET, make_token(SESSION_SECRET, other)) == other
+    assert account_of([SESSION_SECRET], make_token(SESSION_SECRET, other)) == other
+    # After a rotation (QNP_SESSION_SECRET_PREVIOUS) links already sent still work.
+    rotated = ["a new session secret of 32 chars!", SESSION_SECRET]
+    assert account_of(rotated, make_token(SESSION_SECRET, other)) == other
+    assert account_of(rotated[:1], make_token(SESSION_SECRET, other)) is None
