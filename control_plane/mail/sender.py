@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 
@@ -28,6 +29,11 @@ import asyncpg
 from control_plane.mail import outbox
 from control_plane.mail.outbox import OutboxRow
 from control_plane.mail.target import SmtpTarget
+
+# Flattened here with RFC 5322's line limit, not the 78 characters aiosmtplib's policy
+# folds at: a header with no space to fold at (a List-Unsubscribe URL, RFC 8058) would
+# otherwise go out as RFC 2047 encoded words, which mail clients do not read as a URL.
+_WIRE = policy.SMTP.clone(max_line_length=998)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,8 @@ class Sender:
                  poll_s: float = 5.0, batch: int = 100, smtp_timeout_s: float = 30.0) -> None:
         self._pool, self._target, self._from = pool, target, mail_from
         self._poll_s, self._batch, self._timeout = poll_s, batch, smtp_timeout_s
-        domain = parseaddr(mail_from)[1].rpartition("@")[2]
+        self._envelope_from = parseaddr(mail_from)[1]
+        domain = self._envelope_from.rpartition("@")[2]
         self._id_domain = domain or "localhost"
         self._stopping = asyncio.Event()
 
@@ -116,12 +123,13 @@ class Sender:
         """None once the server accepted the message; else (error code, permanent)."""
         t = self._target
         try:
-            message = self.message(row)
+            message = self.message(row).as_bytes(policy=_WIRE)
         except (ValueError, TypeError):  # a row written around enqueue's checks
             return "bad_message", True   # given up, or it would head the queue forever
         try:
             await aiosmtplib.send(
-                message, hostname=t.host, port=t.port, use_tls=t.implicit_tls,
+                message, sender=self._envelope_from, recipients=[row.to_address],
+                hostname=t.host, port=t.port, use_tls=t.implicit_tls,
                 username=t.username, password=t.password, timeout=self._timeout)
         except aiosmtplib.SMTPRecipientsRefused as e:
             code = e.recipients[0].code if e.recipients else 0

@@ -28,6 +28,7 @@ from control_plane.settings import Settings
 from control_plane.web import (
     account_api,
     billing_settings,
+    consent_page,
     dashboard,
     deletion_page,
     monitoring,
@@ -127,4 +128,5 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     billing_settings.add_routes(app)  # auto top-up, low-balance e-mail (H22)
     policy_page.add_routes(app)  # the privacy policy, its changes, sharing, summary (H19)
     deletion_page.add_routes(app)  # issue 14: deleting the account (H17)
+    consent_page.add_routes(app)  # issue 15: cookie banner, GPC, theme, unsubscribe
     return app

@@ -28,6 +28,7 @@ from control_plane.billing import auto_topup
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.web.state import (
     CALLER,
+    CONSENT,
     KEY_DOCS,
     KEYS,
     PAGE_CONTEXT,
@@ -65,6 +66,8 @@ def render(request: web.Request, template: str, session: Session, status: int = 
                "nav": NAV, "path": request.path, "api_base": request.app[SETTINGS].api_base_url,
                "csrf_token": request.app[SESSIONS].csrf_token(str(session.id)),
                "restricted": session.restricted, **values}
+    if CONSENT in request:  # the cookie banner, scripts by category, the theme (issue 15)
+        context.setdefault("consent", request[CONSENT])
     return aiohttp_jinja2.render_template(template, request, context, status=status,
                                           app_key=TEMPLATES)
 

@@ -57,7 +57,7 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
     else:
         title = "Sign-in refused" if isinstance(exc, SignInRefused) else \
             _TITLES.get(status, "Something went wrong")
-        response = request.app[PAGES].message(title, message, status)
+        response = request.app[PAGES].message(title, message, status, request)
     if status == 401 and COOKIE in request.cookies:
         response.del_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
     return response

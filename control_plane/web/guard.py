@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from control_plane.auth.sessions import COOKIE, COOKIE_TTL_S, CookieClaims
+from control_plane.consent.cookies import CONSENT_COOKIE
 from control_plane.errors import Forbidden, Unauthorized
 from control_plane.web.edge import read_body
 from control_plane.web.errors import Handler
@@ -39,7 +40,14 @@ CSRF_EXEMPT: Mapping[str, str] = {
                                  "is a cross-site POST by design; the single-use state, "
                                  "PKCE verifier and nonce protect it",
     "/webhooks/stripe": "Stripe signs its webhooks; there is no browser session",
+    "/unsubscribe/{token}": "RFC 8058 one-click unsubscribe: a mail client POSTs from no "
+                            "page of ours and with no cookie; the token in the URL is an "
+                            "HMAC naming one account, and it can only withdraw consent",
 }
+# Routes a browser may post to before it signs in (the cookie banner's choice, the
+# theme): with no session, their token is bound to the browser's consent cookie, set
+# with the page that holds the form (control_plane/web/consent_page.py).
+CONSENT_BOUND = frozenset({"/consent", "/theme"})
 
 
 def set_cookie(response: web.StreamResponse, name: str, value: str, max_age: int,
@@ -80,6 +88,20 @@ async def _identify(request: web.Request) -> tuple[Caller | None, CookieClaims |
     return Caller(account_id=session.account_id, session=session), claims
 
 
+def csrf_binding(request: web.Request, found: Caller | None,
+                 browser: str | None = None) -> str | None:
+    """What a form's token is bound to: the session, else a sign-up in progress, else a
+    deleted account's restore in progress, else (for ``CONSENT_BOUND`` routes) the
+    browser's consent id."""
+    if found is not None and found.session is not None:
+        return str(found.session.id)
+    if (signup := request.cookies.get(SIGNUP_COOKIE)) is not None:
+        return "signup:" + signup
+    if (restore := request.cookies.get(RESTORE_COOKIE)) is not None:
+        return "restore:" + restore
+    return None if browser is None else "consent:" + browser
+
+
 def _same_origin(request: web.Request) -> bool:
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
@@ -95,13 +117,10 @@ async def _check_csrf(request: web.Request, found: Caller | None) -> None:
         return
     if not _same_origin(request):
         raise Forbidden("cross-site request refused")
-    if found is not None and found.session is not None:
-        binding = str(found.session.id)
-    elif (signup := request.cookies.get(SIGNUP_COOKIE)) is not None:
-        binding = "signup:" + signup
-    elif (restore := request.cookies.get(RESTORE_COOKIE)) is not None:
-        binding = "restore:" + restore
-    else:
+    browser = request.cookies.get(CONSENT_COOKIE) \
+        if resource is not None and resource.canonical in CONSENT_BOUND else None
+    binding = csrf_binding(request, found, browser)
+    if binding is None:
         raise Forbidden("sign in first")
     given = request.headers.get(CSRF_HEADER)
     if given is None and request.content_type in ("application/x-www-form-urlencoded",

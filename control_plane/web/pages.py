@@ -5,17 +5,29 @@ pages come with issue 12. Never imports ``proxy``."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jinja2
 from aiohttp import web
 
+from control_plane.web.state import CONSENT
+
+_PARTIALS = Path(__file__).parent / "templates"
+
+# The consent partials (banner, footer links, theme, scripts by category) are the
+# dashboard's own files in templates/, shared through the loader below, not copied.
 _LAYOUT = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
+<html lang="en"{% include "_consent_html_attrs.html" %}><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
 <title>{% block title %}QNP{% endblock %}</title>
-<link rel="stylesheet" href="/static/app.css"></head>
-<body><main>{% block main %}{% endblock %}</main></body></html>"""
+<link rel="stylesheet" href="/static/app.css">
+<script src="/static/consent.js" defer></script></head>
+<body>{% include "_consent_banner.html" %}<main>{% block main %}{% endblock %}</main>
+<footer class="foot">{% include "_theme_toggle.html" %}{% include "_consent_footer.html" %}
+</footer>
+{% include "_analytics.html" ignore missing %}</body></html>"""
 
 _TEMPLATES: Mapping[str, str] = {
     "layout.html": _LAYOUT,
@@ -47,17 +59,24 @@ _TEMPLATES: Mapping[str, str] = {
 class Pages:
     def __init__(self) -> None:
         self._env = jinja2.Environment(
-            loader=jinja2.DictLoader(dict(_TEMPLATES)), autoescape=True,
-            undefined=jinja2.StrictUndefined,
+            loader=jinja2.ChoiceLoader([jinja2.DictLoader(dict(_TEMPLATES)),
+                                        jinja2.FileSystemLoader(_PARTIALS)]),
+            autoescape=True, undefined=jinja2.StrictUndefined,
         )
         self._compiled = {name: self._env.get_template(name) for name in _TEMPLATES}
 
-    def render(self, template: str, status: int = 200, **values: Any) -> web.Response:
-        return web.Response(text=self._compiled[template].render(**values), status=status,
+    def render(self, template: str, status: int = 200, request: web.Request | None = None,
+               **values: Any) -> web.Response:
+        """A page; with ``request``, the cookie banner and the consent context too."""
+        if request is not None and CONSENT in request:
+            values.setdefault("consent", request[CONSENT])
+        found = self._compiled.get(template) or self._env.get_template(template)
+        return web.Response(text=found.render(**values), status=status,
                             content_type="text/html", charset="utf-8")
 
-    def message(self, title: str, message: str, status: int) -> web.Response:
-        return self.render("message.html", status, title=title, message=message,
+    def message(self, title: str, message: str, status: int,
+                request: web.Request | None = None) -> web.Response:
+        return self.render("message.html", status, request, title=title, message=message,
                            failed=status >= 400)
 
 

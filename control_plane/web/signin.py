@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from control_plane import users
 from control_plane.auth.oidc import Client, Flow, Identity
 from control_plane.auth.sessions import COOKIE, COOKIE_TTL_S
+from control_plane.consent import records
+from control_plane.consent.cookies import CONSENT_COOKIE, parse_browser_id
 from control_plane.errors import Conflict, InvalidInput, NotFound, SignInRefused
 from control_plane.web import deletion_page
 from control_plane.web.guard import SIGNUP_COOKIE, caller, clear_cookie, set_cookie
@@ -91,7 +93,7 @@ def _unseal(token: str, sealed: bytes | str) -> bytes | None:
 
 async def signin_page(request: web.Request) -> web.Response:
     providers = [c.provider for c in request.app[OIDC].values()]
-    return request.app[PAGES].render("signin.html", providers=providers,
+    return request.app[PAGES].render("signin.html", request=request, providers=providers,
                                      next=safe_next(request.query.get("next")))
 
 
@@ -180,6 +182,10 @@ async def _new_session(request: web.Request, member: users.Member, next_path: st
     sessions = request.app[SESSIONS]
     sid = await sessions.create(request.app[STORES].pool, member.user_id, member.account_id,
                                 request.headers.get("User-Agent"))
+    # The choices this browser made before signing in become the account's (issue 15).
+    browser = parse_browser_id(request.cookies.get(CONSENT_COOKIE))
+    if browser is not None:
+        await records.attach(request.app[STORES].pool, browser, member.account_id)
     response = redirect(next_path)
     set_cookie(response, COOKIE, sessions.cookie_value(sid), COOKIE_TTL_S)
     return response
@@ -200,7 +206,8 @@ async def signup_page(request: web.Request) -> web.Response:
     token, identity = await _pending(request)
     settings = request.app[SETTINGS]
     return request.app[PAGES].render(
-        "signup.html", name=identity.name, next=safe_next(request.query.get("next")),
+        "signup.html", request=request, name=identity.name,
+        next=safe_next(request.query.get("next")),
         csrf_token=request.app[SESSIONS].csrf_token("signup:" + token),
         policy_version=settings.policy_version)
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from control_plane.auth.apikey import KeyAuth, KeyCaller
 from control_plane.auth.oidc import Client
 from control_plane.auth.sessions import Session, Sessions
+from control_plane.consent.view import ConsentView
 from control_plane.runtime import Stores
 from control_plane.settings import Settings
 
@@ -49,3 +50,5 @@ CALLER = web.RequestKey("caller", Caller)
 # banner, ``policy_page``; the open payment disputes, ``billing.routes.hold_notice``);
 # ``dashboard.render`` merges it. Add with ``request.setdefault(PAGE_CONTEXT, {})``.
 PAGE_CONTEXT = web.RequestKey("page_context", dict[str, object])
+# What a page may do under the browser's consent (issue 15; control_plane/web/consent_page.py).
+CONSENT = web.RequestKey("consent", ConsentView)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import BrowserContext, Page, Request, Route, async_playwright
 
+from control_plane.consent.cookies import BY_NAME
 from tests import debian_packages
 from tests.control_plane.web.conftest import Web, fake_idp, oidc_mock, web  # noqa: F401
 
@@ -86,6 +87,19 @@ class Browser:
         wide = int(await self.page.evaluate("document.documentElement.scrollWidth"))
         await self.page.set_viewport_size(size)
         return max(0, wide - width)
+
+
+def undocumented(cookies: list[Any], host: str = "127.0.0.1") -> list[tuple[Any, ...]]:
+    """The cookies a browser holds that are not in the one cookie table
+    (control_plane.consent.cookies.COOKIES, which the /cookies page shows) with exactly
+    its flags: host-only, Path=/, HttpOnly, Secure and SameSite as documented."""
+    found = []
+    for c in cookies:
+        doc = BY_NAME.get(c["name"])
+        flags = (c["domain"], c["path"], c["httpOnly"], c["secure"], c["sameSite"])
+        if doc is None or flags != (host, "/", doc.http_only, doc.secure, doc.same_site):
+            found.append((c["name"], *flags))
+    return found
 
 
 def origin_of(url: str) -> str:

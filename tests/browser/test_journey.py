@@ -5,7 +5,8 @@ page shows the request; revoking the key makes the SDK get 401 within a second. 
 the way: a key named like an XSS payload shows as text and no dialog fires, every page
 passes axe-core (no serious or critical violations) and fits a 390-pixel viewport,
 every request the browser makes goes to our own origin (the sign-in provider's own
-page aside), and the cookies left are exactly the session cookie with its flags."""
+page aside), and the cookies left are documented ones (control_plane.consent.cookies)
+with their flags."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ import redis.asyncio as aioredis
 from control_plane import ledger
 from control_plane.auth.sessions import COOKIE
 from control_plane.connections import open_pool, open_redis
+from control_plane.consent.cookies import CONSENT_COOKIE
 from control_plane.ingest import Consumer
 from control_plane.metrics import Metrics
 from devstack.upstream_openai import MockOpenAIUpstream
-from tests.browser.conftest import Browser, origin_of
+from tests.browser.conftest import Browser, origin_of, undocumented
 from tests.control_plane.web.conftest import Web
 from tests.proxy.conftest import proxy_env, write_catalog
 from tests.support import ModuleProcess, free_port, wait_for_http
@@ -123,11 +125,13 @@ async def test_a_new_user_signs_in_creates_a_key_uses_it_sees_it_and_revokes_it(
             assert origin_of(url) == ours, (url, frame)
     assert all(frame.startswith(idp) for _, frame in b.seen.blocked), b.seen.blocked
     assert any(url.startswith(ours + "/static/app.css") for url, _, _ in b.seen.requests)
-    # Exactly the documented cookie is left, with its flags.
+    # Only documented cookies are left (the one table /cookies shows), with their flags:
+    # the session and the strictly necessary consent cookie (no choice was made).
     cookies = await b.context.cookies()
-    assert [(c["name"], c["domain"], c["path"], c["httpOnly"], c["secure"], c["sameSite"])
-            for c in cookies] == [(COOKIE, "127.0.0.1", "/", True, True, "Lax")]
-    claims = jwt.decode(cookies[0]["value"], options={"verify_signature": False})
+    assert undocumented(cookies) == []
+    assert sorted(c["name"] for c in cookies) == sorted([COOKIE, CONSENT_COOKIE])
+    session_cookie = next(c for c in cookies if c["name"] == COOKIE)
+    claims = jwt.decode(session_cookie["value"], options={"verify_signature": False})
     assert set(claims) == {"sid", "iat", "exp"}  # no key, email or name in the cookie
     assert b.seen.dialogs == []
     assert [e for e in b.seen.console_errors if e[0].startswith(ours)] == []
@@ -146,7 +150,7 @@ async def _journey(b: Browser, web: Web, pool: asyncpg.Pool, redis: aioredis.Red
     await page.get_by_role("link", name="Credits").click()
     assert await page.get_by_test_id("credits-balance").inner_text() == "$5.00"
     await _check_page(b, "03-credits", problems)
-    await page.get_by_role("link", name="Settings").click()
+    await page.get_by_role("link", name="Settings", exact=True).click()
     assert "(this browser)" in await page.locator("tr[data-session]").inner_text()
     await _check_page(b, "03-settings", problems)
 

@@ -46,6 +46,8 @@ OWN_ACCOUNT_ROUTES = frozenset({
     # Deletion (H17) names no object: the caller's own account, or (cancel) the one its
     # restore cookie names; tests/control_plane/privacy/test_deletion.py.
     ("POST", "/api/v1/account/deletion"), ("DELETE", "/api/v1/account/deletion"),
+    # Consent (issue 15): the caller's own choices (tests/control_plane/consent).
+    ("GET", "/api/v1/account/consents"), ("PUT", "/api/v1/account/consents"),
 })
 
 
