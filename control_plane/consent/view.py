@@ -64,6 +64,13 @@ class ConsentView:
         return "analytics" in self.granted and not self.gpc and not self.restricted
 
     @property
+    def analytics_offered(self) -> bool:
+        """May this page carry the analytics scripts, inert, for consent.js to start once
+        analytics is granted (without a reload)? Never under GPC or for a restricted
+        account: then they are not even on the page."""
+        return not self.gpc and not self.restricted
+
+    @property
     def functional(self) -> bool:
         return "functional" in self.granted
 

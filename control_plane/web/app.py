@@ -103,7 +103,8 @@ async def _revocations(app: web.Application) -> AsyncIterator[None]:
 def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     app = web.Application(middlewares=[heads, errors, guard, bodies],
                           client_max_size=MAX_BODY_BYTES)
-    app[SETTINGS], app[STORES], app[PAGES] = settings, stores, Pages()
+    app[SETTINGS], app[STORES] = settings, stores
+    app[PAGES] = Pages(settings.monitoring.browser_dsn or "")
     app[SESSIONS] = Sessions(settings.require_session_secret(), stores.pool, stores.redis,
                              settings.names, stores.outages,
                              previous=settings.session_secret_previous)

@@ -57,12 +57,14 @@ _TEMPLATES: Mapping[str, str] = {
 
 
 class Pages:
-    def __init__(self) -> None:
+    def __init__(self, sentry_browser_dsn: str = "") -> None:
         self._env = jinja2.Environment(
             loader=jinja2.ChoiceLoader([jinja2.DictLoader(dict(_TEMPLATES)),
                                         jinja2.FileSystemLoader(_PARTIALS)]),
             autoescape=True, undefined=jinja2.StrictUndefined,
         )
+        # The partials shared with the dashboard (``_analytics.html``) read it there too.
+        self._env.globals["sentry_browser_dsn"] = sentry_browser_dsn
         self._compiled = {name: self._env.get_template(name) for name in _TEMPLATES}
 
     def render(self, template: str, status: int = 200, request: web.Request | None = None,
