@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -406,6 +407,16 @@ class BillingSettings:
     # The fee charged on top of the credit: a percentage (basis points) plus a fixed part.
     fee_bps: int = 0
     fee_fixed_cents: int = 0
+    # The credits page's card form (h20): Stripe.js from this URL (localstripe's stand-in
+    # in `make run` and tests), with this publishable key. The CSP allows its origin on
+    # the credits page only.
+    stripe_publishable_key: str | None = None
+    stripe_js_url: str = "https://js.stripe.com/v3/"
+
+    @property
+    def page_topups(self) -> bool:
+        """Whether the credits page offers a top-up: both Stripe keys are set."""
+        return bool(self.stripe_secret_key and self.stripe_publishable_key)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> BillingSettings:
@@ -423,7 +434,25 @@ class BillingSettings:
             max_topup_cents=high,
             fee_bps=_parse(env, "QNP_TOPUP_FEE_BPS", 0, _int_in(0, 5_000)),
             fee_fixed_cents=_parse(env, "QNP_TOPUP_FEE_FIXED_CENTS", 0, _int_in(0, 10_000)),
+            stripe_publishable_key=_parse(env, "QNP_STRIPE_PUBLISHABLE_KEY", None,
+                                          _publishable_key),
+            stripe_js_url=_parse(env, "QNP_STRIPE_JS_URL", "https://js.stripe.com/v3/",
+                                 _stripe_js_url),
         )
+
+
+def _publishable_key(raw: str) -> str:
+    if not raw.startswith("pk_"):
+        raise ValueError("must be a Stripe publishable key (pk_...)")
+    return raw
+
+
+def _stripe_js_url(raw: str) -> str:
+    # The page loads a script from here: https, or http from a fake on this machine.
+    _stripe_base(raw)
+    if urlsplit(raw).path in ("", "/"):
+        raise ValueError("must be the script's URL, such as https://js.stripe.com/v3/")
+    return raw
 
 
 def _stripe_base(raw: str) -> str:

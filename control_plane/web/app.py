@@ -27,6 +27,7 @@ from control_plane.runtime import Stores
 from control_plane.settings import Settings
 from control_plane.web import (
     account_api,
+    billing_history,
     dashboard,
     security,
     settings_page,
@@ -115,4 +116,5 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     account_api.add_routes(app)
     export_api.add_routes(app)  # issue 14: the account's data export
     billing_routes.add_routes(app)  # Stripe top-ups and webhooks (H13)
+    billing_history.add_routes(app)  # the payments' CSV and JSON (h20)
     return app

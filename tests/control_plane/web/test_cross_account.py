@@ -33,6 +33,9 @@ OWN_ACCOUNT_ROUTES = frozenset({
     # Top-ups (H13) name no object: they start a payment for the caller's own account.
     ("POST", "/api/v1/credits/topup"), ("GET", "/api/v1/credits/topup/quote"),
     ("POST", "/api/v1/credits/topup/complete"),  # another account's intent: 404
+    # The caller's own payments (h20); the cross-account test in
+    # tests/control_plane/billing/test_history.py shows another's are never listed.
+    ("GET", "/api/v1/credits/history"),
 })
 
 
