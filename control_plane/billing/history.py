@@ -77,6 +77,7 @@ async def payments(pool: asyncpg.Pool, account: uuid.UUID, limit: int = HISTORY_
         "t.card_last4, t.receipt_url FROM billing_topups t "
         "LEFT JOIN credit_ledger l ON l.kind = 'topup' "
         "AND l.reference = $3 || t.payment_intent_id "
-        "WHERE t.account_id = $1 AND (l.id IS NOT NULL OR t.status <> 'open') ORDER BY t.created_at DESC LIMIT $2",
+        "WHERE t.account_id = $1 AND (l.id IS NOT NULL OR t.status <> 'open') "
+        "ORDER BY t.created_at DESC LIMIT $2",
         account, limit, REFERENCE_PREFIX)
     return [Payment(**dict(r)) for r in rows]
