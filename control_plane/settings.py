@@ -35,8 +35,9 @@ SECRETS = (
     "QNP_OIDC_GOOGLE_CLIENT_SECRET", "QNP_OIDC_APPLE_CLIENT_SECRET",
     "SMTP_URL",
 )
-# Never echoed in an error: the secrets, and the provider list that holds client secrets.
-_CONFIDENTIAL = frozenset((*SECRETS, "QNP_OIDC_PROVIDERS"))
+# Never echoed in an error: the secrets, the provider list that holds client secrets,
+# and the publishable key (refused when it is not one: most likely a pasted secret key).
+_CONFIDENTIAL = frozenset((*SECRETS, "QNP_OIDC_PROVIDERS", "QNP_STRIPE_PUBLISHABLE_KEY"))
 
 
 class SettingsError(ValueError):
