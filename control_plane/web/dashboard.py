@@ -1,6 +1,8 @@
 """The dashboard's pages (issue 12): Overview and Keys, server-rendered with
 aiohttp-jinja2 (autoescape on, templates in ``templates/``), plus the static assets
-(``static/``, ours only: one stylesheet, one small script for copy buttons). Every page
+(``static/``, ours only: one stylesheet, one small script for copy buttons, and
+``topup.js`` for the credits page's card form, whose Stripe.js is the one script not
+ours, allowed by that page's CSP alone). Every page
 needs a signed-in session (else: to sign-in and back); forms post with the session's
 CSRF token, checked by ``guard``. Handlers are thin: SQL lives in ``keys``,
 ``rollups``, ``account_usage``. Never imports ``proxy``.

@@ -90,6 +90,8 @@
       say("Choose an amount from " + dollars(minCents) + " to " + dollars(maxCents) + ".", true);
       return;
     }
+    var notice = document.querySelector("[data-testid=topup-paid]");
+    if (notice) { notice.remove(); } // the last payment's, not this one's
     if (attempt === null || attempt.cents !== cents) {
       attempt = {requestId: uuid4(), cents: cents};
     }
