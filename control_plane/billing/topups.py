@@ -9,6 +9,7 @@ Customer and PaymentIntent. Must not import ``control_plane.web`` or ``proxy``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from shared.redis_names import RedisNames
 
 CURRENCY = "usd"
 log = logging.getLogger(__name__)
+NOTE_DETAILS_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +141,12 @@ async def note_details(pool: asyncpg.Pool, gateway: StripeGateway | None, intent
     if gateway is None:
         return
     try:
-        await history.record(pool, await gateway.retrieve_intent(intent_id))
-    except (StripeUnavailable, StripeRefused) as e:
+        # Bounded: Stripe waits for the webhook's answer, and a slow Stripe API must not
+        # make it wait long (nor retry a delivery that was credited).
+        async with asyncio.timeout(NOTE_DETAILS_TIMEOUT_S):
+            intent = await gateway.retrieve_intent(intent_id)
+    except (StripeUnavailable, StripeRefused, TimeoutError) as e:
         log.info("payment details not fetched payment_intent=%s: %s", intent_id,
                  type(e).__name__)
+        return
+    await history.record(pool, intent)
