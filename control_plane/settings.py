@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -37,8 +38,9 @@ SECRETS = (
 # Besides these, each sign-in provider's client secret may come from
 # QNP_OIDC_<NAME>_CLIENT_SECRET (or its _FILE) instead of the provider list: see
 # ``_providers``.
-# Never echoed in an error: the secrets, and the provider list that holds client secrets.
-_CONFIDENTIAL = frozenset((*SECRETS, "QNP_OIDC_PROVIDERS"))
+# Never echoed in an error: the secrets, the provider list that holds client secrets,
+# and the publishable key (refused when it is not one: most likely a pasted secret key).
+_CONFIDENTIAL = frozenset((*SECRETS, "QNP_OIDC_PROVIDERS", "QNP_STRIPE_PUBLISHABLE_KEY"))
 
 
 class SettingsError(ValueError):
@@ -454,6 +456,16 @@ class BillingSettings:
     # is listed by when it was created, and may succeed a while later).
     reconcile_interval_s: float = 300.0
     reconcile_lookback_s: int = 86_400
+    # The credits page's card form (h20): Stripe.js from this URL (localstripe's stand-in
+    # in `make run` and tests), with this publishable key. The CSP allows its origin on
+    # the credits page only.
+    stripe_publishable_key: str | None = None
+    stripe_js_url: str = "https://js.stripe.com/v3/"
+
+    @property
+    def page_topups(self) -> bool:
+        """Whether the credits page offers a top-up: both Stripe keys are set."""
+        return bool(self.stripe_secret_key and self.stripe_publishable_key)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> BillingSettings:
@@ -475,7 +487,25 @@ class BillingSettings:
                                         _seconds(0.1, 86_400.0)),
             reconcile_lookback_s=_parse(env, "QNP_STRIPE_RECONCILE_LOOKBACK_S", 86_400,
                                         _int_in(0, 90 * 86_400)),
+            stripe_publishable_key=_parse(env, "QNP_STRIPE_PUBLISHABLE_KEY", None,
+                                          _publishable_key),
+            stripe_js_url=_parse(env, "QNP_STRIPE_JS_URL", "https://js.stripe.com/v3/",
+                                 _stripe_js_url),
         )
+
+
+def _publishable_key(raw: str) -> str:
+    if not raw.startswith("pk_"):
+        raise ValueError("must be a Stripe publishable key (pk_...)")
+    return raw
+
+
+def _stripe_js_url(raw: str) -> str:
+    # The page loads a script from here: https, or http from a fake on this machine.
+    _stripe_base(raw)
+    if urlsplit(raw).path in ("", "/"):
+        raise ValueError("must be the script's URL, such as https://js.stripe.com/v3/")
+    return raw
 
 
 def _stripe_base(raw: str) -> str:

@@ -3,7 +3,9 @@
 Starts (or uses, when DATABASE_URL / REDIS_URL are set) PostgreSQL and Redis, applies
 migrations, creates a demo account with one API key and $10 of credit, and runs the demo upstream (our
 OpenAI-format mock), a local aiosmtpd that prints every e-mail the control plane sends
-in this terminal, the control plane and the proxy as child processes. Prints the
+in this terminal, localstripe (a Stripe fake: the control plane's Stripe API, the
+credits page's Stripe.js and the signed webhooks to our /webhooks/stripe), the control
+plane and the proxy as child processes. Prints the
 lines to paste into a shell, then runs until Ctrl-C or SIGTERM and stops everything in
 order: proxy first (so its events are flushed), then the control plane (so they are
 ingested), then the upstream, then the servers it started. The catalog and the proxy's
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,6 +132,29 @@ def _cli_json(args: list[str], env: Mapping[str, str]) -> dict[str, object]:
     return doc
 
 
+def _stripe_env(base: str) -> dict[str, str]:
+    """The control plane's Stripe settings, pointed at localstripe (any sk_/pk_ key
+    works there); a fee like a real deployment's, unless the shell sets one."""
+    return {
+        "QNP_STRIPE_SECRET_KEY": "sk_test_make_run",
+        "QNP_STRIPE_PUBLISHABLE_KEY": "pk_test_make_run",
+        "QNP_STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(16),
+        "QNP_STRIPE_API_BASE": base,
+        "QNP_STRIPE_JS_URL": f"{base}/js.stripe.com/v3/",
+        "QNP_TOPUP_FEE_BPS": os.environ.get("QNP_TOPUP_FEE_BPS") or "500",
+        "QNP_TOPUP_FEE_FIXED_CENTS": os.environ.get("QNP_TOPUP_FEE_FIXED_CENTS") or "30",
+    }
+
+
+def _register_webhook(stripe_base: str, url: str, secret: str) -> None:
+    """localstripe signs its events with ``secret`` and posts them to ``url``."""
+    form = urllib.parse.urlencode({"url": url, "secret": secret}).encode()
+    with urllib.request.urlopen(f"{stripe_base}/_config/webhooks/qnp", data=form,
+                                timeout=10) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"localstripe refused the webhook ({resp.status})")
+
+
 class _Children:
     """Child processes, stopped in reverse start order, each by its own pid."""
 
@@ -173,7 +199,8 @@ def main() -> int:
         upstream_port, proxy_port, admin_port = _port(8090), _port(8080), _port(8081)
         anthropic_port, gemini_port = _port(8091), _port(8092)
         web_port, oidc_port = _port(8082), _port(9400)
-        smtp_port = _port(1025)
+        smtp_port, stripe_port = _port(1025), _port(8420)
+        stripe_base = f"http://127.0.0.1:{stripe_port}"
         catalog = Path(tmp) / "catalog.toml"
         catalog.write_text(CATALOG.format(upstream_port=upstream_port,
                                           anthropic_port=anthropic_port, gemini_port=gemini_port))
@@ -192,6 +219,7 @@ def main() -> int:
                 "client_id": "qnp-dev", "client_secret": secrets.token_urlsafe(16)}]),
             "QNP_PROXY_PORT": str(proxy_port),
             "SMTP_URL": f"smtp://127.0.0.1:{smtp_port}",  # the outbox's sender (mail/)
+            **_stripe_env(stripe_base),
             "QNP_API_URL": f"http://127.0.0.1:{proxy_port}",  # the dashboard's quick start
             "QNP_METRICS_PORT": str(_port(9464)),  # its own listener; another run may hold 9464
             # A throwaway stack's spool is its own: the default folder (per prefix and
@@ -234,6 +262,11 @@ def main() -> int:
                 "-c", "aiosmtpd.handlers.Debugging", "stdout"],
                 {**env, "PYTHONUNBUFFERED": "1"})
             _wait_tcp(smtp_port, smtp, "local SMTP server")
+            fake_stripe = children.start("localstripe", [
+                "-m", "devstack.localstripe_server", str(stripe_port)], env)
+            _wait_http(f"{stripe_base}/js.stripe.com/v3/", fake_stripe, "localstripe")
+            _register_webhook(stripe_base, f"http://127.0.0.1:{web_port}/webhooks/stripe",
+                              env["QNP_STRIPE_WEBHOOK_SECRET"])
             cp = children.start("control plane", ["-m", "control_plane", "serve"], env)
             _wait_http(f"http://127.0.0.1:{admin_port}/healthz", cp, "control plane")
             px = children.start("proxy", ["-m", "proxy"], env)
@@ -288,6 +321,10 @@ Models: demo-mini, demo-large (OpenAI format), demo-claude (Anthropic), demo-gem
 served by the built-in demo upstreams; every model answers on every endpoint. Ctrl-C stops everything.
 
 E-mail goes to a local SMTP server ({env["SMTP_URL"]}) that prints each message here.
+
+Top up on the dashboard's Credits page: payments go to localstripe ({env["QNP_STRIPE_API_BASE"]}, a Stripe fake),
+whose signed webhooks credit the balance. Card 4242 4242 4242 4242 pays; 4000 0000 0000 0002 is declined;
+4000 0027 6000 3184 asks for 3-D Secure. Any future expiry (MM, YY), any CVC and postcode.
 """,
         flush=True,
     )

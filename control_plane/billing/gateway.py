@@ -42,6 +42,11 @@ class Intent:
     currency: str
     status: str
     failure: str | None = None  # Stripe's reason for the last failed attempt, to show
+    # Display data Stripe returns (expanded payment_method and latest_charge); no card
+    # number ever reaches us.
+    card_brand: str | None = None
+    card_last4: str | None = None
+    receipt_url: str | None = None
 
 
 class StripeGateway:
@@ -97,7 +102,8 @@ class StripeGateway:
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
         return _intent(await self._call(
-            self._client.v1.payment_intents.retrieve_async, intent_id, None))
+            self._client.v1.payment_intents.retrieve_async, intent_id, None,
+            params={"expand": ["payment_method", "latest_charge"]}))
 
     # --- saved cards and off-session charges (auto top-up, H22) ---
 
@@ -172,11 +178,12 @@ class StripeGateway:
         return intent if isinstance(intent, str) else None
 
     @staticmethod
-    async def _call(method: Any, first: Any, idempotency_key: str | None, *more: Any
-                    ) -> Any:
+    async def _call(method: Any, first: Any, idempotency_key: str | None, *args: Any,
+                    params: dict[str, Any] | None = None) -> Any:
         options = {"idempotency_key": idempotency_key} if idempotency_key else {}
+        more = {} if params is None else {"params": params}
         try:
-            return await method(first, *more, options=options)
+            return await method(first, *args, options=options, **more)
         except (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError) as e:
             log.warning("stripe unavailable: %s", type(e).__name__)
             raise StripeUnavailable(
@@ -210,8 +217,21 @@ class SavedCard:
 def _intent(obj: Any) -> Intent:
     data = obj.to_dict()
     error = data.get("last_payment_error") or {}
+    method, charge = data.get("payment_method"), data.get("latest_charge")
+    card = (method.get("card") or {}) if isinstance(method, dict) else {}
+    receipt = charge.get("receipt_url") if isinstance(charge, dict) else None
     return Intent(id=str(data["id"]), client_secret=str(data["client_secret"]),
                   # localstripe's PaymentIntents carry no amount_received; Stripe's do.
                   amount_cents=int(data.get("amount_received") or data["amount"]),
                   currency=str(data["currency"]), status=str(data["status"]),
-                  failure=error.get("message"))
+                  failure=error.get("message"),
+                  card_brand=_short(card.get("brand")),
+                  card_last4=last4 if isinstance(last4 := card.get("last4"), str)
+                  and len(last4) == 4 and last4.isdigit() else None,
+                  # Shown as a link: Stripe's https receipts only, never another scheme.
+                  receipt_url=receipt if isinstance(receipt, str)
+                  and receipt.startswith("https://") and len(receipt) < 500 else None)
+
+
+def _short(value: object) -> str | None:
+    return value[:20] if isinstance(value, str) and value else None

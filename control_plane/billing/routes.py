@@ -173,6 +173,8 @@ async def _handle(request: web.Request, event_id: str, event_type: str,
         return "mismatch"
     done = await payments.credit_payment(stores.pool, stores.redis, stores.settings.names,
                                          found, event_id=event_id, event_type=event_type)
+    if done.credited:  # the history's card and receipt, if the return path has not
+        await topups.note_details(stores.pool, request.app[BILLING].gateway, intent_id)
     return "credited" if done.credited else "duplicate"
 
 

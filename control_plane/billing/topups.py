@@ -9,6 +9,8 @@ Customer and PaymentIntent. Must not import ``control_plane.web`` or ``proxy``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +18,15 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from control_plane.billing import payments
-from control_plane.billing.gateway import StripeGateway
+from control_plane.billing import history, payments
+from control_plane.billing.gateway import StripeGateway, StripeRefused, StripeUnavailable
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.settings import BillingSettings
 from shared.redis_names import RedisNames
 
 CURRENCY = "usd"
+log = logging.getLogger(__name__)
+NOTE_DETAILS_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,7 @@ async def complete_topup(pool: asyncpg.Pool, redis: aioredis.Redis, names: Redis
     if topup is None or topup.account_id != account:
         raise NotFound("no such top-up")  # another account's looks like none
     intent = await gateway.retrieve_intent(topup.payment_intent_id)
+    await history.record(pool, intent)
     paid = intent.status == "succeeded" and intent.currency == topup.currency \
         and intent.amount_cents >= topup.amount_cents
     if not paid:
@@ -133,3 +138,22 @@ async def complete_topup(pool: asyncpg.Pool, redis: aioredis.Redis, names: Redis
     done = await payments.credit_payment(pool, redis, names, topup, event_id=None,
                                          event_type="return_path")
     return Completed(intent.status, done.credited, topup.credit_cents, None)
+
+
+async def note_details(pool: asyncpg.Pool, gateway: StripeGateway | None, intent_id: str
+                       ) -> None:
+    """After a webhook credited a payment: the card's brand and last 4 and the receipt
+    for the history, as the return path would have noted them. Best effort: the credit
+    is already written, and the history shows the payment without them."""
+    if gateway is None:
+        return
+    try:
+        # Bounded: Stripe waits for the webhook's answer, and a slow Stripe API must not
+        # make it wait long (nor retry a delivery that was credited).
+        async with asyncio.timeout(NOTE_DETAILS_TIMEOUT_S):
+            intent = await gateway.retrieve_intent(intent_id)
+    except (StripeUnavailable, StripeRefused, TimeoutError) as e:
+        log.info("payment details not fetched payment_intent=%s: %s", intent_id,
+                 type(e).__name__)
+        return
+    await history.record(pool, intent)

@@ -27,6 +27,7 @@ from control_plane.runtime import Stores
 from control_plane.settings import Settings
 from control_plane.web import (
     account_api,
+    billing_history,
     billing_settings,
     consent_page,
     dashboard,
@@ -130,4 +131,5 @@ def make_web_app(settings: Settings, stores: Stores) -> web.Application:
     policy_page.add_routes(app)  # the privacy policy, its changes, sharing, summary (H19)
     deletion_page.add_routes(app)  # issue 14: deleting the account (H17)
     consent_page.add_routes(app)  # issue 15: cookie banner, GPC, theme, unsubscribe
+    billing_history.add_routes(app)  # the payments' CSV and JSON (h20)
     return app

@@ -1,6 +1,8 @@
 """The dashboard's pages (issue 12): Overview and Keys, server-rendered with
 aiohttp-jinja2 (autoescape on, templates in ``templates/``), plus the static assets
-(``static/``, ours only: one stylesheet, one small script for copy buttons). Every page
+(``static/``, ours only: one stylesheet, one small script for copy buttons, and
+``topup.js`` for the credits page's card form, whose Stripe.js is the one script not
+ours, allowed by that page's CSP alone). Every page
 needs a signed-in session (else: to sign-in and back); forms post with the session's
 CSRF token, checked by ``guard``. Handlers are thin: SQL lives in ``keys``,
 ``rollups``, ``account_usage``. Never imports ``proxy``.
@@ -24,8 +26,10 @@ from redis.exceptions import RedisError
 from control_plane import account_usage, keys, ledger, ledger_history, publisher, rollups
 from control_plane.accounts import clean_name
 from control_plane.auth.sessions import Session
-from control_plane.billing import auto_topup
+from control_plane.billing import auto_topup, topups
+from control_plane.billing import history as billing_history
 from control_plane.errors import InvalidInput, NotFound
+from control_plane.web import security
 from control_plane.web.state import (
     CALLER,
     CONSENT,
@@ -41,6 +45,9 @@ from shared.pricing import PriceError, dollars_to_micros
 HERE = Path(__file__).parent
 TEMPLATES = web.AppKey("dashboard_templates", jinja2.Environment)
 LIMIT_RESETS = ("daily", "weekly", "monthly")
+DEFAULT_TOPUP_CENTS = 2000  # the amount the credits page suggests
+PAYMENT_LABELS = {"succeeded": "Paid", "failed": "Declined", "processing": "Processing",
+                  "canceled": "Canceled", "open": "Not paid"}
 NAV = (("/", "Overview"), ("/keys", "Keys"), ("/usage", "Usage"), ("/credits", "Credits"),
        ("/settings", "Settings"))
 
@@ -107,11 +114,23 @@ async def credits_page(request: web.Request) -> web.Response:
     today = datetime.now(UTC).date()
     days = await rollups.per_day(pool, session.account_id, rollups.Filters(
         today - timedelta(days=account_usage.ACTIVITY_DAYS - 1), today))
-    return render(request, "credits.html", session,
-                  balance=await _balance(request, session.account_id),
-                  entries=await ledger_history.credits(pool, session.account_id),
-                  auto_topup=await auto_topup.config_of(pool, session.account_id),  # H22
-                  days=[d for d in reversed(days) if d.requests])
+    settings = request.app[SETTINGS]
+    billing = settings.billing
+    paid = await billing_history.payments(pool, session.account_id)
+    response = render(request, "credits.html", session,
+                      balance=await _balance(request, session.account_id),
+                      entries=await ledger_history.credits(pool, session.account_id),
+                      auto_topup=await auto_topup.config_of(pool, session.account_id),  # H22
+                      days=[d for d in reversed(days) if d.requests],
+                      billing=billing, payments=paid, payment_labels=PAYMENT_LABELS,
+                      topup_quote=topups.quote(billing, max(billing.min_topup_cents, min(
+                          billing.max_topup_cents, DEFAULT_TOPUP_CENTS))),
+                      paid=next((p for p in paid if p.status == "succeeded"
+                                 and p.payment_intent_id == request.query.get("paid")), None))
+    if billing.page_topups:  # Stripe.js's origin, on this page only
+        security.allow_payments(response, billing.stripe_js_url,
+                                settings.monitoring.browser_origin)
+    return response
 
 
 async def _key_rows(request: web.Request, account_id: uuid.UUID) -> list[dict[str, Any]]:

@@ -69,13 +69,15 @@ class Browser:
     async def shot(self, name: str) -> None:
         await self.page.screenshot(path=str(self.shots / f"{name}.png"), full_page=True)
 
-    async def axe(self) -> list[dict[str, Any]]:
-        """The serious and critical axe-core violations of the page as it is now."""
+    async def axe(self, exclude: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """The serious and critical axe-core violations of the page as it is now
+        (``exclude``: selectors of markup that is not ours, such as a card form)."""
         if not await self.page.evaluate("typeof window.axe !== 'undefined'"):
             # Through the DevTools protocol, not a <script>: the page's CSP stays as is.
             await self.page.evaluate(AXE.read_text())
         result = await self.page.evaluate(
-            "axe.run(document, {resultTypes: ['violations']})")
+            "exclude => axe.run({exclude: exclude.map(s => [s])}, "
+            "{resultTypes: ['violations']})", list(exclude))
         return [{"id": v["id"], "impact": v["impact"], "help": v["help"],
                  "nodes": [n["html"][:120] for n in v["nodes"]][:3]}
                 for v in result["violations"] if v["impact"] in ("serious", "critical")]
@@ -108,10 +110,19 @@ def origin_of(url: str) -> str:
 
 
 @pytest.fixture
+def third_party_origins() -> tuple[str, ...]:
+    """Origins besides ours and the sign-in provider's the browser may reach: none,
+    unless a test module says otherwise (the top-up's Stripe.js)."""
+    return ()
+
+
+@pytest.fixture
 async def browser(chromium: str, tmp_path: Path, run_dir: Path, oidc_mock: str,  # noqa: F811
-                  web: Web, request: pytest.FixtureRequest) -> AsyncIterator[Browser]:  # noqa: F811
-    """A fresh Chromium profile; requests to any origin but ours and the sign-in
-    provider's are refused (and recorded), so nothing leaves the machine."""
+                  web: Web, third_party_origins: tuple[str, ...],  # noqa: F811
+                  request: pytest.FixtureRequest) -> AsyncIterator[Browser]:
+    """A fresh Chromium profile; requests to any origin but ours, the sign-in
+    provider's and ``third_party_origins`` are refused (and recorded), so nothing
+    leaves the machine."""
     profile = tmp_path / "chromium-profile"
     shots = run_dir / request.node.name
     shots.mkdir(parents=True, exist_ok=True)
@@ -121,7 +132,7 @@ async def browser(chromium: str, tmp_path: Path, run_dir: Path, oidc_mock: str, 
             str(profile), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 900}, color_scheme="light",
             permissions=["clipboard-read", "clipboard-write"])
-        allowed = {web.origin, origin_of(oidc_mock)}
+        allowed = {web.origin, origin_of(oidc_mock), *map(origin_of, third_party_origins)}
 
         def on_request(r: Request) -> None:
             frame = r.frame.url if not r.is_navigation_request() else ""

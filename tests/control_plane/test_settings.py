@@ -190,3 +190,21 @@ def test_a_providers_client_secret_can_come_from_its_own_variable_or_file(
     missing = {**env, "QNP_OIDC_GOOGLE_CLIENT_SECRET_FILE": str(tmp_path / "absent")}
     with pytest.raises(SettingsError, match="QNP_OIDC_GOOGLE_CLIENT_SECRET_FILE"):
         Settings.from_env(missing)
+@pytest.mark.parametrize(("variable", "raw"), [
+    ("QNP_STRIPE_JS_URL", "http://js.example.com/v3/"),  # a page's script: https only
+    ("QNP_STRIPE_JS_URL", "https://js.stripe.com"),  # an origin, not the script
+    ("QNP_STRIPE_PUBLISHABLE_KEY", "sk_test_secret"),  # never a secret key on a page
+])
+def test_the_card_forms_settings_name_the_variable(variable: str, raw: str) -> None:
+    with pytest.raises(SettingsError, match=variable) as refused:
+        Settings.from_env({**BASE, variable: raw})
+    assert "sk_test_secret" not in str(refused.value)
+
+
+def test_the_card_form_needs_both_keys() -> None:
+    s = Settings.from_env(BASE)
+    assert (s.billing.stripe_js_url, s.billing.page_topups) == (
+        "https://js.stripe.com/v3/", False)
+    both = Settings.from_env({**BASE, "QNP_STRIPE_SECRET_KEY": "sk_test_x",
+                              "QNP_STRIPE_PUBLISHABLE_KEY": "pk_test_x"})
+    assert both.billing.page_topups

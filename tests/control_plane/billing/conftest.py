@@ -26,6 +26,7 @@ from tests.control_plane.web.conftest import (  # noqa: F401  (fixtures)
 from tests.support import ModuleProcess, free_port, wait_for_http
 
 STRIPE_KEY = "sk_test_qnp_localstripe"
+PUBLISHABLE_KEY = "pk_test_qnp_localstripe"
 WEBHOOK_SECRET = "whsec_qnp_test_secret"
 
 
@@ -34,7 +35,7 @@ def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The API base of a localstripe process."""
     port = free_port()
     log = tmp_path_factory.mktemp("localstripe") / "localstripe.log"
-    with ModuleProcess("tests.control_plane.billing.localstripe_server", [str(port)],
+    with ModuleProcess("devstack.localstripe_server", [str(port)],
                        log_path=log):
         base = f"http://127.0.0.1:{port}"
         asyncio.run(wait_for_http(f"{base}/js.stripe.com/v3/", expect_status=200))
@@ -60,6 +61,8 @@ async def register_webhook(localstripe: str, url: str) -> None:
 def billing_env(localstripe: str, **extra: str) -> dict[str, str]:
     return {"QNP_STRIPE_SECRET_KEY": STRIPE_KEY, "QNP_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "QNP_STRIPE_API_BASE": localstripe, "QNP_TOPUP_FEE_BPS": "500",
+            "QNP_STRIPE_PUBLISHABLE_KEY": PUBLISHABLE_KEY,
+            "QNP_STRIPE_JS_URL": f"{localstripe}/js.stripe.com/v3/",
             "QNP_TOPUP_FEE_FIXED_CENTS": "30", **extra}
 
 

@@ -48,6 +48,9 @@ OWN_ACCOUNT_ROUTES = frozenset({
     ("POST", "/api/v1/account/deletion"), ("DELETE", "/api/v1/account/deletion"),
     # Consent (issue 15): the caller's own choices (tests/control_plane/consent).
     ("GET", "/api/v1/account/consents"), ("PUT", "/api/v1/account/consents"),
+    # The caller's own payments (h20); the cross-account test in
+    # tests/control_plane/billing/test_history.py shows another's are never listed.
+    ("GET", "/api/v1/credits/history"),
 })
 
 
