@@ -23,7 +23,7 @@ from control_plane import users
 from control_plane.auth.sessions import Session
 from control_plane.errors import Conflict, Forbidden, InvalidInput
 from control_plane.privacy import deadlines, email_change, requests, rights
-from control_plane.web.account_api import _body, _data, _manager
+from control_plane.web.account_api import data_response, json_body, manager
 from control_plane.web.dashboard import render, session_of
 from control_plane.web.guard import caller
 from control_plane.web.state import SESSIONS, SETTINGS, STORES
@@ -221,9 +221,9 @@ def _session_only(request: web.Request) -> Session:
 
 
 async def api_state(request: web.Request) -> web.Response:
-    who = _manager(request)
+    who = manager(request)
     state = await rights.state(request.app[STORES].pool, who.account_id)
-    return _data({
+    return data_response({
         "jurisdiction": state.jurisdiction,
         "deadline": _rule_text(state.jurisdiction),
         "restricted_at": state.restricted_at and state.restricted_at.isoformat(),
@@ -233,69 +233,69 @@ async def api_state(request: web.Request) -> web.Response:
 
 
 async def api_jurisdiction(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
-    return _data({"jurisdiction": await _jurisdiction(request, who.account_id,
+    who = manager(request)
+    body = await json_body(request)
+    return data_response({"jurisdiction": await _jurisdiction(request, who.account_id,
                                                       body.get("jurisdiction"))})
 
 
 async def api_name(request: web.Request) -> web.Response:
     session = _session_only(request)
-    body = await _body(request)
+    body = await json_body(request)
     done = await rights.correct_name(request.app[STORES].pool, session.account_id,
                                      session.user_id, body.get("name"), datetime.now(UTC))
-    return _data({"request": _request_json(done)})
+    return data_response({"request": _request_json(done)})
 
 
 async def api_email(request: web.Request) -> web.Response:
     session = _session_only(request)
-    await _start_email(request, session, (await _body(request)).get("email"))
-    return _data({"confirmation_sent": True}, 202)
+    await _start_email(request, session, (await json_body(request)).get("email"))
+    return data_response({"confirmation_sent": True}, 202)
 
 
 async def api_email_confirm(request: web.Request) -> web.Response:
     session = _session_only(request)
-    done = await _confirm_email(request, session, (await _body(request)).get("token"))
-    return _data({"request": _request_json(done)})
+    done = await _confirm_email(request, session, (await json_body(request)).get("token"))
+    return data_response({"request": _request_json(done)})
 
 
 async def api_correction(request: web.Request) -> web.Response:
-    who = _manager(request)
+    who = manager(request)
     done = await rights.request_correction(request.app[STORES].pool, who.account_id,
-                                           (await _body(request)).get("text"),
+                                           (await json_body(request)).get("text"),
                                            datetime.now(UTC))
-    return _data({"request": _request_json(done)}, 201)
+    return data_response({"request": _request_json(done)}, 201)
 
 
 async def api_restriction(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
+    who = manager(request)
+    body = await json_body(request)
     done = await _restriction(request, who.account_id, body.get("restricted"),
                               _actor(who.session))
     state = await rights.state(request.app[STORES].pool, who.account_id)
-    return _data({"restricted_at": state.restricted_at and state.restricted_at.isoformat(),
+    return data_response({"restricted_at": state.restricted_at and state.restricted_at.isoformat(),
                   "request": done and _request_json(done)})
 
 
 async def api_objection(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
+    who = manager(request)
+    body = await json_body(request)
     done = await rights.object_to(request.app[STORES].pool, who.account_id,
                                   body.get("purpose"), body.get("objected"),
                                   datetime.now(UTC), body.get("text"), _actor(who.session))
     state = await rights.state(request.app[STORES].pool, who.account_id)
-    return _data({"objections": {p: at.isoformat() for p, at in state.objections.items()},
+    return data_response({"objections": {p: at.isoformat() for p, at in state.objections.items()},
                   "request": done and _request_json(done)},
                  201 if done is not None and done.completed_at is None else 200)
 
 
 async def api_review(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
+    who = manager(request)
+    body = await json_body(request)
     done = await rights.request_review(request.app[STORES].pool, who.account_id,
                                        body.get("about"), datetime.now(UTC),
                                        body.get("text"))
-    return _data({"request": _request_json(done)}, 201)
+    return data_response({"request": _request_json(done)}, 201)
 
 
 def add_routes(app: web.Application) -> None:
