@@ -33,6 +33,8 @@ TEMPLATES = web.AppKey("dashboard_templates", jinja2.Environment)
 LIMIT_RESETS = ("daily", "weekly", "monthly")
 NAV = (("/", "Overview"), ("/keys", "Keys"), ("/usage", "Usage"), ("/credits", "Credits"),
        ("/settings", "Settings"))
+# A suspended account's session reaches only these pages (``guard``).
+SUSPENDED_NAV = (("/suspended", "Suspension"), ("/settings/privacy", "Privacy"))
 
 
 def money(micros: int | None) -> str:
@@ -52,7 +54,8 @@ def session_of(request: web.Request) -> Session:
 
 def render(request: web.Request, template: str, session: Session, status: int = 200,
            **values: Any) -> web.Response:
-    context = {"nav": NAV, "path": request.path, "api_base": request.app[SETTINGS].api_base_url,
+    context = {"nav": SUSPENDED_NAV if session.suspended else NAV, "path": request.path,
+               "api_base": request.app[SETTINGS].api_base_url,
                "csrf_token": request.app[SESSIONS].csrf_token(str(session.id)),
                "restricted": session.restricted, **values}
     return aiohttp_jinja2.render_template(template, request, context, status=status,

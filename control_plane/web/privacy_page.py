@@ -22,10 +22,10 @@ from aiohttp import web
 from control_plane import users
 from control_plane.auth.sessions import Session
 from control_plane.errors import Conflict, Forbidden, InvalidInput
-from control_plane.privacy import deadlines, email_change, requests, rights
+from control_plane.privacy import deadlines, email_change, requests, rights, suspension
 from control_plane.web.account_api import data_response, json_body, manager
 from control_plane.web.dashboard import render, session_of
-from control_plane.web.guard import caller
+from control_plane.web.guard import SUSPENDED_PAGE, caller
 from control_plane.web.state import SESSIONS, SETTINGS, STORES
 
 JURISDICTION_LABELS = (
@@ -50,8 +50,8 @@ DONE = {
     "withdrawn": "Your objection is withdrawn.",
     "review": "A person will review the decision; we e-mailed you the request's reference.",
 }
-# Suspensions carry no reason today (accounts.status only): said plainly.
-NO_REASON = "not recorded by our systems; ask for a human review and a person will tell you"
+# A suspension recorded without a reason: said plainly.
+NO_REASON = "not recorded; ask for a human review and a person will tell you"
 
 
 def _rule_text(jurisdiction: str) -> str:
@@ -85,7 +85,20 @@ async def _page(request: web.Request, session: Session, status: int = 200,
                   error=error, jurisdictions=JURISDICTION_LABELS,
                   rule_text=_rule_text(state.jurisdiction), at_once=rights.AT_ONCE,
                   grounds=rights.COMPELLING_GROUNDS, labels=rights.PURPOSE_LABELS,
-                  type_labels=rights.TYPE_LABELS, suspension_reason=NO_REASON)
+                  type_labels=rights.TYPE_LABELS, no_reason=NO_REASON,
+                  suspension=await suspension.of_account(pool, session.account_id))
+
+
+async def suspended_page(request: web.Request) -> web.StreamResponse:
+    """Where a suspended account's dashboard sends it (``guard``): the suspension, its
+    reason if one was recorded, the human-review button and what is still available."""
+    session = session_of(request)
+    pool = request.app[STORES].pool
+    found = await suspension.of_account(pool, session.account_id)
+    if found is None:
+        raise web.HTTPSeeOther("/")  # not (or no longer) suspended
+    return render(request, "suspended.html", session, suspension=found, no_reason=NO_REASON,
+                  pending=await suspension.open_reviews(pool, session.account_id))
 
 
 async def privacy_settings(request: web.Request) -> web.Response:
@@ -301,6 +314,7 @@ async def api_review(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/settings/privacy", privacy_settings)
+    r.add_get(SUSPENDED_PAGE, suspended_page)
     r.add_post("/settings/privacy/jurisdiction", _form_action(_form_jurisdiction))
     r.add_post("/settings/privacy/name", _form_action(_form_name))
     r.add_post("/settings/privacy/email", _form_action(_form_email))
