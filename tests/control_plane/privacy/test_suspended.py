@@ -77,6 +77,12 @@ async def test_a_suspended_account_keeps_its_privacy_rights_and_nothing_else(
     key_id = (await r.json())["data"]["hash"]
 
     async with TestClient(TestServer(make_app(web.settings))) as admin:
+        for bad in ({"reason": 5}, {"reason": "x" * 501}, {"reason": "a\x00b"}):
+            r = await admin.post(f"/admin/accounts/{account}/suspend", json=bad,
+                                 headers=ADMIN)
+            assert r.status == 400 and "reason" in (await r.json())["error"]["message"]
+        assert await pool.fetchval("SELECT status FROM accounts WHERE id = $1",
+                                   account) == "active"
         r = await admin.post(f"/admin/accounts/{account}/suspend", json={"reason": REASON},
                              headers=ADMIN)
         assert r.status == 200, await r.text()
