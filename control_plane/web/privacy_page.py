@@ -4,6 +4,9 @@ under ``/api/v1/account/privacy`` (JSON, the account API's ``{"data": ...}`` and
 shape). The logic is ``privacy.rights``, ``privacy.email_change``; this module only
 parses, calls and answers.
 
+``/suspended`` is where a suspended account's pages lead (``guard``): the suspension,
+its reason (``privacy.suspension``) and the human-review button.
+
 Callers: a session or a management key for the account's own choices (jurisdiction,
 restriction, objection, requests to staff); a session only for what is about the
 person (name, e-mail), which a key does not have. Nothing here takes another account's
