@@ -45,7 +45,7 @@ from control_plane.errors import (
 )
 from control_plane.metrics import Metrics
 from control_plane.outages import POSTGRES_ERRORS
-from control_plane.privacy import deletion
+from control_plane.privacy import deletion, suspension
 from control_plane.privacy import queue as privacy_queue
 from control_plane.privacy import requests as privacy_requests
 from control_plane.runtime import Stores, open_stores
@@ -116,9 +116,11 @@ async def _authorize(request: web.Request) -> str:
 
 
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-AUTOMATION_ACTOR = "admin-bearer"  # the bearer token: automation
+AUTOMATION_ACTOR = suspension.AUTOMATION_ACTOR  # the bearer token: automation
 STAFF = web.AppKey("staff", StaffAccess)
 ACTOR = web.RequestKey("actor", str)  # who is calling, for handlers that audit themselves
+# What a handler adds to its action's audit row (the reason of a suspension).
+AUDIT_DETAIL = web.RequestKey("audit_detail", dict[str, Any])
 
 
 async def _audit(request: web.Request, response: web.StreamResponse, actor: str) -> None:
@@ -134,7 +136,8 @@ async def _audit(request: web.Request, response: web.StreamResponse, actor: str)
     except NotFound:
         account_id = None
     action = f"{request.method} {resource.canonical if resource else request.path}"
-    await audit.record(request.app[POOL], actor, action, target, account_id)
+    await audit.record(request.app[POOL], actor, action, target, account_id,
+                       request.get(AUDIT_DETAIL))
 
 
 @web.middleware
@@ -217,6 +220,11 @@ async def key_limits(request: web.Request) -> web.Response:
 def _set_status(status: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         app = request.app
+        # A suspension's reason is shown to the account's people (privacy.suspension).
+        reason = suspension.clean_reason((await _json_body(request)).get("reason")) \
+            if status == "suspended" else None
+        if reason is not None:
+            request[AUDIT_DETAIL] = {"reason": reason}
         account = await limits.set_account_status(
             app[POOL], app[REDIS], app[SETTINGS].names, request.match_info["account_id"],
             status,

@@ -5,10 +5,12 @@ The cookie (``__Host-qnp_session``: HttpOnly, Secure, SameSite=Lax, Path=/) hold
 ``{"sid", "iat", "exp"}`` signed with HS256 under QNP_SESSION_SECRET: never an API
 key, an email or a name. It lives ``COOKIE_TTL_S`` and is re-issued when half of that
 has passed (sliding renewal); the row's ``expires_at`` bounds a session absolutely.
-Sign-out, sign-out everywhere, suspension and deletion set ``revoked_at`` and publish
-the session ids on ``names.session_revocations``; every replica drops them from its
-cache at once, and a lost message is covered by ``CACHE_TTL_S`` (and by clearing the
-cache whenever the subscription reconnects). Never imports ``proxy`` or
+Sign-out, sign-out everywhere and deletion set ``revoked_at`` and publish the session
+ids on ``names.session_revocations``; every replica drops them from its cache at once,
+and a lost message is covered by ``CACHE_TTL_S`` (and by clearing the cache whenever the
+subscription reconnects). A suspension revokes nothing: it empties every cache, and the
+sessions of a suspended account are read again as ``suspended``, which the web guard
+lets reach the account's privacy rights only (issue 14). Never imports ``proxy`` or
 ``control_plane.web``.
 """
 
@@ -57,6 +59,8 @@ class Session:
     user_id: uuid.UUID
     account_id: uuid.UUID
     restricted: bool = False  # the account restricted its processing (issue 14)
+    # The account is suspended: the session reaches its privacy rights only (guard).
+    suspended: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,21 +154,22 @@ class Sessions:
     # -- state -----------------------------------------------------------------------
 
     async def get(self, sid: uuid.UUID) -> Session | None:
-        """The usable session, or None if revoked, expired or its user/account is not
-        active. From the cache when fresh; else one query."""
+        """The usable session, or None if revoked, expired, its user is not active or
+        its account is neither active nor suspended (a suspended account's session is
+        marked ``suspended``). From the cache when fresh; else one query."""
         now = time.monotonic()
         hit = self._cache.get(sid)
         if hit is not None and hit[0] > now:
             return hit[1]
         self.queries += 1
         row = await self._pool.fetchrow(
-            "SELECT s.id, s.user_id, s.account_id, a.restricted_at IS NOT NULL AS restricted "
-            "FROM web_sessions s "
+            "SELECT s.id, s.user_id, s.account_id, a.restricted_at IS NOT NULL AS restricted, "
+            "a.status = 'suspended' AS suspended FROM web_sessions s "
             "JOIN users u ON u.id = s.user_id JOIN accounts a ON a.id = s.account_id "
             "WHERE s.id = $1 AND s.revoked_at IS NULL AND s.expires_at > now() "
-            "AND u.status = 'active' AND a.status = 'active'", sid)
+            "AND u.status = 'active' AND a.status IN ('active', 'suspended')", sid)
         found = None if row is None else Session(row["id"], row["user_id"], row["account_id"],
-                                                 row["restricted"])
+                                                 row["restricted"], row["suspended"])
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()  # bounded memory; a cold cache only costs queries
         self._cache[sid] = (now + CACHE_TTL_S, found)

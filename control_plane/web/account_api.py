@@ -39,19 +39,22 @@ from shared.pricing import PriceError, dollars_to_micros
 LIMIT_RESETS = ("daily", "weekly", "monthly")
 
 
-def _data(value: Any, status: int = 200, **extra: Any) -> web.Response:
+def data_response(value: Any, status: int = 200, **extra: Any) -> web.Response:
+    """The account API's success shape, ``{"data": ...}`` (the privacy routes use it too)."""
     return web.Response(body=orjson.dumps({"data": value, **extra}), status=status,
                         content_type="application/json")
 
 
-def _manager(request: web.Request) -> Caller:
+def manager(request: web.Request) -> Caller:
+    """The caller, who must be able to manage the account (a session or a management key)."""
     found = caller(request)
     if not found.may_manage:
         raise Forbidden("this needs a management key or a signed-in session")
     return found
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (an empty body is ``{}``); InvalidInput otherwise."""
     raw = await request.read()
     try:
         body = orjson.loads(raw) if raw.strip() else {}
@@ -177,18 +180,18 @@ async def _key_doc(request: web.Request, who: Caller) -> bytes:
 
 async def credits(request: web.Request) -> web.Response:
     who = caller(request)
-    return _data(await account_usage.credits(request.app[STORES].pool, who.account_id))
+    return data_response(await account_usage.credits(request.app[STORES].pool, who.account_id))
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    who = _manager(request)
+    who = manager(request)
     found = await keys.list_keys(request.app[STORES].pool, str(who.account_id))
-    return _data(await _keys_json(request, [k for k in found if k.status == "active"]))
+    return data_response(await _keys_json(request, [k for k in found if k.status == "active"]))
 
 
 async def create_key(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
+    who = manager(request)
+    body = await json_body(request)
     management = body.get("management", False)
     if not isinstance(management, bool):
         raise InvalidInput("management must be true or false")
@@ -204,17 +207,17 @@ async def create_key(request: web.Request) -> web.Response:
         limit_reset=_reset(body.get("limit_reset")), expires_at=_expiry(body.get("expires_at")))
     (data,) = await _keys_json(request, [issued.info])
     # The secret, shown this once; it is never stored or shown again.
-    return _data(data, 201, key=issued.key)
+    return data_response(data, 201, key=issued.key)
 
 
 async def get_key(request: web.Request) -> web.Response:
-    who = _manager(request)
+    who = manager(request)
     info = await keys.get_key(request.app[STORES].pool, who.account_id,
                               request.match_info["hash"])
     if info.status != "active":
         raise NotFound("key not found")
     (data,) = await _keys_json(request, [info])
-    return _data(data)
+    return data_response(data)
 
 
 async def _announce_key(request: web.Request, info: keys.KeyInfo) -> None:
@@ -226,35 +229,35 @@ async def _announce_key(request: web.Request, info: keys.KeyInfo) -> None:
 
 
 async def update_key(request: web.Request) -> web.Response:
-    who = _manager(request)
-    changes = _changes(await _body(request))
+    who = manager(request)
+    changes = _changes(await json_body(request))
     stores = request.app[STORES]
     info = await keys.update_key(stores.pool, stores.redis, stores.settings.names,
                                  who.account_id, request.match_info["hash"], changes)
     await _announce_key(request, info)
     (data,) = await _keys_json(request, [info])
-    return _data(data)
+    return data_response(data)
 
 
 async def delete_key(request: web.Request) -> web.Response:
-    who = _manager(request)
+    who = manager(request)
     await keys.get_key(request.app[STORES].pool, who.account_id, request.match_info["hash"])
     stores = request.app[STORES]
     info = await keys.revoke_key(stores.pool, stores.redis, stores.settings.names,
                                  request.match_info["hash"], who.account_id)
     await _announce_key(request, info)
-    return _data({"success": True, "hash": info.key_id})
+    return data_response({"success": True, "hash": info.key_id})
 
 
 async def generation(request: web.Request) -> web.Response:
     who = caller(request)
-    return _data(await account_usage.generation(request.app[STORES].pool, who.account_id,
+    return data_response(await account_usage.generation(request.app[STORES].pool, who.account_id,
                                                 request.query.get("id")))
 
 
 async def activity(request: web.Request) -> web.Response:
-    who = _manager(request)
-    return _data(await account_usage.activity(request.app[STORES].pool, who.account_id,
+    who = manager(request)
+    return data_response(await account_usage.activity(request.app[STORES].pool, who.account_id,
                                               datetime.now(UTC)))
 
 
@@ -263,7 +266,7 @@ async def session(request: web.Request) -> web.Response:
     if who.session is None:
         raise NotFound("not signed in with a session")
     profile = await users.profile(request.app[STORES].pool, who.session.user_id)
-    return _data({"account_id": str(who.account_id), "user": profile,
+    return data_response({"account_id": str(who.account_id), "user": profile,
                   "csrf_token": request.app[SESSIONS].csrf_token(str(who.session.id))})
 
 

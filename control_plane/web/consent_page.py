@@ -45,7 +45,7 @@ from control_plane.consent.view import (
 )
 from control_plane.errors import Forbidden, InvalidInput
 from control_plane.web import unsubscribe_page
-from control_plane.web.account_api import _body, _data, _manager
+from control_plane.web.account_api import data_response, json_body, manager
 from control_plane.web.errors import Handler, wants_json
 from control_plane.web.guard import clear_cookie, csrf_binding, set_cookie
 from control_plane.web.pages import PAGES
@@ -199,7 +199,7 @@ async def post_consent(request: web.Request) -> web.StreamResponse:
         raise InvalidInput("nothing to record: choose accept, reject or save")
     loaded = await _load(request, account, browser, gpc)
     if wants_json(request):
-        response: web.StreamResponse = _data(_state_json(loaded, gpc, _current(request)))
+        response: web.StreamResponse = data_response(_state_json(loaded, gpc, _current(request)))
     else:
         response = _back(form)
     set_cookie(response, CONSENT_COOKIE, str(browser), CONSENT_TTL_S)
@@ -222,7 +222,7 @@ async def post_theme(request: web.Request) -> web.StreamResponse:
                                 browser_id=browser)
     stored = "functional" in loaded.state.granted and theme != "system"
     if wants_json(request):
-        response: web.StreamResponse = _data({"theme": theme, "stored": stored})
+        response: web.StreamResponse = data_response({"theme": theme, "stored": stored})
     else:
         response = _back(form)
     if stored:
@@ -252,13 +252,13 @@ async def _account_document(request: web.Request, account: uuid.UUID) -> dict[st
 
 
 async def get_consents(request: web.Request) -> web.Response:
-    who = _manager(request)
-    return _data(await _account_document(request, who.account_id))
+    who = manager(request)
+    return data_response(await _account_document(request, who.account_id))
 
 
 async def put_consents(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
+    who = manager(request)
+    body = await json_body(request)
     if not body:
         raise InvalidInput(f"name at least one of {', '.join(PURPOSES)}")
     for purpose, granted in body.items():
@@ -268,7 +268,7 @@ async def put_consents(request: web.Request) -> web.Response:
         if not isinstance(granted, bool):
             raise InvalidInput(f"{purpose} must be true or false")
     await _save(request, body, "settings", who.account_id, None, _gpc(request))
-    return _data(await _account_document(request, who.account_id))
+    return data_response(await _account_document(request, who.account_id))
 
 
 # -- pages -----------------------------------------------------------------------------

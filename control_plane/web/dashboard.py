@@ -50,6 +50,8 @@ PAYMENT_LABELS = {"succeeded": "Paid", "failed": "Declined", "processing": "Proc
                   "canceled": "Canceled", "open": "Not paid"}
 NAV = (("/", "Overview"), ("/keys", "Keys"), ("/usage", "Usage"), ("/credits", "Credits"),
        ("/settings", "Settings"))
+# A suspended account's session reaches only these pages (``guard``).
+SUSPENDED_NAV = (("/suspended", "Suspension"), ("/settings/privacy", "Privacy"))
 
 
 def money(micros: int | None) -> str:
@@ -70,7 +72,8 @@ def session_of(request: web.Request) -> Session:
 def render(request: web.Request, template: str, session: Session, status: int = 200,
            **values: Any) -> web.Response:
     context = {**request.get(PAGE_CONTEXT, {}),
-               "nav": NAV, "path": request.path, "api_base": request.app[SETTINGS].api_base_url,
+               "nav": SUSPENDED_NAV if session.suspended else NAV, "path": request.path,
+               "api_base": request.app[SETTINGS].api_base_url,
                "csrf_token": request.app[SESSIONS].csrf_token(str(session.id)),
                "restricted": session.restricted, **values}
     if CONSENT in request:  # the cookie banner, scripts by category, the theme (issue 15)

@@ -11,7 +11,12 @@ CSRF, on every unsafe method (POST, PUT, PATCH, DELETE) unless the route is list
   progress, or to keeping an account in its deletion grace), in the ``X-CSRF-Token``
   header or the ``csrf_token`` form field.
 A request authenticated by a bearer key carries no ambient credential, so it needs no
-CSRF token (and any cookie it sends is ignored). Never imports ``proxy``.
+CSRF token (and any cookie it sends is ignored).
+
+A session of a suspended account reaches only the routes in ``SUSPENDED_ALLOWED``
+below (its privacy rights, the page that explains the suspension, signing out, public
+pages); any other page sends it to that page, any other API call is a 403. Never
+imports ``proxy``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from control_plane.auth.sessions import COOKIE, COOKIE_TTL_S, CookieClaims
 from control_plane.consent.cookies import CONSENT_COOKIE
 from control_plane.errors import Forbidden, Unauthorized
 from control_plane.web.edge import read_body
-from control_plane.web.errors import Handler
+from control_plane.web.errors import Handler, wants_json
 from control_plane.web.state import CALLER, KEYS, SESSIONS, SETTINGS, Caller
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -48,6 +53,41 @@ CSRF_EXEMPT: Mapping[str, str] = {
 # theme): with no session, their token is bound to the browser's consent cookie, set
 # with the page that holds the form (control_plane/web/consent_page.py).
 CONSENT_BOUND = frozenset({"/consent", "/theme"})
+
+# What a session of a suspended account may still reach, each route template matching
+# itself and every template under it, with why. An automated suspension (a dispute, an
+# abuse block) must not take away the rights to see, export and correct one's data, to
+# restrict or object, or to ask a person to review the decision (issue 14; KVKK art.
+# 11, GDPR art. 22(3)). Nothing else is reachable, routes added later included.
+SUSPENDED_PAGE = "/suspended"
+SUSPENDED_ALLOWED: Mapping[str, str] = {
+    SUSPENDED_PAGE: "the suspension, its reason, and the human-review button",
+    "/settings/privacy": "Settings > Privacy: every right, the human review included",
+    "/api/v1/account/privacy": "the same rights through the account API",
+    "/api/v1/account/export": "the data export (access and portability)",
+    "/settings/deletion": "erasure (H17's deletion page)",
+    "/api/v1/account/deletion": "erasure through the account API (H17)",
+    "/settings/signout": "signing out",
+    "/settings/signout-everywhere": "signing out everywhere",
+    "/auth/signout": "signing out (API)",
+    "/auth/signout-everywhere": "signing out everywhere (API)",
+    "/privacy": "the privacy policy, readable by anyone (H19)",
+    "/policy/acknowledge": "acknowledging a new policy version (H19)",
+    "/cookies": "the cookie table, readable by anyone (H15)",
+    "/consent": "consent can always be withdrawn (H15)",
+    "/api/v1/account/consents": "the same through the account API (H15)",
+    "/unsubscribe": "one-click unsubscribe from an e-mail (H15)",
+    "/static": "the pages' stylesheet, script and icon",
+    "/healthz": "the load balancer's check",
+}
+SUSPENDED_MESSAGE = ("this account is suspended: only its privacy rights are available "
+                     "(Settings > Privacy, /api/v1/account/privacy, the data export), "
+                     "including a human review of the suspension")
+
+
+def _allowed_when_suspended(template: str) -> bool:
+    return any(template == allowed or template.startswith(allowed + "/")
+               for allowed in SUSPENDED_ALLOWED)
 
 
 def set_cookie(response: web.StreamResponse, name: str, value: str, max_age: int,
@@ -132,6 +172,17 @@ async def _check_csrf(request: web.Request, found: Caller | None) -> None:
         raise Forbidden("the form has expired; reload the page and try again")
 
 
+def _check_suspended(request: web.Request, found: Caller | None) -> None:
+    if found is None or found.session is None or not found.session.suspended:
+        return
+    resource = request.match_info.route.resource
+    if resource is None or _allowed_when_suspended(resource.canonical):
+        return  # no such route (a 404 or 405 as for anyone), or one a right needs
+    if wants_json(request):
+        raise Forbidden(SUSPENDED_MESSAGE)
+    raise web.HTTPSeeOther(SUSPENDED_PAGE)
+
+
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     found, claims = await _identify(request)
@@ -139,6 +190,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[CALLER] = found
     if request.method in UNSAFE_METHODS:
         await _check_csrf(request, found)
+    _check_suspended(request, found)
     response = await handler(request)
     if claims is not None and found is not None and found.session is not None \
             and claims.wants_renewal(time.time()) and COOKIE not in response.cookies:

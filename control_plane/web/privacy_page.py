@@ -4,6 +4,9 @@ under ``/api/v1/account/privacy`` (JSON, the account API's ``{"data": ...}`` and
 shape). The logic is ``privacy.rights``, ``privacy.email_change``; this module only
 parses, calls and answers.
 
+``/suspended`` is where a suspended account's pages lead (``guard``): the suspension,
+its reason (``privacy.suspension``) and the human-review button.
+
 Callers: a session or a management key for the account's own choices (jurisdiction,
 restriction, objection, requests to staff); a session only for what is about the
 person (name, e-mail), which a key does not have. Nothing here takes another account's
@@ -22,10 +25,10 @@ from aiohttp import web
 from control_plane import users
 from control_plane.auth.sessions import Session
 from control_plane.errors import Conflict, Forbidden, InvalidInput
-from control_plane.privacy import deadlines, email_change, requests, rights
-from control_plane.web.account_api import _body, _data, _manager
+from control_plane.privacy import deadlines, email_change, requests, rights, suspension
+from control_plane.web.account_api import data_response, json_body, manager
 from control_plane.web.dashboard import render, session_of
-from control_plane.web.guard import caller
+from control_plane.web.guard import SUSPENDED_PAGE, caller
 from control_plane.web.state import SESSIONS, SETTINGS, STORES
 
 JURISDICTION_LABELS = (
@@ -50,8 +53,8 @@ DONE = {
     "withdrawn": "Your objection is withdrawn.",
     "review": "A person will review the decision; we e-mailed you the request's reference.",
 }
-# Suspensions carry no reason today (accounts.status only): said plainly.
-NO_REASON = "not recorded by our systems; ask for a human review and a person will tell you"
+# A suspension recorded without a reason: said plainly.
+NO_REASON = "not recorded; ask for a human review and a person will tell you"
 
 
 def _rule_text(jurisdiction: str) -> str:
@@ -85,7 +88,20 @@ async def _page(request: web.Request, session: Session, status: int = 200,
                   error=error, jurisdictions=JURISDICTION_LABELS,
                   rule_text=_rule_text(state.jurisdiction), at_once=rights.AT_ONCE,
                   grounds=rights.COMPELLING_GROUNDS, labels=rights.PURPOSE_LABELS,
-                  type_labels=rights.TYPE_LABELS, suspension_reason=NO_REASON)
+                  type_labels=rights.TYPE_LABELS, no_reason=NO_REASON,
+                  suspension=await suspension.of_account(pool, session.account_id))
+
+
+async def suspended_page(request: web.Request) -> web.StreamResponse:
+    """Where a suspended account's dashboard sends it (``guard``): the suspension, its
+    reason if one was recorded, the human-review button and what is still available."""
+    session = session_of(request)
+    pool = request.app[STORES].pool
+    found = await suspension.of_account(pool, session.account_id)
+    if found is None:
+        raise web.HTTPSeeOther("/")  # not (or no longer) suspended
+    return render(request, "suspended.html", session, suspension=found, no_reason=NO_REASON,
+                  pending=await suspension.open_reviews(pool, session.account_id))
 
 
 async def privacy_settings(request: web.Request) -> web.Response:
@@ -221,9 +237,9 @@ def _session_only(request: web.Request) -> Session:
 
 
 async def api_state(request: web.Request) -> web.Response:
-    who = _manager(request)
+    who = manager(request)
     state = await rights.state(request.app[STORES].pool, who.account_id)
-    return _data({
+    return data_response({
         "jurisdiction": state.jurisdiction,
         "deadline": _rule_text(state.jurisdiction),
         "restricted_at": state.restricted_at and state.restricted_at.isoformat(),
@@ -233,74 +249,75 @@ async def api_state(request: web.Request) -> web.Response:
 
 
 async def api_jurisdiction(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
-    return _data({"jurisdiction": await _jurisdiction(request, who.account_id,
+    who = manager(request)
+    body = await json_body(request)
+    return data_response({"jurisdiction": await _jurisdiction(request, who.account_id,
                                                       body.get("jurisdiction"))})
 
 
 async def api_name(request: web.Request) -> web.Response:
     session = _session_only(request)
-    body = await _body(request)
+    body = await json_body(request)
     done = await rights.correct_name(request.app[STORES].pool, session.account_id,
                                      session.user_id, body.get("name"), datetime.now(UTC))
-    return _data({"request": _request_json(done)})
+    return data_response({"request": _request_json(done)})
 
 
 async def api_email(request: web.Request) -> web.Response:
     session = _session_only(request)
-    await _start_email(request, session, (await _body(request)).get("email"))
-    return _data({"confirmation_sent": True}, 202)
+    await _start_email(request, session, (await json_body(request)).get("email"))
+    return data_response({"confirmation_sent": True}, 202)
 
 
 async def api_email_confirm(request: web.Request) -> web.Response:
     session = _session_only(request)
-    done = await _confirm_email(request, session, (await _body(request)).get("token"))
-    return _data({"request": _request_json(done)})
+    done = await _confirm_email(request, session, (await json_body(request)).get("token"))
+    return data_response({"request": _request_json(done)})
 
 
 async def api_correction(request: web.Request) -> web.Response:
-    who = _manager(request)
+    who = manager(request)
     done = await rights.request_correction(request.app[STORES].pool, who.account_id,
-                                           (await _body(request)).get("text"),
+                                           (await json_body(request)).get("text"),
                                            datetime.now(UTC))
-    return _data({"request": _request_json(done)}, 201)
+    return data_response({"request": _request_json(done)}, 201)
 
 
 async def api_restriction(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
+    who = manager(request)
+    body = await json_body(request)
     done = await _restriction(request, who.account_id, body.get("restricted"),
                               _actor(who.session))
     state = await rights.state(request.app[STORES].pool, who.account_id)
-    return _data({"restricted_at": state.restricted_at and state.restricted_at.isoformat(),
+    return data_response({"restricted_at": state.restricted_at and state.restricted_at.isoformat(),
                   "request": done and _request_json(done)})
 
 
 async def api_objection(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
+    who = manager(request)
+    body = await json_body(request)
     done = await rights.object_to(request.app[STORES].pool, who.account_id,
                                   body.get("purpose"), body.get("objected"),
                                   datetime.now(UTC), body.get("text"), _actor(who.session))
     state = await rights.state(request.app[STORES].pool, who.account_id)
-    return _data({"objections": {p: at.isoformat() for p, at in state.objections.items()},
+    return data_response({"objections": {p: at.isoformat() for p, at in state.objections.items()},
                   "request": done and _request_json(done)},
                  201 if done is not None and done.completed_at is None else 200)
 
 
 async def api_review(request: web.Request) -> web.Response:
-    who = _manager(request)
-    body = await _body(request)
+    who = manager(request)
+    body = await json_body(request)
     done = await rights.request_review(request.app[STORES].pool, who.account_id,
                                        body.get("about"), datetime.now(UTC),
                                        body.get("text"))
-    return _data({"request": _request_json(done)}, 201)
+    return data_response({"request": _request_json(done)}, 201)
 
 
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/settings/privacy", privacy_settings)
+    r.add_get(SUSPENDED_PAGE, suspended_page)
     r.add_post("/settings/privacy/jurisdiction", _form_action(_form_jurisdiction))
     r.add_post("/settings/privacy/name", _form_action(_form_name))
     r.add_post("/settings/privacy/email", _form_action(_form_email))

@@ -49,8 +49,9 @@ class Person:
                                           headers=self.browser, allow_redirects=False)
 
 
-async def person(web: Web) -> Person:
-    me = await sign_in_new_user(web)
+async def person(web: Web, who: dict[str, Any] | None = None) -> Person:
+    """Signed up through the real provider as ``who`` (a new person if None)."""
+    me = await sign_in_new_user(web, who)
     cookie = next(c for c in web.client.session.cookie_jar if c.key == COOKIE)
     web.client.session.cookie_jar.clear()
     return Person(web, me, cookie.value)
