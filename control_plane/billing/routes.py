@@ -28,7 +28,7 @@ from control_plane.billing.gateway import StripeGateway
 from control_plane.errors import Forbidden, InvalidInput, Unavailable
 from control_plane.web.errors import Handler
 from control_plane.web.guard import caller
-from control_plane.web.state import CALLER, PAGE_CONTEXT, SETTINGS, STORES
+from control_plane.web.state import CALLER, PAGE_CONTEXT, SETTINGS, STORES, is_page
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,13 @@ async def _stripe_client(app: web.Application) -> AsyncIterator[None]:
             await billing.gateway.close()
 
 
-_NO_PAGE = ("/api/", "/static/", "/webhooks/", "/auth/")
 
 
 @web.middleware
 async def hold_notice(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A dashboard page shows the account's open disputes (its keys are paused)."""
     found = request[CALLER] if CALLER in request else None
-    if request.method == "GET" and found is not None and found.session is not None \
-            and not request.path.startswith(_NO_PAGE):
+    if found is not None and found.session is not None and is_page(request):
         context = request.setdefault(PAGE_CONTEXT, {})
         context["billing_holds"] = await reversals.holds(request.app[STORES].pool,
                                                          found.account_id)

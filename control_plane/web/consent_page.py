@@ -50,12 +50,10 @@ from control_plane.web.errors import Handler, wants_json
 from control_plane.web.guard import clear_cookie, csrf_binding, set_cookie
 from control_plane.web.pages import PAGES
 from control_plane.web.signin import safe_next
-from control_plane.web.state import CALLER, CONSENT, SESSIONS, SETTINGS, STORES, Caller
+from control_plane.web.state import CALLER, CONSENT, SESSIONS, SETTINGS, STORES, Caller, is_page
 
 GPC_LAST_UPDATE = "2026-12-02"  # of /.well-known/gpc.json: when our GPC handling changed
 # Requests that never render a page: no consent state is loaded for them.
-_NOT_PAGES = ("/static/", "/api/", "/.well-known/", "/auth/", "/webhooks/", "/healthz",
-              "/usage/export")
 # Accounts whose GPC withdrawal this replica recorded or saw: a request that renders no
 # page skips the check for them (a page always checks). Bounded; cleared when full.
 GPC_SEEN = web.AppKey("consent_gpc_seen", dict[uuid.UUID, None])
@@ -125,7 +123,7 @@ async def _gpc_elsewhere(request: web.Request) -> None:
 @web.middleware
 async def consent_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     view = None
-    if request.method in ("GET", "HEAD") and not request.path.startswith(_NOT_PAGES):
+    if is_page(request):
         view = request[CONSENT] = await _view(request)
     else:
         await _gpc_elsewhere(request)

@@ -30,11 +30,10 @@ from control_plane.privacy import summary
 from control_plane.web.dashboard import TEMPLATES, render, session_of
 from control_plane.web.errors import Handler
 from control_plane.web.signin import safe_next
-from control_plane.web.state import CALLER, PAGE_CONTEXT, SETTINGS, STORES
+from control_plane.web.state import CALLER, PAGE_CONTEXT, SETTINGS, STORES, is_page
 
 AUTHORITIES = web.AppKey("complaint_authorities", Mapping[str, authorities.Authority])
 DOCUMENTS = web.AppKey("policy_documents", dict[str, document.Document])
-_NO_BANNER = ("/api/", "/static/", "/auth/", "/healthz")
 
 
 async def _start(app: web.Application) -> None:
@@ -49,8 +48,7 @@ async def _start(app: web.Application) -> None:
 async def banner(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The material change a signed-in user has not acknowledged, for ``layout.html``."""
     who = request.get(CALLER)
-    if request.method == "GET" and who is not None and who.session is not None \
-            and not request.path.startswith(_NO_BANNER):
+    if who is not None and who.session is not None and is_page(request):
         notice = await versions.pending_notice(request.app[STORES].pool,
                                                who.session.user_id)
         if notice is not None:

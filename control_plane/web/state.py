@@ -50,5 +50,16 @@ CALLER = web.RequestKey("caller", Caller)
 # banner, ``policy_page``; the open payment disputes, ``billing.routes.hold_notice``);
 # ``dashboard.render`` merges it. Add with ``request.setdefault(PAGE_CONTEXT, {})``.
 PAGE_CONTEXT = web.RequestKey("page_context", dict[str, object])
+# Paths that never render a page: the API, assets, webhooks, sign-in hops, probes and
+# downloads. What a page shows besides its own content (the cookie banner, the policy
+# banner, dispute notices) is looked up only for the rest, so an API call or a health
+# probe costs no query for it.
+NOT_PAGES = ("/static/", "/api/", "/.well-known/", "/auth/", "/webhooks/", "/healthz",
+             "/usage/export", "/credits/history.csv")
+
+
+def is_page(request: web.Request) -> bool:
+    """May this request render a dashboard page (a GET or HEAD outside ``NOT_PAGES``)?"""
+    return request.method in ("GET", "HEAD") and not request.path.startswith(NOT_PAGES)
 # What a page may do under the browser's consent (issue 15; control_plane/web/consent_page.py).
 CONSENT = web.RequestKey("consent", ConsentView)
