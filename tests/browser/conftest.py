@@ -104,6 +104,18 @@ def undocumented(cookies: list[Any], host: str = "127.0.0.1") -> list[tuple[Any,
     return found
 
 
+async def choose_cookies(page: Page, **boxes: bool) -> None:
+    """Open the real "Cookie settings" (the footer's link opens the banner), set the
+    boxes, confirm; wait until consent.js has applied the choice (banner hidden)."""
+    banner = page.locator("#consent-banner")
+    await page.get_by_role("link", name="Cookie settings").click()
+    await banner.wait_for(state="visible")
+    for purpose, on in boxes.items():
+        await banner.locator(f"input[name={purpose}]").set_checked(on)
+    await banner.get_by_role("button", name="Confirm my choices").click()
+    await banner.wait_for(state="hidden")
+
+
 def origin_of(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"

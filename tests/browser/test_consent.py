@@ -21,7 +21,7 @@ import pytest
 from control_plane.consent.cookies import CONSENT_COOKIE, THEME_COOKIE
 from control_plane.web.dashboard import TEMPLATES
 from control_plane.web.pages import PAGES
-from tests.browser.conftest import Browser, undocumented
+from tests.browser.conftest import Browser, choose_cookies, undocumented
 from tests.control_plane.web.conftest import Web
 
 pytestmark = pytest.mark.timeout(600)
@@ -57,18 +57,6 @@ async def _until(check: object, what: str) -> None:
 
 async def _names(b: Browser) -> list[str]:
     return sorted(c["name"] for c in await b.context.cookies())
-
-
-async def _choose(b: Browser, **boxes: bool) -> None:
-    """Open "Cookie settings", set the boxes, confirm; wait until it is applied."""
-    page = b.page
-    banner = page.locator("#consent-banner")
-    await page.get_by_role("link", name="Cookie settings").click()
-    await banner.wait_for(state="visible")
-    for purpose, on in boxes.items():
-        await banner.locator(f"input[name={purpose}]").set_checked(on)
-    await banner.get_by_role("button", name="Confirm my choices").click()
-    await banner.wait_for(state="hidden")
 
 
 async def _theme_survives_reload(b: Browser) -> bool:
@@ -114,7 +102,7 @@ async def test_nothing_optional_before_a_choice_then_reject_accept_and_withdraw(
     # Accept analytics (and functional): the scripts run, in document order, at once.
     await page.evaluate("window.seen = []; window.addEventListener('qnp:consent', "
                         "e => window.seen.push(e.detail))")
-    await _choose(b, functional=True, analytics=True)
+    await choose_cookies(page, functional=True, analytics=True)
     await _until(lambda: asyncio.sleep(0, len(_probed(b)) == 3), "scripts never ran")
     assert _probed(b) == list(PROBES)
     assert await page.evaluate("window.seen") == [
@@ -129,7 +117,7 @@ async def test_nothing_optional_before_a_choice_then_reject_accept_and_withdraw(
     before = len(_probed(b))
     await page.evaluate("window.seen = []; window.addEventListener('qnp:consent', "
                         "e => window.seen.push(e.detail))")
-    await _choose(b, analytics=False)
+    await choose_cookies(page, analytics=False)
     assert await page.evaluate("window.seen") == [{"granted": ["functional"], "gpc": False}]
     await page.goto(web.origin + "/signin")
     await _until(lambda: asyncio.sleep(0, len(_probed(b)) > before), "functional never ran")

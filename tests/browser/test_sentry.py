@@ -1,36 +1,39 @@
-"""Sentry in a real browser (Debian's Chromium through Playwright), against the real
-dashboard under its real CSP, reporting to our sink (tests/sentry_sink.py):
+"""Sentry in a real browser (Debian's Chromium through Playwright), through the real
+consent banner (static/consent.js) and the real server-side consent state, against the
+real dashboard under its real CSP, reporting to our sink (tests/sentry_sink.py):
 
-- before consent the SDK is not even loaded and nothing goes to the Sentry endpoint,
-  page error or not;
-- with analytics consent a page error sends one event, and no canary (in the page's
-  query string, a cookie, the error message) is in anything that arrived;
-- after withdrawal ("qnp:consent" without analytics) the SDK is closed and an error
-  sends nothing, until consent is given again;
-- under Global Privacy Control nothing is sent even if a consent layer wrongly loads the
-  scripts (monitoring.js refuses by itself).
-
-H15's consent.js is not on main yet: ``fixtures/consent_activation.js`` stands in for it
-(same contract), injected by the test, never served. The server side's
-``consent.analytics_allowed`` (H15's too) is a template global set by the test.
+- a first visit, signed in: the banner is shown, the SDK is not even loaded, nothing
+  goes to the Sentry endpoint, page error or not;
+- "Accept all" in the banner: consent.js starts the scripts on that page (no reload), a
+  page error sends one event, and no canary (in the page's query string, a cookie, the
+  error message) is in anything that arrived;
+- analytics withdrawn through "Cookie settings": monitoring.js closes the SDK and an
+  error sends nothing; granted again, an error sends again (so the withdrawn one was not
+  merely delayed);
+- a restricted account (Settings > Privacy): no analytics tags on its pages, consent or
+  not;
+- a browser sending Global Privacy Control (Sec-GPC and navigator.globalPrivacyControl):
+  no analytics tags, nothing loaded, nothing sent, and the banner and Settings say
+  "GPC honoured"; and were the scripts wrongly loaded there all the same, monitoring.js
+  would still start nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import Page, Request, Route, async_playwright
 from yarl import URL
 
-from control_plane.web.dashboard import TEMPLATES
+from control_plane.consent.cookies import CONSENT_COOKIE
 from shared.redis_names import RedisNames
-from tests.browser.conftest import CHROMIUM_ARGS, origin_of
+from tests.browser.conftest import CHROMIUM_ARGS, choose_cookies, origin_of
 from tests.control_plane.web.conftest import Web, serve_web, sign_in_new_user, web_settings
 from tests.sentry_canaries import EMAIL, PROMPT, assert_no_canary
 from tests.sentry_sink import SentrySink
@@ -38,10 +41,10 @@ from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(600)
 HANG_GUARD_S = 30.0
-ACTIVATION = (Path(__file__).parent / "fixtures" / "consent_activation.js").read_text()
 GPC = ("Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', "
        "{get: () => true, configurable: true});")
-BUNDLE = "/static/vendor/sentry/bundle.min.js"
+SCRIPTS = ("/static/vendor/sentry/bundle.min.js", "/static/monitoring.js")
+TAGS = 'script[data-consent="analytics"], meta[name="qnp-sentry-dsn"]'
 
 
 @dataclass
@@ -52,15 +55,29 @@ class Tab:
     finished: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)  # every request the page made
 
+    @property
+    def banner(self) -> Any:
+        return self.page.locator("#consent-banner")
+
     async def state(self, value: str) -> None:
         await self.page.locator(f'html[data-qnp-monitoring="{value}"]').wait_for(
             state="attached", timeout=HANG_GUARD_S * 1000)
 
     async def fail(self, name: str) -> None:
-        """An uncaught error of type ``name`` whose message quotes the canaries."""
+        """An uncaught error of type ``name`` whose message quotes the canaries, and one
+        more turn of the event loop, so whatever handles it has run."""
         await self.page.evaluate(
-            "([name, text]) => setTimeout(() => { const e = new Error(text); "
-            "e.name = name; throw e; })", [name, f"{PROMPT} {EMAIL}"])
+            "([name, text]) => new Promise(done => { setTimeout(() => { "
+            "const e = new Error(text); e.name = name; throw e; }); setTimeout(done); })",
+            [name, f"{PROMPT} {EMAIL}"])
+
+    async def granted(self) -> list[str]:
+        value = await self.page.locator("#qnp-consent").get_attribute("data-granted")
+        return (value or "").split()
+
+    def loaded(self) -> list[str]:
+        """The analytics scripts this browser requested so far."""
+        return [u for u in self.urls for s in SCRIPTS if s in u]
 
     def types(self) -> list[str]:
         return [v.get("type", "") for e in self.sink.events()
@@ -91,29 +108,35 @@ async def sentry_web(migrated_url: str, redis_url: str, redis_names: RedisNames,
     settings = web_settings(migrated_url, redis_url, redis_names, free_port(), providers,
                             QNP_SENTRY_BROWSER_DSN=sink.dsn())
     async with serve_web(settings) as w:
-        # H15's consent state, as its render context will carry it: analytics allowed.
-        w.client.server.app[TEMPLATES].globals["consent"] = types.SimpleNamespace(
-            analytics_allowed=True)
         yield w
 
 
+async def signed_in(web: Web) -> list[Any]:
+    """A new person signed in through the real provider: their cookies for a browser
+    that has never been here (no consent cookie: its first visit is still to come).
+    __Host-: Secure, path /, no domain attribute, which browsers allow on 127.0.0.1."""
+    jar = web.client.session.cookie_jar
+    jar.clear()
+    await sign_in_new_user(web)
+    cookies = [{"name": name, "value": c.value, "domain": "127.0.0.1", "path": "/",
+                "secure": True, "httpOnly": True, "sameSite": "Lax"}
+               for name, c in jar.filter_cookies(URL(web.origin)).items()
+               if name != CONSENT_COOKIE]
+    jar.clear()
+    return cookies
+
+
 @asynccontextmanager
-async def tab(chromium: str, profile: Path, web: Web, sink: SentrySink, *, gpc: bool
-              ) -> AsyncIterator[Tab]:
+async def tab(chromium: str, profile: Path, web: Web, sink: SentrySink,
+              cookies: list[Any], *, gpc: bool) -> AsyncIterator[Tab]:
     async with async_playwright() as pw:
         context = await pw.chromium.launch_persistent_context(
             str(profile), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
             extra_http_headers={"Sec-GPC": "1"} if gpc else {})
         try:
-            jar = web.client.session.cookie_jar.filter_cookies(URL(web.origin))
-            # The session of the person signed in through the real provider (__Host-:
-            # Secure, path /, no domain attribute, which browsers allow on 127.0.0.1).
-            await context.add_cookies([{"name": name, "value": c.value, "domain": "127.0.0.1",
-                                        "path": "/", "secure": True, "httpOnly": True,
-                                        "sameSite": "Lax"} for name, c in jar.items()])
+            await context.add_cookies(cookies)
             if gpc:
                 await context.add_init_script(GPC)
-            await context.add_init_script(ACTIVATION)
             page = context.pages[0] if context.pages else await context.new_page()
             t = Tab(page, sink)
 
@@ -141,51 +164,92 @@ async def tab(chromium: str, profile: Path, web: Web, sink: SentrySink, *, gpc: 
             await context.close()
 
 
-async def test_sentry_runs_only_with_consent_is_closed_on_withdrawal_and_never_under_gpc(
+async def test_sentry_runs_only_with_consent_given_in_the_banner_and_never_under_gpc(
         chromium: str, tmp_path: Path, sentry_web: Web, sink: SentrySink) -> None:
-    await sign_in_new_user(sentry_web)
     page_url = f"{sentry_web.origin}/?email={EMAIL}&q={PROMPT}"
-    async with tab(chromium, tmp_path / "p1", sentry_web, sink, gpc=False) as t:
-        # Before consent: the inert tags are there, the SDK is not loaded, nothing sent.
+    async with tab(chromium, tmp_path / "p1", sentry_web, sink,
+                   await signed_in(sentry_web), gpc=False) as t:
+        # First visit: the banner, the inert tags, no SDK loaded, nothing sent.
         await t.page.goto(page_url)
         await t.page.evaluate(f"document.cookie = 'note={PROMPT}; path=/'")
-        assert await t.page.locator('script[type="text/plain"]').count() == 2
+        assert await t.banner.is_visible()
+        assert await t.page.locator('script[type="text/plain"][data-consent]').count() == 2
         await t.fail("BeforeConsentError")
-        await t.page.evaluate("new Promise(r => setTimeout(r, 0))")
         assert await t.page.evaluate("typeof window.Sentry") == "undefined"
-        assert not any(BUNDLE in u for u in t.urls) and t.issued == []
+        assert t.loaded() == [] and t.issued == []
 
-        # Analytics granted (as consent.js keeps it), page reloaded: one error, one event.
-        await t.page.evaluate("localStorage.setItem('qnp-test-granted', '[\"analytics\"]')")
-        await t.page.goto(page_url)
+        # "Accept all": consent.js starts the scripts on this very page; one error, one
+        # event.
+        await t.banner.get_by_role("button", name="Accept all").click()
+        await t.banner.wait_for(state="hidden")
         await t.state("on")
+        assert await t.granted() == ["analytics", "functional"]
         await t.fail("WithConsentError")
         await t.settled(lambda t: "WithConsentError" in t.types())
         assert t.types() == ["WithConsentError"] and len(t.issued) == 1
 
-        # Withdrawn: closed; an error now sends nothing. Granted again: sends again, and
-        # had the withdrawn one been sent, it would have been sent before this one.
-        await t.page.evaluate("qnpTestSetConsent([])")
+        # Withdrawn in "Cookie settings": closed; an error now sends nothing. Granted
+        # again: sends again, and had the withdrawn one been sent, it would have been
+        # sent before this one.
+        await choose_cookies(t.page, analytics=False)
         await t.state("closed")
         await t.fail("AfterWithdrawalError")
-        await t.page.evaluate("qnpTestSetConsent(['analytics'])")
+        await choose_cookies(t.page, analytics=True)
         await t.state("on")
         await t.fail("RegrantedError")
         await t.settled(lambda t: "RegrantedError" in t.types())
-        assert t.types() == ["WithConsentError", "RegrantedError"]
-    # Under GPC: even with the scripts wrongly loaded, monitoring.js starts nothing.
-    async with tab(chromium, tmp_path / "p2", sentry_web, sink, gpc=True) as g:
-        await g.page.goto(sentry_web.origin + "/")
-        await g.page.evaluate("localStorage.setItem('qnp-test-granted', '[\"analytics\"]');"
-                              "localStorage.setItem('qnp-test-ignore-gpc', '1')")
+        assert t.types() == ["WithConsentError", "RegrantedError"] and len(t.issued) == 2
+
+        # The account restricts processing (Settings > Privacy): its consent stays as
+        # recorded, but no page carries the analytics tags, so nothing can load.
+        await t.page.goto(sentry_web.origin + "/settings/privacy")
+        await t.page.get_by_role("button", name="Restrict processing").click()
+        await t.page.get_by_test_id("restricted-since").wait_for()
+        before = len(t.loaded())
+        await t.page.goto(page_url)
+        await t.page.get_by_test_id("restricted-notice").wait_for()
+        assert "analytics" in await t.granted()
+        assert await t.page.locator(TAGS).count() == 0
+        await t.fail("WhileRestrictedError")
+        await t.page.wait_for_load_state("networkidle")
+        assert await t.page.evaluate("typeof window.Sentry") == "undefined"
+        assert len(t.loaded()) == before and len(t.issued) == 2
+
+    # A browser with Global Privacy Control: no tags from the server, the banner and
+    # Settings say so, and even "Accept all" loads and sends nothing.
+    async with tab(chromium, tmp_path / "p2", sentry_web, sink,
+                   await signed_in(sentry_web), gpc=True) as g:
         await g.page.goto(page_url)
-        await g.state("off-gpc")
+        assert await g.banner.is_visible()
+        await g.banner.get_by_text("GPC honoured").wait_for()
+        assert await g.banner.locator("input[name=analytics]").is_disabled()
+        assert await g.page.locator(TAGS).count() == 0
+        await g.banner.get_by_role("button", name="Accept all").click()
+        await g.banner.wait_for(state="hidden")
+        assert await g.granted() == ["functional"]
         await g.fail("UnderGpcError")
-        await g.page.evaluate("new Promise(r => setTimeout(r, 0))")
+        await g.page.goto(sentry_web.origin + "/settings")
+        await g.page.locator("main").get_by_text("GPC honoured").wait_for()
+        assert await g.page.locator(TAGS).count() == 0
+        await g.fail("UnderGpcOnSettingsError")
+        await g.page.wait_for_load_state("networkidle")
+        assert await g.page.evaluate("typeof window.Sentry") == "undefined"
+        assert g.loaded() == [] and g.issued == []
+
+        # Had a consent layer got GPC wrong and loaded them, monitoring.js refuses.
+        await g.page.evaluate("dsn => { const m = document.createElement('meta'); "
+                              "m.name = 'qnp-sentry-dsn'; m.content = dsn; "
+                              "document.head.append(m); }", sink.dsn())
+        for script in SCRIPTS:
+            await g.page.add_script_tag(url=script)
+        await g.state("off-gpc")
+        await g.fail("WronglyLoadedUnderGpcError")
+        await g.page.wait_for_load_state("networkidle")
         assert await g.page.evaluate("window.Sentry.getClient()") is None
         assert g.issued == []
+
     assert len(sink.envelopes) == 2
     assert_no_canary(sink, PROMPT, EMAIL)
-    [event, _] = sink.events()
-    assert "request" not in event or "?" not in event["request"].get("url", "")
-    assert {"user", "extra", "breadcrumbs", "tags"}.isdisjoint(event)
+    for event in sink.events():
+        assert "request" not in event or "?" not in event["request"].get("url", "")
+        assert {"user", "extra", "breadcrumbs", "tags"}.isdisjoint(event)

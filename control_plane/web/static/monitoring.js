@@ -56,7 +56,7 @@
   function stop() {
     if (!active) { return; }
     active = false;
-    window.Sentry.close().then(function () { state("closed"); });
+    window.Sentry.close().then(function () { if (!active) { state("closed"); } });
   }
 
   function boot() {
