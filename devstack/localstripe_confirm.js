@@ -3,6 +3,9 @@
 // it, posting the card element's data with the publishable key and the client secret
 // to /v1/payment_intents/<id>/confirm; a 3-D Secure card then goes on to localstripe's
 // own authentication step. Answers {paymentIntent} or {error}, as Stripe.js does.
+// confirmCardSetup is the stand-in's own (it does post the card's data to
+// /v1/setup_intents/<id>/confirm, which localstripe accepts with the publishable key),
+// with the number's spaces taken out first as Stripe's card form does.
 (function () {
   const standIn = Stripe;
   Stripe = function (key) {
@@ -37,6 +40,14 @@
         return authenticate(clientSecret, data);
       }
       return {paymentIntent: body};
+    };
+    const setUp = stripe.confirmCardSetup;
+    stripe.confirmCardSetup = function (clientSecret, data) {
+      const card = data && data.payment_method && data.payment_method.card;
+      if (card && card.value && card.value.card) {
+        card.value.card.number = card.value.card.number.replace(/\s/g, '');
+      }
+      return setUp(clientSecret, data);
     };
     return stripe;
   };

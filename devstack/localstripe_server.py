@@ -7,7 +7,9 @@ code runs against it unchanged:
   sends the card element's data to ``POST /v1/payment_intents/<id>/confirm`` with the
   publishable key and the client secret; we serve localstripe's own script plus
   ``localstripe_confirm.js`` that does that, and accept that request here (the card
-  goes from the page to this server, as it goes to Stripe: never to ours).
+  goes from the page to this server, as it goes to Stripe: never to ours). Its
+  ``confirmCardSetup`` (saving a card) does post the card's data, to a route localstripe
+  opens to the publishable key; the script only takes the number's spaces out first.
 - **Idempotency keys.** A POST with an ``Idempotency-Key`` gets the first answer given
   to that key again (a different body with the same key is a 400), as Stripe does; so a
   retry after a lost answer finds the PaymentIntent the first attempt made.

@@ -60,7 +60,8 @@ async def _check_page(b: Browser, name: str, problems: dict[str, object]) -> Non
         problems[f"{name}: {overflow}px of horizontal scrolling at 390px"] = True
 
 
-async def _sign_in(b: Browser, web: Web, oidc: str, problems: dict[str, object]) -> None:
+async def _sign_in(b: Browser, web: Web, oidc: str, problems: dict[str, object]) -> str:
+    """A new person signs up through the dev provider; their subject there."""
     tag = secrets.token_hex(4)
     async with aiohttp.ClientSession() as s, s.put(
             f"{oidc}/users/person-{tag}",
@@ -83,6 +84,7 @@ async def _sign_in(b: Browser, web: Web, oidc: str, problems: dict[str, object])
     await page.get_by_role("button", name="Create my account").click()
     await page.wait_for_url(web.origin + "/")
     assert await page.get_by_role("heading", name="Overview").is_visible()
+    return f"person-{tag}"
 
 
 async def _create_key(b: Browser, name: str, limit: str = "") -> str:

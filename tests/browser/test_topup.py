@@ -4,8 +4,9 @@ credits page with Stripe's card form (localstripe's Stripe.js stand-in, loaded f
 localstripe's origin: the one origin besides ours the page may reach, and only this
 page), pays $21.30 (the fee on top), sees the balance rise by exactly $20 and the
 payment in the history and its CSV, and the same call now succeeds. A declined card
-shows Stripe's reason and credits nothing. The card number is typed into Stripe's form
-and never reaches our server."""
+shows Stripe's reason and credits nothing. Then a card is saved for auto top-up
+(a SetupIntent confirmed by Stripe.js; a declined card shows Stripe's reason and saves
+nothing) and auto top-up is turned on. No card number ever reaches our server."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import pytest
 import stripe
 from playwright.async_api import Page
 
+from control_plane.auth.sessions import COOKIE
+from control_plane.consent.cookies import CONSENT_COOKIE
 from devstack.upstream_openai import MockOpenAIUpstream
-from tests.browser.conftest import Browser, origin_of
+from tests.browser.conftest import Browser, origin_of, undocumented
 from tests.browser.test_journey import _sign_in
 from tests.control_plane.billing.conftest import (  # noqa: F401  (fixtures)
     billing_web,
@@ -33,6 +36,7 @@ from tests.support import ModuleProcess, free_port, wait_for_http
 
 pytestmark = pytest.mark.timeout(600)  # the first run may apt-get install Chromium
 CARD_FORM = "#card-element"  # Stripe's markup (here localstripe's), not ours: axe skips it
+SETUP_FORM = "#card-setup-element"  # the card form that saves a card: Stripe's too
 
 
 @pytest.fixture
@@ -46,13 +50,64 @@ def third_party_origins(localstripe: str) -> tuple[str, ...]:  # noqa: F811
     return (localstripe,)
 
 
-async def _pay(page: Page, dollars: str, number: str) -> None:
-    await page.get_by_label("Amount in dollars").fill(dollars)
-    form = page.locator(CARD_FORM)
+async def _fill_card(page: Page, where: str, number: str) -> None:
+    form = page.locator(where)
     for field, value in (("number", number), ("exp_month", "12"), ("exp_year", "30"),
                          ("cvc", "123"), ("postal_code", "10001")):
         await form.locator(f"input[placeholder={field}]").fill(value)
+
+
+async def _pay(page: Page, dollars: str, number: str) -> None:
+    await page.get_by_label("Amount in dollars").fill(dollars)
+    await _fill_card(page, CARD_FORM, number)
     await page.get_by_role("button", name="Pay").click()
+
+
+async def _save_card_and_turn_on_auto_topup(b: Browser, web: Web, account: str,
+                                            problems: dict[str, object]) -> None:
+    """A declined card first (Stripe's reason, nothing saved), then 4242 typed with
+    spaces as people do; auto top-up can then be turned on, and stays on."""
+    page = b.page
+    section = page.get_by_test_id("auto-topup")
+    enabled = section.get_by_label("Top up automatically")
+    assert await enabled.is_disabled()  # no card yet
+    await section.get_by_role("button", name="Save a card").click()
+    for scheme in ("light", "dark"):
+        await page.emulate_media(color_scheme=scheme)
+        if violations := await b.axe(exclude=(CARD_FORM, SETUP_FORM)):
+            problems[f"credits, saving a card ({scheme}): axe"] = violations
+    await page.emulate_media(color_scheme="light")
+    if overflow := await b.horizontal_overflow(390):
+        problems[f"credits, saving a card: {overflow}px of horizontal scrolling"] = True
+
+    status = page.get_by_test_id("card-setup-status")
+    await _fill_card(page, SETUP_FORM, "4000000000000002")
+    await page.get_by_role("button", name="Save this card").click()
+    await status.filter(has_text="declined").wait_for()
+    assert await status.inner_text() == "Your card was declined."
+    assert await page.get_by_test_id("auto-topup-card").inner_text() == "none yet"
+    assert await count(web, "SELECT count(*) FROM auto_topup_settings WHERE account_id = "
+                       "$1::uuid AND payment_method_id IS NOT NULL", account) == 0
+
+    await _fill_card(page, SETUP_FORM, "4242 4242 4242 4242")
+    await page.get_by_role("button", name="Save this card").click()
+    card = page.get_by_test_id("auto-topup-card")
+    await card.filter(has_text="4242").wait_for()
+    assert await card.inner_text() == "Visa •••• 4242"
+    assert await enabled.is_enabled()
+    await b.shot("13-credits-card-saved")
+    await enabled.check()
+    await section.get_by_label("When the balance falls below ($)", exact=True).fill("5")
+    await section.get_by_label("Add this much credit").fill("20")
+    await section.get_by_role("button", name="Save", exact=True).click()
+    await page.wait_for_url(web.origin + "/credits")
+    section = page.get_by_test_id("auto-topup")  # the page as the server shows it now
+    assert await section.get_by_label("Top up automatically").is_checked()
+    threshold = section.get_by_label("When the balance falls below ($)", exact=True)
+    assert await threshold.input_value() == "5.00"
+    assert await section.get_by_label("Add this much credit").input_value() == "20.00"
+    assert await page.get_by_test_id("auto-topup-card").inner_text() == "Visa •••• 4242"
+    await b.shot("14-credits-auto-topup-on")
 
 
 async def test_a_top_up_in_the_browser_makes_the_credit_spendable(
@@ -132,6 +187,7 @@ async def test_a_top_up_in_the_browser_makes_the_credit_spendable(
     assert (await balance(web, me["account_id"])).ledger_micros == 20_000_000
     assert await count(web, "SELECT count(*) FROM billing_topups WHERE status = 'failed' "
                        "AND account_id = $1::uuid", me["account_id"]) == 1
+    await _save_card_and_turn_on_auto_topup(b, web, me["account_id"], problems)
 
     assert problems == {}
     # Every request went to our origin, but for the sign-in provider's page and, from
@@ -147,15 +203,17 @@ async def test_a_top_up_in_the_browser_makes_the_credit_spendable(
         elif not frame.startswith(idp):
             assert origin_of(url) == ours, (url, frame)
     assert any(u.endswith("/js.stripe.com/v3/") for u in to_stripe)
-    assert any(u.endswith("/confirm") for u in to_stripe)
+    assert any("/payment_intents/" in u and u.endswith("/confirm") for u in to_stripe)
+    assert any("/setup_intents/" in u and u.endswith("/confirm") for u in to_stripe)
     assert all(frame.startswith(idp) for _, frame in b.seen.blocked), b.seen.blocked
     # The card numbers went to Stripe's origin only, never in a request to ours.
     for number in ("4242424242424242", "4000000000000002"):
         carried = {origin_of(url) for url, body in sent if number in url + body}
         assert carried == {stripe_js}, (number, carried)
     cookies = await b.context.cookies()
-    assert [c["name"] for c in cookies] == ["__Host-qnp_session"]
+    assert undocumented(cookies) == []  # the consent banner's id came with the merge
+    assert sorted(c["name"] for c in cookies) == sorted([COOKIE, CONSENT_COOKIE])
     assert b.seen.dialogs == []
-    declined_fetch = "status of 402"  # Chromium logs Stripe's 402 answer to the decline
+    declined_fetch = "status of 402"  # Chromium logs Stripe's 402 answers to the declines
     assert [e for e in b.seen.console_errors
             if e[0].startswith(ours) and declined_fetch not in e[1]] == []

@@ -3,6 +3,9 @@
 // through our API (its request id made once per attempt, so a retry of the same click
 // finds the same PaymentIntent), confirm it with Stripe.js, then our return path
 // credits it (a lost webhook loses nothing) and the page shows the new balance.
+// Saving a card for auto top-up works the same way with a SetupIntent, in a card form
+// of its own: our API makes it, Stripe.js confirms it with the card, our API keeps the
+// card Stripe saved, and the page shows it and lets auto top-up be turned on.
 "use strict";
 (function () {
   var form = document.getElementById("topup-form");
@@ -120,6 +123,72 @@
       .catch(function (e) {
         say(e.message, true);
         pay.disabled = false;
+      });
+  });
+
+  // --- saving a card for auto top-up (a SetupIntent; issue 13) ---
+  var saveCard = document.querySelector("[data-testid=auto-topup-save-card]");
+  var setup = document.getElementById("card-setup");
+  if (!saveCard || !setup) { return; }
+  var saveThis = document.getElementById("card-setup-save");
+  var setupStatus = document.getElementById("card-setup-status");
+  var setupCard = null; // mounted on the first "Save a card"
+  var setupAttempt = null; // the request id, kept until Stripe has answered for it
+
+  function sayOnSetup(text, isError) {
+    setupStatus.textContent = text;
+    setupStatus.className = isError ? "error" : "";
+  }
+
+  function showCard(saved) {
+    var brand = saved.brand || "card";
+    document.querySelector("[data-testid=auto-topup-card]").textContent =
+      brand.charAt(0).toUpperCase() + brand.slice(1) + " \u2022\u2022\u2022\u2022 " + saved.last4;
+    var enabled = document.querySelector("[data-testid=auto-topup] input[name=enabled]");
+    if (enabled) { enabled.disabled = false; }
+    var hint = document.querySelector("[data-card-hint]");
+    if (hint) { hint.remove(); }
+    setup.hidden = true;
+    saveCard.textContent = "Use another card";
+    saveCard.setAttribute("aria-expanded", "false");
+  }
+
+  saveCard.hidden = false;
+  saveCard.addEventListener("click", function () {
+    if (setupCard === null) {
+      setupCard = stripe.elements().create("card");
+      setupCard.mount("#card-setup-element");
+    }
+    setup.hidden = false;
+    saveCard.setAttribute("aria-expanded", "true");
+    sayOnSetup("", false);
+  });
+
+  saveThis.addEventListener("click", function () {
+    if (setupAttempt === null) { setupAttempt = uuid4(); }
+    saveThis.disabled = true;
+    sayOnSetup("Saving the card…", false);
+    api("POST", "/api/v1/credits/auto-topup/card", {request_id: setupAttempt})
+      .then(function (started) {
+        setupAttempt = null; // Stripe answers for this one now: the next click is new
+        return stripe.confirmCardSetup(started.client_secret, {payment_method: {card: setupCard}})
+          .then(function (result) {
+            if (result.error) {
+              throw new Error(result.error.message || "The card could not be saved.");
+            }
+            return api("POST", "/api/v1/credits/auto-topup/card/complete",
+                       {setup_intent_id: started.setup_intent_id});
+          });
+      })
+      .then(function (config) {
+        showCard(config.card);
+        sayOnSetup("", false);
+        saveThis.disabled = false;
+        saveCard.focus();
+      })
+      .catch(function (e) {
+        sayOnSetup(e.message, true);
+        saveThis.disabled = false;
       });
   });
 })();

@@ -117,7 +117,7 @@ async def test_settings_are_checked_and_need_a_card_first(
     # The dashboard's form sets the same settings, in dollars.
     page = await billing_web.client.get("/credits")
     assert page.status == 200
-    assert "visa ending 4242" in await page.text()
+    assert "Visa •••• 4242" in await page.text()  # as the page shows a saved card
     r = await billing_web.client.post(
         "/credits/auto-topup", allow_redirects=False, headers=billing_web.same_origin,
         data={"csrf_token": headers["X-CSRF-Token"], "threshold": "7.50", "amount": "25",
