@@ -106,7 +106,7 @@ async def _rights(b: Browser, web: Web, pool: asyncpg.Pool, redis: Any,
     await page.goto(link.group(1))  # as the person opens it from their mail
     assert await page.get_by_test_id("new-email").inner_text() == new_email
     await _check_page(b, "11-email-confirm", problems)
-    await _submit(page, page.get_by_role("button", name="Confirm"), "email-confirmed")
+    await _submit(page, page.get_by_role("button", name="Confirm", exact=True), "email-confirmed")
     assert new_email in await page.locator("label[for=email]").inner_text()
 
     await _submit(page, page.get_by_role("button", name="Restrict processing"), "restricted")
