@@ -2,9 +2,10 @@
 each category, the theme. Pure derivation from the recorded state, the request's
 Global Privacy Control signal and the account's restriction; no I/O, no web imports.
 
-``consent_policy_version`` is the seam for policy versions in Postgres (issue 15's
-policy changes): today the configured ``QNP_POLICY_VERSION``. Versions compare as
-strings, so they must sort by date (``YYYY-MM`` or ``YYYY-MM-DD``).
+Choices are recorded under the policy version in force (``QNP_POLICY_VERSION``); the
+banner asks again when a choice is older than the latest *material* version
+(``policy.versions.material_version_of``). Versions compare as strings, so they must
+sort by date (``YYYY-MM`` or ``YYYY-MM-DD``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,6 @@ from control_plane.consent.records import ConsentState
 BANNER_PURPOSES = ("functional", "analytics")
 GPC_PURPOSES = ("analytics", "marketing_email")  # what Sec-GPC: 1 turns off
 THEMES = ("light", "dark")
-
-
-def consent_policy_version(configured: str) -> str:
-    """The policy version cookie choices must be at least as new as; a choice made under
-    an older one shows the banner again. (The latest *material* version, once policy
-    versions live in Postgres.)"""
-    return configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +86,12 @@ def effective(granted: frozenset[str], gpc: bool) -> frozenset[str]:
     return granted - set(GPC_PURPOSES) if gpc else granted
 
 
-def shows_banner(loaded: Loaded, current_version: str) -> bool:
+def shows_banner(loaded: Loaded, reask_from: str) -> bool:
     """Until both banner purposes are decided, and again when the choice is older than
-    the current policy version."""
+    ``reask_from``, the latest material policy version."""
     if not all(p in loaded.state.decided for p in BANNER_PURPOSES):
         return True
-    return loaded.banner_version is None or loaded.banner_version < current_version
+    return loaded.banner_version is None or loaded.banner_version < reask_from
 
 
 def stored_theme(raw: str | None, granted: frozenset[str]) -> str | None:

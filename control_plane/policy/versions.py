@@ -71,6 +71,7 @@ def _entry(item: dict[str, Any]) -> PolicyVersion:
 
 
 @cache
+@cache
 def manifest() -> tuple[PolicyVersion, ...]:
     """Every version, oldest first (checked: unique, dates strictly increasing)."""
     items = tomllib.loads(MANIFEST.read_text("utf-8")).get("versions", [])
@@ -90,6 +91,19 @@ def latest() -> PolicyVersion:
 
 def get(version: str) -> PolicyVersion | None:
     return next((v for v in manifest() if v.version == version), None)
+
+
+def material_version_of(policy_version: str) -> str:
+    """The newest material version at or before ``policy_version``: what a choice made
+    under an older one must be asked again for (cookie consent; a change that is not
+    material asks nothing again). ``policy_version`` itself if the manifest lacks it
+    (the web role refuses to start then: ``check_setting``)."""
+    found = manifest()
+    names = [v.version for v in found]
+    if policy_version not in names:
+        return policy_version
+    upto = found[:names.index(policy_version) + 1]
+    return next((v.version for v in reversed(upto) if v.material), upto[0].version)
 
 
 def check_setting(policy_version: str) -> PolicyVersion:

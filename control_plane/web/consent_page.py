@@ -37,13 +37,13 @@ from control_plane.consent.view import (
     THEMES,
     ConsentView,
     Loaded,
-    consent_policy_version,
     effective,
     gpc_pending,
     shows_banner,
     stored_theme,
 )
 from control_plane.errors import Forbidden, InvalidInput
+from control_plane.policy import versions
 from control_plane.web import unsubscribe_page
 from control_plane.web.account_api import data_response, json_body, manager
 from control_plane.web.errors import Handler, wants_json
@@ -69,7 +69,13 @@ def _caller(request: web.Request) -> Caller | None:
 
 
 def _current(request: web.Request) -> str:
-    return consent_policy_version(request.app[SETTINGS].policy_version)
+    """The policy version a choice is recorded under: the one in force."""
+    return request.app[SETTINGS].policy_version
+
+
+def _reask_from(request: web.Request) -> str:
+    """Choices older than this (the latest material version) are asked again."""
+    return versions.material_version_of(request.app[SETTINGS].policy_version)
 
 
 async def _load(request: web.Request, account_id: uuid.UUID | None,
@@ -103,7 +109,7 @@ async def _view(request: web.Request) -> ConsentView:
     current = _current(request)
     return ConsentView(
         granted=granted, gpc=gpc, restricted=loaded.restricted,
-        signed_in=account is not None, show_banner=shows_banner(loaded, current),
+        signed_in=account is not None, show_banner=shows_banner(loaded, _reask_from(request)),
         policy_version=current,
         csrf_token=request.app[SESSIONS].csrf_token(
             csrf_binding(request, who, str(browser)) or ""),
@@ -173,11 +179,11 @@ def _back(form: Any) -> web.Response:
         next_value if isinstance(next_value, str) else None)})
 
 
-def _state_json(loaded: Loaded, gpc: bool, current: str) -> dict[str, Any]:
+def _state_json(loaded: Loaded, gpc: bool, reask_from: str) -> dict[str, Any]:
     granted = effective(loaded.state.granted, gpc)
     return {"granted": sorted(granted), "gpc": gpc, "restricted": loaded.restricted,
             "analytics_allowed": "analytics" in granted and not loaded.restricted,
-            "show_banner": shows_banner(loaded, current)}
+            "show_banner": shows_banner(loaded, reask_from)}
 
 
 async def post_consent(request: web.Request) -> web.StreamResponse:
@@ -197,7 +203,7 @@ async def post_consent(request: web.Request) -> web.StreamResponse:
         raise InvalidInput("nothing to record: choose accept, reject or save")
     loaded = await _load(request, account, browser, gpc)
     if wants_json(request):
-        response: web.StreamResponse = data_response(_state_json(loaded, gpc, _current(request)))
+        response: web.StreamResponse = data_response(_state_json(loaded, gpc, _reask_from(request)))
     else:
         response = _back(form)
     set_cookie(response, CONSENT_COOKIE, str(browser), CONSENT_TTL_S)
@@ -241,7 +247,7 @@ async def _account_document(request: web.Request, account: uuid.UUID) -> dict[st
                          "decided": p in loaded.state.decided} for p in PURPOSES},
         "policy_version": loaded.state.policy_version,
         "current_policy_version": _current(request),
-        **_state_json(loaded, gpc, _current(request)),
+        **_state_json(loaded, gpc, _reask_from(request)),
         "history": [{"purpose": r.purpose, "granted": r.granted, "source": r.source,
                      "policy_version": r.policy_version,
                      "recorded_at": r.recorded_at.astimezone(UTC).isoformat()}

@@ -18,7 +18,6 @@ from aiohttp import web
 
 from control_plane.consent import choices, records
 from control_plane.consent.unsubscribe import PURPOSE, account_of
-from control_plane.consent.view import consent_policy_version
 from control_plane.errors import NotFound
 from control_plane.web.pages import PAGES
 from control_plane.web.state import SETTINGS, STORES
@@ -58,7 +57,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
         if changed:
             await records.record(
                 conn, purpose=PURPOSE, granted=False, source="unsubscribe",
-                policy_version=consent_policy_version(request.app[SETTINGS].policy_version),
+                policy_version=request.app[SETTINGS].policy_version,
                 account_id=account_id)
     return request.app[PAGES].render("unsubscribe.html", request=request, done=True,
                                      subscribed=False, changed=changed)

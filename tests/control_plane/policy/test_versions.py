@@ -5,6 +5,8 @@ latest material version is what consent and acknowledgements re-ask for."""
 
 from __future__ import annotations
 
+from datetime import date
+
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
@@ -93,3 +95,19 @@ async def test_the_latest_material_version_skips_minor_ones(
             await drop_version(pool, major.version)
     finally:
         await drop_version(pool, minor.version)
+
+
+def test_cookie_choices_are_asked_again_only_after_a_material_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Policy clause 13 / issue 15: "a new version re-asks for cookie consent" when it is
+    material; a minor one asks nothing again."""
+    def v(name: str, day: int, material: bool) -> versions.PolicyVersion:
+        return versions.PolicyVersion(name, date(2027, 1, day), material, "s")
+
+    shipped = (v("2027-01-01", 1, True), v("2027-01-05", 5, False),
+               v("2027-01-09", 9, True), v("2027-01-12", 12, False))
+    monkeypatch.setattr(versions, "manifest", lambda: shipped)
+    assert versions.material_version_of("2027-01-05") == "2027-01-01"  # minor: no re-ask
+    assert versions.material_version_of("2027-01-09") == "2027-01-09"  # material: re-ask
+    assert versions.material_version_of("2027-01-12") == "2027-01-09"
+    assert versions.material_version_of("1999-01") == "1999-01"  # not shipped: itself
