@@ -1,7 +1,8 @@
 // QNP error monitoring in the browser (issue 15): reports this page's uncaught errors
-// to Sentry with the vendored SDK (vendor/sentry/bundle.min.js). Both scripts reach the
-// page only after analytics consent (_analytics.html: consent.js turns them into real
-// scripts); this file still refuses under Global Privacy Control, stops the SDK
+// to Sentry with the vendored SDK (vendor/sentry/bundle.min.js). Both scripts are on the
+// page only as inert tags (_analytics.html; none under GPC or for a restricted account)
+// and run only once analytics is granted (consent.js turns them into real scripts);
+// this file still refuses under Global Privacy Control, stops the SDK
 // (Sentry.close) as soon as analytics is withdrawn ("qnp:consent" without "analytics"),
 // and sends no default PII, no replay, no tracing, no breadcrumbs, no sessions. Every
 // event leaves without its request's query string, cookies and headers, without user,
