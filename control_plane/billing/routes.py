@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import stripe
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
@@ -26,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter
 from control_plane.billing import payments, reversals, topups
 from control_plane.billing.gateway import StripeGateway
 from control_plane.errors import Forbidden, InvalidInput, Unavailable
+from control_plane.web.account_api import data_response, json_body
 from control_plane.web.errors import Handler
 from control_plane.web.guard import caller
 from control_plane.web.state import CALLER, PAGE_CONTEXT, SETTINGS, STORES, is_page
@@ -63,45 +63,32 @@ class Billing:
 BILLING = web.AppKey("billing", Billing)
 
 
-def _data(value: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps({"data": value}), status=status,
-                        content_type="application/json")
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return body
 
 
 async def topup(request: web.Request) -> web.Response:
     found = caller(request)
     if found.session is None:
         raise Forbidden("top-ups are made from a signed-in session")
-    body = await _json_body(request)
+    body = await json_body(request)
     request_id = topups.parse_request_id(body.get("request_id"))
     billing = request.app[BILLING]
     started = await topups.start_topup(
         request.app[STORES].pool, billing.require_gateway(), request.app[SETTINGS].billing,
         found.account_id, body.get("amount_cents"), request_id)
-    return _data(started.to_json(), 201)
+    return data_response(started.to_json(), 201)
 
 
 async def topup_complete(request: web.Request) -> web.Response:
     found = caller(request)
     if found.session is None:
         raise Forbidden("top-ups are made from a signed-in session")
-    body = await _json_body(request)
+    body = await json_body(request)
     stores = request.app[STORES]
     done = await topups.complete_topup(
         stores.pool, stores.redis, stores.settings.names,
         request.app[BILLING].require_gateway(), found.account_id,
         body.get("payment_intent_id"))
-    return _data(done.to_json())
+    return data_response(done.to_json())
 
 
 async def topup_quote(request: web.Request) -> web.Response:
@@ -110,7 +97,7 @@ async def topup_quote(request: web.Request) -> web.Response:
         cents = int(request.query.get("amount_cents", ""))
     except ValueError:
         raise InvalidInput("amount_cents must be an integer number of cents") from None
-    return _data(topups.quote(request.app[SETTINGS].billing, cents).to_json())
+    return data_response(topups.quote(request.app[SETTINGS].billing, cents).to_json())
 
 
 def _verified(payload: bytes, signature: str | None, secret: str) -> Any:
@@ -140,7 +127,7 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     if outcome == "ignored":
         metrics.unknown_types.labels(str(event.type)).inc()
     log.info("stripe webhook event_id=%s type=%s outcome=%s", event.id, event.type, outcome)
-    return _data({"received": True, "outcome": outcome})
+    return data_response({"received": True, "outcome": outcome})
 
 
 async def _handle(request: web.Request, event_id: str, event_type: str,

@@ -15,37 +15,22 @@ import uuid
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from control_plane.billing import auto_topup, topups
 from control_plane.billing.routes import BILLING
 from control_plane.errors import Forbidden, InvalidInput
+from control_plane.web.account_api import data_response, json_body, manager
 from control_plane.web.dashboard import session_of
 from control_plane.web.guard import caller
 from control_plane.web.pages import PAGES
 from control_plane.web.state import SETTINGS, STORES
 
 
-def _data(value: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps({"data": value}), status=status,
-                        content_type="application/json")
-
-
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return body
-
-
 async def get_settings(request: web.Request) -> web.Response:
     found = caller(request)
     config = await auto_topup.config_of(request.app[STORES].pool, found.account_id)
-    return _data(config.to_json())
+    return data_response(config.to_json())
 
 
 async def _change(request: web.Request, account: uuid.UUID, body: dict[str, Any]
@@ -57,10 +42,9 @@ async def _change(request: web.Request, account: uuid.UUID, body: dict[str, Any]
 
 
 async def put_settings(request: web.Request) -> web.Response:
-    found = caller(request)
-    if not found.may_manage:
-        raise Forbidden("this needs a management key or a signed-in session")
-    return _data((await _change(request, found.account_id, await _json(request))).to_json())
+    found = manager(request)
+    changed = await _change(request, found.account_id, await json_body(request))
+    return data_response(changed.to_json())
 
 
 def _session_account(request: web.Request) -> uuid.UUID:
@@ -72,18 +56,18 @@ def _session_account(request: web.Request) -> uuid.UUID:
 
 async def card_setup(request: web.Request) -> web.Response:
     account = _session_account(request)
-    click = topups.parse_request_id((await _json(request)).get("request_id"))
+    click = topups.parse_request_id((await json_body(request)).get("request_id"))
     started = await auto_topup.start_card_setup(
         request.app[STORES].pool, request.app[BILLING].require_gateway(), account, click)
-    return _data(started, 201)
+    return data_response(started, 201)
 
 
 async def card_complete(request: web.Request) -> web.Response:
     account = _session_account(request)
     config = await auto_topup.save_card(
         request.app[STORES].pool, request.app[BILLING].require_gateway(), account,
-        (await _json(request)).get("setup_intent_id"))
-    return _data(config.to_json())
+        (await json_body(request)).get("setup_intent_id"))
+    return data_response(config.to_json())
 
 
 def _form_cents(raw: object, what: str) -> int | None:
