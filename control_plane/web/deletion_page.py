@@ -32,6 +32,7 @@ from control_plane import users
 from control_plane.auth.sessions import COOKIE, COOKIE_TTL_S
 from control_plane.errors import Forbidden, InvalidInput, SignInRefused
 from control_plane.privacy import deletion
+from control_plane.web.account_api import data_response, json_body
 from control_plane.web.dashboard import TEMPLATES, render, session_of
 from control_plane.web.guard import RESTORE_COOKIE, caller, clear_cookie, set_cookie
 from control_plane.web.pages import redirect
@@ -99,16 +100,8 @@ async def delete_form(request: web.Request) -> web.Response:
 
 
 async def delete_api(request: web.Request) -> web.Response:
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError:
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
-    done = await _delete(request, body.get("confirm"))
-    return _signed_out(web.Response(body=orjson.dumps({"data": done.to_json()}), status=202,
-                                    content_type="application/json"))
+    done = await _delete(request, (await json_body(request)).get("confirm"))
+    return _signed_out(data_response(done.to_json(), 202))
 
 
 def _message(request: web.Request, title: str, text: str) -> web.Response:
