@@ -7,9 +7,9 @@ changes their e-mail through the link sent to the new address, restricts process
 something else and to review an automated decision; then downloads the export with the
 browser and finds in it the documented structure (EXPORT_SCHEMA.md) and what the
 account did: every key, every request of the last 30 days, every ledger row, every
-privacy request just made, the e-mail change, the objection and the words written. Suspended, the account is led to the page that explains it
-and still asks for a human review. Every privacy page passes axe-core and fits 390
-pixels."""
+privacy request just made, the e-mail change, the objection and the words written.
+Suspended, the account is led to the page that explains it and still asks for a human
+review. Every privacy page passes axe-core and fits 390 pixels."""
 
 from __future__ import annotations
 
