@@ -2,9 +2,11 @@
 about one account as ONE JSON document, written piece by piece from server-side
 cursors so memory stays flat however many rows the account has.
 
-Owns the export's SQL and its wire format, ``schema_version`` 2, documented in
+Owns the export's SQL and its wire format, ``schema_version`` 3, documented in
 ``EXPORT_SCHEMA.md`` next to this module: change one, change the other and the
-version. Every query names the account; nothing is selected by any other filter, so
+version. Which table's rows are in which section is said once, in
+``registry`` (a table with rows of the account and no section fails its test). Every
+query names the account; nothing is selected by any other filter, so
 another account's rows cannot appear. Key secrets (their bcrypt hashes) and session
 ids (half of a session cookie) are never selected. All sections are read in one
 read-only REPEATABLE READ transaction: one consistent snapshot.
@@ -23,7 +25,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 USAGE_LOG_DAYS = 30  # request logs are kept 30 days (policy clause 6), all of them here
 FLUSH_BYTES = 64 * 1024  # one write per ~64 KiB: few syscalls, bounded buffer
 PREFETCH_ROWS = 500  # rows a cursor fetches at a time
@@ -33,6 +35,10 @@ Sink = Callable[[bytes], Awaitable[None]]
 # Columns holding jsonb, selected as text and embedded as they are.
 _JSON_COLUMNS = frozenset({"limits", "detail"})
 _MEMBERS = "SELECT user_id FROM memberships WHERE account_id = $1"
+# The account's charges, reached through its top-ups (both indexed there) and checked
+# against the charge's own account column; "WHERE t.account_id = $1" follows.
+_CHARGES = ("FROM billing_topups t JOIN billing_charges c ON c.payment_intent_id = "
+            "t.payment_intent_id AND c.account_id = $1")
 
 # (section, query) in document order; $1 is always the account id, $2 (usage_logs)
 # the oldest time exported, (audit) the targets that name the account or its users.
@@ -52,6 +58,14 @@ SECTIONS: tuple[tuple[str, str], ...] = (
      "SELECT id, user_id, what, policy_version, accepted_at FROM acceptances "
      "WHERE user_id IN (SELECT user_id FROM memberships WHERE account_id = $1) "
      "ORDER BY id"),
+    ("staff_roles",
+     "SELECT user_id, role, granted_by, granted_at FROM staff_roles "
+     "WHERE user_id IN (SELECT user_id FROM memberships WHERE account_id = $1) "
+     "ORDER BY granted_at, user_id, role"),
+    ("email_changes",
+     "SELECT user_id, new_email, created_at, expires_at, used_at FROM email_changes "
+     "WHERE user_id IN (SELECT user_id FROM memberships WHERE account_id = $1) "
+     "AND account_id = $1 ORDER BY created_at, id"),
     ("consents",
      "SELECT DISTINCT ON (purpose) purpose, granted, source, policy_version, recorded_at "
      "FROM consent_records WHERE account_id = $1 ORDER BY purpose, recorded_at DESC, id DESC"),
@@ -87,16 +101,46 @@ SECTIONS: tuple[tuple[str, str], ...] = (
      "SELECT stripe_customer_id, created_at FROM billing_customers WHERE account_id = $1"),
     ("billing_topups",
      "SELECT payment_intent_id, request_id, credit_cents, fee_cents, amount_cents, currency, "
-     "created_at FROM billing_topups WHERE account_id = $1 "
-     "ORDER BY created_at, payment_intent_id"),
+     "created_at, status, card_brand, card_last4, receipt_url, updated_at "
+     "FROM billing_topups WHERE account_id = $1 ORDER BY created_at, payment_intent_id"),
+    ("billing_charges",
+     "SELECT c.charge_id, c.payment_intent_id, c.refunded_cents, c.reversed_micros, "
+     f"c.updated_at {_CHARGES} WHERE t.account_id = $1 ORDER BY t.created_at, c.charge_id"),
+    ("billing_refunds",
+     "SELECT r.refund_id, r.charge_id, r.amount_cents, r.seen_at "
+     f"{_CHARGES} JOIN billing_refunds r ON r.charge_id = c.charge_id "
+     "WHERE t.account_id = $1 ORDER BY r.seen_at, r.refund_id"),
+    # Chargebacks are rare: the table is small, read by account without an index.
+    ("billing_disputes",
+     "SELECT dispute_id, charge_id, amount_cents, reason, status, withdrawn, outcome, "
+     "opened_at, closed_at FROM billing_disputes WHERE account_id = $1 "
+     "ORDER BY opened_at, dispute_id"),
     ("billing_events",
      "SELECT e.event_id, e.type, e.ledger_id, e.received_at FROM billing_events e "
      "JOIN credit_ledger l ON l.id = e.ledger_id WHERE l.account_id = $1 "
      "ORDER BY e.received_at, e.event_id"),
+    # The saved card's PaymentMethod id is exported like the customer's and the
+    # payments' Stripe ids: an id, not a credential (only our secret key can charge it).
+    ("auto_topup_settings",
+     "SELECT amount_cents, payment_method_id, card_brand, card_last4, disabled_reason, "
+     "updated_at FROM auto_topup_settings WHERE account_id = $1"),
+    ("balance_triggers",
+     "SELECT kind, enabled, threshold_micros, armed, crossings, fired_at, updated_at "
+     "FROM balance_triggers WHERE account_id = $1 ORDER BY kind"),
+    ("auto_topup_charges",
+     "SELECT crossing, credit_cents, fee_cents, payment_method_id, status, "
+     "payment_intent_id, failure_code, attempts, created_at, finished_at "
+     "FROM auto_topup_charges WHERE account_id = $1 ORDER BY crossing"),
     ("privacy_requests",
      "SELECT id, type, jurisdiction, received_at, due_at, extended_until, completed_at, "
      "outcome, handled_by FROM privacy_requests WHERE account_id = $1 "
      "ORDER BY received_at, id"),
+    ("privacy_request_details",
+     "SELECT request_id, subject, text FROM privacy_request_details "
+     "WHERE account_id = $1 ORDER BY request_id"),
+    ("privacy_objections",
+     "SELECT purpose, objected_at FROM privacy_objections WHERE account_id = $1 "
+     "ORDER BY objected_at, purpose"),
     # What was e-mailed, not the bodies: see EXPORT_SCHEMA.md.
     ("emails",
      "SELECT id, to_address, kind, template, subject, created_at, sent_at, attempts, "
@@ -107,8 +151,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
      "SELECT id, at, actor, action, target, detail::text AS detail FROM audit_log "
      "WHERE account_id = $1 OR target = ANY($2::text[]) ORDER BY id"),
 )
-_ACCOUNT = ("SELECT id, name, status, created_at, limits::text AS limits FROM accounts "
-            "WHERE id = $1")
+_ACCOUNT = ("SELECT id, name, status, created_at, limits::text AS limits, jurisdiction, "
+            "restricted_at FROM accounts WHERE id = $1")
 # Which extra parameters each section's query takes after the account id.
 _USES_SINCE = frozenset({"usage_logs"})
 _USES_TARGETS = frozenset({"audit"})

@@ -5,7 +5,9 @@ Cheap by construction: every count is an index lookup on the account, and the tw
 categories that grow with traffic are read from what is already summed: request logs
 from the daily rollups of the last 30 days (so a day's count may include requests a
 few hours older than the export's exact 30 days), and the ledger's debits, one per
-billed request, counted on the ledger's account index. One read-only snapshot.
+billed request, counted on the ledger's account index. The sections that hold a few
+rows per account by nature (settings, charges, objections: a count of None) count the
+export's own query, so the two cannot drift. One read-only snapshot.
 Imports asyncpg and ``export`` (for the section names); never ``proxy`` or the web app.
 """
 
@@ -19,8 +21,9 @@ import asyncpg
 
 from control_plane.privacy import export
 
-# section -> (label, what it holds, count query; $1 the account, $2 the first log day)
-CATEGORIES: dict[str, tuple[str, str, str]] = {
+# section -> (label, what it holds, count query; $1 the account, $2 the first log day;
+# None: the export's query, counted)
+CATEGORIES: dict[str, tuple[str, str, str | None]] = {
     "users": ("People", "your e-mail address, name and role",
               "SELECT count(*) FROM memberships WHERE account_id = $1"),
     "identities": ("Sign-in identities", "the providers you sign in with and their id of you",
@@ -29,6 +32,9 @@ CATEGORIES: dict[str, tuple[str, str, str]] = {
     "acceptances": ("Acceptances", "what you accepted at sign-up and later policy versions",
                     "SELECT count(*) FROM acceptances WHERE user_id IN "
                     "(SELECT user_id FROM memberships WHERE account_id = $1)"),
+    "staff_roles": ("Staff roles", "the roles you hold as our staff, if any", None),
+    "email_changes": ("E-mail changes", "new addresses you asked to change to, and whether "
+                      "you confirmed them", None),
     "consents": ("Consent choices now", "your current choice per purpose",
                  "SELECT count(DISTINCT purpose) FROM consent_records WHERE account_id = $1"),
     "consent_history": ("Consent history", "every choice you made, with its time and source",
@@ -52,11 +58,23 @@ CATEGORIES: dict[str, tuple[str, str, str]] = {
                           "SELECT count(*) FROM billing_customers WHERE account_id = $1"),
     "billing_topups": ("Payments", "each payment you started: amounts, currency, dates",
                        "SELECT count(*) FROM billing_topups WHERE account_id = $1"),
+    "billing_charges": ("Charges", "Stripe's charge of each payment and what was "
+                        "refunded of it", None),
+    "billing_refunds": ("Refunds", "each refund of a payment", None),
+    "billing_disputes": ("Disputes", "chargebacks of a payment and their outcome", None),
     "billing_events": ("Payment events", "Stripe's notices that credited your balance",
                        "SELECT count(*) FROM billing_events e JOIN credit_ledger l "
                        "ON l.id = e.ledger_id WHERE l.account_id = $1"),
+    "auto_topup_settings": ("Auto top-up", "the amount and the saved card (brand, last 4, "
+                            "Stripe's id of it)", None),
+    "balance_triggers": ("Balance alerts", "the balances at which we top up or e-mail you",
+                         None),
+    "auto_topup_charges": ("Automatic payments", "each automatic top-up and its result", None),
     "privacy_requests": ("Privacy requests", "each time you exercised a right, with its "
                          "deadline", "SELECT count(*) FROM privacy_requests WHERE account_id = $1"),
+    "privacy_request_details": ("Your words in requests", "what you wrote when asking for a "
+                                "correction or a review", None),
+    "privacy_objections": ("Objections", "the uses of your data you objected to", None),
     "emails": ("E-mails", "what we e-mailed you recently: address, subject, dates",
                "SELECT count(*) FROM email_outbox WHERE account_id = $1"),
     "audit": ("Audit log", "what staff or the system did to your account",
@@ -79,9 +97,12 @@ async def summary(conn: asyncpg.Connection, account_id: uuid.UUID, now: datetime
                   ) -> list[Category]:
     """Each export section with its row count, in the export's order."""
     first_day = (now - timedelta(days=export.USAGE_LOG_DAYS)).date()
+    exported = dict(export.SECTIONS)
     found = []
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for section, (label, holds, query) in CATEGORIES.items():
+        for section, (label, holds, counted) in CATEGORIES.items():
+            query = counted or (
+                f"SELECT count(*) FROM ({exported[section]}) AS exported")  # noqa: S608
             args: list[object] = [account_id]
             if "$2" in query:
                 args.append(first_day)

@@ -7,9 +7,9 @@ changes their e-mail through the link sent to the new address, restricts process
 something else and to review an automated decision; then downloads the export with the
 browser and finds in it the documented structure (EXPORT_SCHEMA.md) and what the
 account did: every key, every request of the last 30 days, every ledger row, every
-privacy request just made. Suspended, the account is led to the page that explains it
-and still asks for a human review. Every privacy page passes axe-core and fits 390
-pixels."""
+privacy request just made, the e-mail change, the objection and the words written.
+Suspended, the account is led to the page that explains it and still asks for a human
+review. Every privacy page passes axe-core and fits 390 pixels."""
 
 from __future__ import annotations
 
@@ -181,6 +181,14 @@ async def _matches_what_the_account_did(doc: dict[str, Any], account: uuid.UUID,
     assert [(p["id"], p["type"], p["handled_by"], p["jurisdiction"])
             for p in doc["privacy_requests"]] == [tuple(r) for r in made[:-1]]
     assert {p["jurisdiction"] for p in doc["privacy_requests"]} == {"kvkk"}
+    # And what the person said and chose there: the e-mail change (confirmed), the
+    # objection, their own words to staff.
+    assert [(c["new_email"], c["used_at"] is not None) for c in doc["email_changes"]] == [
+        (doc["users"][0]["email"], True)]
+    assert [o["purpose"] for o in doc["privacy_objections"]] == ["analytics"]
+    assert "My company's VAT number is wrong" in {
+        d["text"] for d in doc["privacy_request_details"]}
+    assert doc["account"]["jurisdiction"] == "kvkk"
 
 
 async def _suspended(b: Browser, web: Web, account: uuid.UUID, pool: asyncpg.Pool,

@@ -8,6 +8,7 @@ from datetime import datetime
 import asyncpg
 
 from control_plane.policy import versions
+from control_plane.privacy import requests
 
 
 async def usage_rows(pool: asyncpg.Pool, account_id: uuid.UUID, key_id: str | None,
@@ -68,3 +69,56 @@ async def payment_rows(pool: asyncpg.Pool, account_id: uuid.UUID, user_id: uuid.
         "INSERT INTO email_outbox (account_id, to_address, kind, template, subject, body, "
         "next_attempt_at) VALUES ($1, 'someone@example.test', 'transactional', "
         "'signin_notice', 'New sign-in', 'body-not-exported', NULL)", account_id)
+
+
+async def account_rows(pool: asyncpg.Pool, account_id: uuid.UUID, user_id: uuid.UUID,
+                       now: datetime) -> dict[str, str]:
+    """One of each row schema_version 3 added: a staff role, an e-mail change, a paid
+    top-up with its history, a charge with a refund and a dispute, auto top-up with its
+    trigger and a charge, a staff correction request's details and an objection. The
+    values that name this account only, by section."""
+    tag = account_id.hex
+    marks = {"email_changes": f"new-{tag}@example.test", "billing_charges": f"ch_{tag}",
+             "billing_refunds": f"re_{tag}", "billing_disputes": f"dp_{tag}",
+             "auto_topup_settings": f"pm_{tag}", "privacy_request_details": f"words {tag}",
+             "billing_topups": f"https://pay.stripe.com/receipts/{tag}"}
+    intent = f"pi_h{tag}"
+    await pool.execute("INSERT INTO staff_roles (user_id, role, granted_by) "
+                       "VALUES ($1, 'support', 'admin')", user_id)
+    await pool.execute(
+        "INSERT INTO email_changes (id, user_id, account_id, new_email, created_at, "
+        "expires_at) VALUES ($1, $2, $3, $4, $5, $5::timestamptz + interval '1 day')",
+        uuid.uuid4(), user_id, account_id, marks["email_changes"], now)
+    await pool.execute(
+        "INSERT INTO billing_topups (payment_intent_id, account_id, request_id, "
+        "credit_cents, fee_cents, amount_cents, currency, status, card_brand, card_last4, "
+        "receipt_url, updated_at) VALUES ($1, $2, $3, 1000, 59, 1059, 'usd', 'succeeded', "
+        "'visa', '4242', $4, $5)", intent, account_id, uuid.uuid4(),
+        marks["billing_topups"], now)
+    await pool.execute("INSERT INTO billing_charges (charge_id, payment_intent_id, "
+                       "account_id, refunded_cents) VALUES ($1, $2, $3, 100)",
+                       marks["billing_charges"], intent, account_id)
+    await pool.execute("INSERT INTO billing_refunds (refund_id, charge_id, amount_cents) "
+                       "VALUES ($1, $2, 100)", marks["billing_refunds"],
+                       marks["billing_charges"])
+    await pool.execute(
+        "INSERT INTO billing_disputes (dispute_id, charge_id, account_id, amount_cents, "
+        "reason, status) VALUES ($1, $2, $3, 959, 'fraudulent', 'needs_response')",
+        marks["billing_disputes"], marks["billing_charges"], account_id)
+    await pool.execute(
+        "INSERT INTO auto_topup_settings (account_id, amount_cents, payment_method_id, "
+        "card_brand, card_last4) VALUES ($1, 2000, $2, 'visa', '4242')", account_id,
+        marks["auto_topup_settings"])
+    await pool.execute("INSERT INTO balance_triggers (account_id, kind, threshold_micros) "
+                       "VALUES ($1, 'auto_topup', 5000000)", account_id)
+    await pool.execute(
+        "INSERT INTO auto_topup_charges (account_id, crossing, credit_cents, fee_cents, "
+        "payment_method_id) VALUES ($1, 1, 2000, 88, $2)", account_id,
+        marks["auto_topup_settings"])
+    asked = await requests.record(pool, account_id, "correction", "gdpr", now, "staff")
+    await pool.execute("INSERT INTO privacy_request_details (request_id, account_id, "
+                       "subject, text) VALUES ($1, $2, 'name', $3)", asked.id, account_id,
+                       marks["privacy_request_details"])
+    await pool.execute("INSERT INTO privacy_objections (account_id, purpose, objected_at) "
+                       "VALUES ($1, 'analytics', $2)", account_id, now)
+    return marks

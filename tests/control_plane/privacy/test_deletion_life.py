@@ -4,7 +4,9 @@ real proxy from a client IP of its own, ingest, a consent, a queued e-mail, the 
 the deletion; keys refused, sessions gone; then the maintenance job on a clock past the
 grace: the Stripe customer deleted, and the e-mail, name, IP and account id nowhere —
 every row of every Postgres table, every Redis key and value, the captured logs, the
-proxy's spool — while the billing rows sum to what they did, under an anonymous id."""
+proxy's spool — nor the receipt link and card of the top-up, nor the consent the
+person's browser gave before signing in, while the billing rows sum to what they did,
+under an anonymous id."""
 
 from __future__ import annotations
 
@@ -172,14 +174,26 @@ async def test_the_life_of_an_account_ends_with_only_anonymous_billing_left(
     await _ingest(web, pool, redis, account)
     assert await pool.fetchval("SELECT host(source_ip) FROM usage_logs WHERE account_id = $1",
                                account) == ip
-    async with pool.acquire() as conn:
+    # What Stripe shows of a paid top-up, which localstripe leaves out: a receipt link
+    # (Stripe's page shows the customer's e-mail) and the card's brand and last 4.
+    receipt = f"https://pay.stripe.com/receipts/canary-{tag}"
+    await pool.execute(
+        "UPDATE billing_topups SET receipt_url = $2, card_brand = coalesce(card_brand, "
+        "'visa'), card_last4 = coalesce(card_last4, '4242') WHERE payment_intent_id = $1",
+        intent, receipt)
+    browser = uuid.uuid4()  # the consent cookie's id: a choice before sign-in, then
+    async with pool.acquire() as conn:  # copied onto the account as sign-in does
+        await records.record(conn, purpose="functional", granted=True, source="banner",
+                             policy_version=web.settings.policy_version, browser_id=browser)
+        assert await records.attach(conn, browser, account) == 1
         await records.record(conn, purpose="analytics", granted=True, source="settings",
                              policy_version=web.settings.policy_version, account_id=account)
         await outbox.enqueue(conn, to_address=person["email"], kind="transactional",
                              template="receipt", subject=f"Receipt for {person['name']}",
                              body="Thanks", account_id=account)
     export = await (await web.client.get("/api/v1/account/export")).text()
-    assert person["email"] in export and ip in export  # what the canary looks for was held
+    # what the canary looks for was held
+    assert person["email"] in export and ip in export and receipt in export
     billed = await pool.fetchrow(
         "SELECT (SELECT sum(amount_micros) FROM credit_ledger WHERE account_id = $1) AS l, "
         "(SELECT count(*) FROM credit_ledger WHERE account_id = $1) AS n, "
@@ -204,12 +218,15 @@ async def test_the_life_of_an_account_ends_with_only_anonymous_billing_left(
         "(SELECT sum(amount_cents) FROM billing_topups WHERE account_id = $1) AS t",
         anonymous)
     assert dict(after) == dict(billed)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM billing_topups WHERE account_id = $1 AND (card_brand IS NOT "
+        "NULL OR card_last4 IS NOT NULL OR receipt_url IS NOT NULL)", anonymous) == 0
     assert await pool.fetchval("SELECT outcome FROM privacy_requests WHERE account_id = $1 "
                                "AND type = 'deletion'", anonymous) == "fulfilled"
 
     needles = [person["email"], person["name"], ip]
     assert len(await pool.fetch("SELECT 1 FROM pg_tables WHERE schemaname = 'public'")) > 20
-    found = await found_in_postgres(pool, [*needles, str(account)])
+    found = await found_in_postgres(pool, [*needles, str(account), receipt, str(browser)])
     found += await found_in_redis(redis, [*needles, str(account)])
     logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
     found += [f"{n} in the logs" for n in needles if n.lower() in logged.lower()]

@@ -1,5 +1,6 @@
-"""The account's data export (issue 14): one JSON document of schema_version 2 with
-every key and every recent request of the account and nothing of any other account,
+"""The account's data export (issue 14): one JSON document of schema_version 3 with
+every key, every recent request, every billing and privacy row of the account and
+nothing of any other account,
 downloaded by a session only, recorded as a fulfilled self-service access request,
 and written in constant memory however many rows there are."""
 
@@ -17,14 +18,22 @@ import orjson
 from control_plane.partitions import create_days
 from control_plane.privacy import export, requests
 from control_plane.web.state import STORES
-from tests.control_plane.privacy.rows import billing_rows, payment_rows, usage_rows
+from tests.control_plane.privacy.rows import (
+    account_rows,
+    billing_rows,
+    payment_rows,
+    usage_rows,
+)
 from tests.control_plane.web.conftest import Web, sign_in_new_user
 
 COOKIE = "__Host-qnp_session"
-SECTIONS = ["account", "users", "identities", "acceptances", "consents", "consent_history",
-            "policy_notices", "sessions", "keys", "usage_logs", "usage_daily", "ledger",
-            "billing_customers", "billing_topups", "billing_events", "privacy_requests",
-            "emails", "audit"]
+SECTIONS = ["account", "users", "identities", "acceptances", "staff_roles", "email_changes",
+            "consents", "consent_history", "policy_notices", "sessions", "keys",
+            "usage_logs", "usage_daily", "ledger", "billing_customers", "billing_topups",
+            "billing_charges", "billing_refunds", "billing_disputes", "billing_events",
+            "auto_topup_settings", "balance_triggers", "auto_topup_charges",
+            "privacy_requests", "privacy_request_details", "privacy_objections", "emails",
+            "audit"]
 
 
 async def _person(web: Web) -> tuple[dict[str, Any], dict[str, str]]:
@@ -77,12 +86,17 @@ async def test_the_export_holds_everything_of_the_account_and_nothing_of_another
     too_old = await usage_rows(pool, me_id, key_a, 1, old_day)
     await billing_rows(pool, me_id, now, f"pi_{me_id}")
     await billing_rows(pool, other_id, now, f"pi_{other_id}")
+    marks = {}
+    for account in (me_id, other_id):  # a payment, its reversals, auto top-up, rights
+        user = await pool.fetchval(
+            "SELECT user_id FROM memberships WHERE account_id = $1", account)
+        marks[account] = await account_rows(pool, account, user, now)
 
     raw, doc = await _export(web, mine)
 
     assert list(doc) == ["schema_version", "generated_at", "account_id",
                          "usage_logs_since", *SECTIONS]
-    assert doc["schema_version"] == export.SCHEMA_VERSION == 2
+    assert doc["schema_version"] == export.SCHEMA_VERSION == 3
     assert doc["account_id"] == str(me_id) == doc["account"]["id"]
     assert {k["key_id"]: k["status"] for k in doc["keys"]} == {key_a: "active",
                                                                key_b: "revoked"}
@@ -98,8 +112,17 @@ async def test_the_export_holds_everything_of_the_account_and_nothing_of_another
     assert [row["reference"] for row in doc["ledger"]] == [f"pi_{me_id}"]
     assert [a["action"] for a in doc["audit"]] == ["credit.grant"]
     assert doc["audit"][0]["detail"] == {}
+    # Each section schema_version 3 added holds this account's row, found by its value.
+    for section, value in marks[me_id].items():
+        assert value in orjson.dumps(doc[section]).decode(), section
+    assert doc["account"]["jurisdiction"] == "default"
+    assert [r["refund_id"] for r in doc["billing_refunds"]] == [f"re_{me_id.hex}"]
+    assert doc["billing_topups"][0]["card_last4"] == "4242"
+    assert [t["kind"] for t in doc["balance_triggers"]] == ["auto_topup"]
+    assert [o["purpose"] for o in doc["privacy_objections"]] == ["analytics"]
     # Nothing of the other account, and no secret of any key, anywhere in the bytes.
     for absent in (str(other_id), other["user"]["email"], key_x, secret_x, secret_a,
+                   other_id.hex, *marks[other_id].values(),
                    *(str(i) for i in their_rows + too_old), "secret_hash", "$2b$"):
         assert absent.encode() not in raw, absent
     assert str(too_old[0]).encode() not in raw  # past the 30 days of request logs
@@ -107,13 +130,13 @@ async def test_the_export_holds_everything_of_the_account_and_nothing_of_another
     # The download is a fulfilled self-service access request, in the next export too.
     recorded = await pool.fetch(
         "SELECT type, handled_by, outcome, completed_at FROM privacy_requests "
-        "WHERE account_id = $1", me_id)
+        "WHERE account_id = $1 AND type = 'access'", me_id)
     assert [(r["type"], r["handled_by"], r["outcome"]) for r in recorded] == [
         ("access", "self-service", "fulfilled")]
     _, again = await _export(web, mine)
-    assert [p["type"] for p in again["privacy_requests"]] == ["access"]
-    assert await pool.fetchval(
-        "SELECT count(*) FROM privacy_requests WHERE account_id = $1", other_id) == 0
+    assert [p["type"] for p in again["privacy_requests"]] == ["correction", "access"]
+    assert await pool.fetchval("SELECT count(*) FROM privacy_requests WHERE account_id = $1 "
+                               "AND type = 'access'", other_id) == 0
 
 
 async def test_only_a_signed_in_session_downloads_the_export(web: Web) -> None:
@@ -202,6 +225,7 @@ async def test_the_documented_schema_is_the_one_written(
                        "VALUES ($1, $2, 'k', 'x')", f"k{account.hex[:12]}", account)
     await requests.record(pool, account, "access", "gdpr", now, "staff")
     await payment_rows(pool, account, user, now)
+    await account_rows(pool, account, user, now)
     chunks: list[bytes] = []
 
     async def sink(data: bytes) -> None:
