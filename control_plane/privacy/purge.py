@@ -169,7 +169,20 @@ async def expire_billing(pool: asyncpg.Pool, now: datetime) -> int:
             break
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("DELETE FROM billing_events WHERE received_at < $1", cutoff)
+        # A payment's records go with it: its charge's refunds and disputes, the charge,
+        # the top-up (children first: they point at it). Off-session charges by their own
+        # date; one still pending is never seven years old, but is never cut off either.
+        for child in ("billing_refunds", "billing_disputes"):
+            await conn.execute(
+                f"DELETE FROM {child} x USING billing_charges c, billing_topups t "  # noqa: S608
+                "WHERE x.charge_id = c.charge_id AND c.payment_intent_id = "
+                "t.payment_intent_id AND t.created_at < $1", cutoff)
+        await conn.execute(
+            "DELETE FROM billing_charges c USING billing_topups t WHERE "
+            "c.payment_intent_id = t.payment_intent_id AND t.created_at < $1", cutoff)
         await conn.execute("DELETE FROM billing_topups WHERE created_at < $1", cutoff)
+        await conn.execute("DELETE FROM auto_topup_charges WHERE created_at < $1 "
+                           "AND status <> 'pending'", cutoff)
         # A deleted account's Stripe customer id, once nothing of it is left to reconcile.
         await conn.execute(
             "DELETE FROM billing_customers c WHERE created_at < $1 "

@@ -136,6 +136,20 @@ async def test_billing_records_end_after_seven_years_and_balances_carry_forward(
         "INSERT INTO billing_topups (payment_intent_id, account_id, request_id, "
         "credit_cents, fee_cents, amount_cents, currency, created_at) VALUES "
         "('pi_old_h17', $1, $2, 1000, 0, 1000, 'usd', $3)", open_account, uuid.uuid4(), old)
+    # The payment's charge was refunded and disputed back then; an off-session charge too.
+    await pool.execute("INSERT INTO billing_charges (charge_id, payment_intent_id, "
+                       "account_id) VALUES ('ch_old_h17', 'pi_old_h17', $1)", open_account)
+    await pool.execute("INSERT INTO billing_refunds (refund_id, charge_id, amount_cents) "
+                       "VALUES ('re_old_h17', 'ch_old_h17', 100)")
+    await pool.execute(
+        "INSERT INTO billing_disputes (dispute_id, charge_id, account_id, amount_cents, "
+        "reason, status) VALUES ('dp_old_h17', 'ch_old_h17', $1, 100, 'fraudulent', "
+        "'needs_response')", open_account)
+    await pool.execute(
+        "INSERT INTO auto_topup_charges (account_id, crossing, credit_cents, fee_cents, "
+        "payment_method_id, status, created_at) VALUES ($1, 1, 500, 0, 'pm_old_h17', "
+        "'succeeded', $2), ($1, 2, 500, 0, 'pm_new_h17', 'succeeded', $3)",
+        open_account, old, inside)
     balance = await pool.fetchval(
         "SELECT sum(amount_micros) FROM credit_ledger WHERE account_id = $1", open_account)
 
@@ -150,6 +164,13 @@ async def test_billing_records_end_after_seven_years_and_balances_carry_forward(
                                "WHERE event_id = 'evt_old_h17'") == 0
     assert await pool.fetchval("SELECT count(*) FROM billing_topups "
                                "WHERE payment_intent_id = 'pi_old_h17'") == 0
+    for table, column, value in (("billing_charges", "charge_id", "ch_old_h17"),
+                                 ("billing_refunds", "refund_id", "re_old_h17"),
+                                 ("billing_disputes", "dispute_id", "dp_old_h17")):
+        assert await pool.fetchval(
+            f"SELECT count(*) FROM {table} WHERE {column} = $1", value) == 0, table  # noqa: S608
+    assert [r["crossing"] for r in await pool.fetch(
+        "SELECT crossing FROM auto_topup_charges WHERE account_id = $1", open_account)] == [2]
     assert await purge.expire_billing(pool, NOW) == 0  # nothing more: idempotent
 
 
