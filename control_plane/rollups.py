@@ -1,6 +1,7 @@
 """Daily usage rollups (``usage_daily``): per account x UTC day x key x model, the
-requests, errors, tokens of each kind and cost. Owns the SQL that keeps them and the
-queries the dashboard reads them with.
+requests, errors, tokens of each kind and cost; and per account x day x upstream
+provider (``usage_daily_providers``), the requests it received, first and last. Owns
+the SQL that keeps them and the queries the dashboard reads them with.
 
 Kept by ingest in the same statement that inserts the usage rows: ``ROLLUP_CTE`` is a
 data-modifying CTE over that statement's ``ins`` (the rows ``INSERT ... ON CONFLICT DO
@@ -22,7 +23,7 @@ import asyncpg
 # The columns ``ins`` must return for this CTE (usage_logs adds them to RETURNING).
 RETURNING = ("received_at", "account_id", "key_id", "served_model", "requested_model",
              "outcome", "prompt_tokens", "completion_tokens", "cached_tokens",
-             "reasoning_tokens", "cache_write_tokens", "cost_micros")
+             "reasoning_tokens", "cache_write_tokens", "cost_micros", "provider")
 _SUMS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
          "cache_write_tokens", "cost_micros")
 _KEY = ("account_id", "day", "key_id", "model")
@@ -40,7 +41,18 @@ ROLLUP_CTE = (
     "requests = usage_daily.requests + EXCLUDED.requests, "
     "errors = usage_daily.errors + EXCLUDED.errors, "
     + ", ".join(f"{c} = usage_daily.{c} + EXCLUDED.{c}" for c in _SUMS)
-    + " RETURNING 1)"
+    + " RETURNING 1), "
+    # Per account x day x provider (usage_daily_providers): who received the requests.
+    "provider_rollup AS (INSERT INTO usage_daily_providers (account_id, day, provider, "
+    "requests, first_at, last_at) "
+    "SELECT account_id, (received_at AT TIME ZONE 'UTC')::date, provider, count(*), "
+    "min(received_at), max(received_at) FROM ins "
+    "WHERE account_id IS NOT NULL AND provider IS NOT NULL "
+    "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 "
+    "ON CONFLICT (account_id, day, provider) DO UPDATE SET "
+    "requests = usage_daily_providers.requests + EXCLUDED.requests, "
+    "first_at = least(usage_daily_providers.first_at, EXCLUDED.first_at), "
+    "last_at = greatest(usage_daily_providers.last_at, EXCLUDED.last_at) RETURNING 1)"
 )
 
 

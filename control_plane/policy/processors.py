@@ -3,10 +3,10 @@ clause 7): the processors QNP shares data with and what each receives, and, comp
 from the account's own request logs, which upstream LLM providers received its
 requests, how many and between which times.
 
-The providers come from ``usage_logs``, the one place a request's provider is
-recorded, so they cover the logs' 30 days (policy clause 6); older days keep only
-per-model totals (``usage_daily``), listed as the models used. (Adding the provider to
-the rollups would change ingest's hot statement and its key for one rarely read page.)
+The providers come from the daily provider totals ingest keeps with the usage rows
+(``usage_daily_providers``), so the page reads a row per day and provider, never the
+raw logs, and answers for as long as the account exists. Days from before those totals
+existed keep only per-model totals (``usage_daily``), listed as the models used.
 Imports asyncpg; never ``proxy`` or the web app.
 """
 
@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 
 import asyncpg
-
-LOG_DAYS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +60,15 @@ class ProviderUse:
     last: datetime
 
 
-async def providers_used(conn: asyncpg.Pool | asyncpg.Connection, account_id: uuid.UUID,
-                         now: datetime) -> list[ProviderUse]:
-    """Each upstream provider that received requests of the account in the last 30
-    days, busiest first. Requests refused before reaching any provider have none."""
+async def providers_used(conn: asyncpg.Pool | asyncpg.Connection, account_id: uuid.UUID
+                         ) -> list[ProviderUse]:
+    """Each upstream provider that received requests of the account, busiest first,
+    from the daily provider totals (one row per day and provider: never the raw logs).
+    Requests refused before reaching any provider have none."""
     rows = await conn.fetch(
-        "SELECT provider, count(*) AS requests, min(received_at) AS first, "
-        "max(received_at) AS last FROM usage_logs WHERE account_id = $1 "
-        "AND received_at >= $2 AND provider IS NOT NULL GROUP BY provider "
-        "ORDER BY requests DESC, provider", account_id, now - timedelta(days=LOG_DAYS))
+        "SELECT provider, sum(requests)::bigint AS requests, min(first_at) AS first, "
+        "max(last_at) AS last FROM usage_daily_providers WHERE account_id = $1 "
+        "GROUP BY provider ORDER BY requests DESC, provider", account_id)
     return [ProviderUse(r["provider"], r["requests"], r["first"], r["last"]) for r in rows]
 
 
@@ -82,12 +80,13 @@ class ModelUse:
     last: date
 
 
-async def models_before(conn: asyncpg.Pool | asyncpg.Connection, account_id: uuid.UUID,
-                        now: datetime) -> list[ModelUse]:
-    """The models the account used before the logs' 30 days, from the daily totals."""
+async def models_before(conn: asyncpg.Pool | asyncpg.Connection, account_id: uuid.UUID
+                        ) -> list[ModelUse]:
+    """The models the account used on days before its first provider total (history
+    from before those totals were kept), from the daily totals per model."""
     rows = await conn.fetch(
         "SELECT model, sum(requests)::bigint AS requests, min(day) AS first, "
-        "max(day) AS last FROM usage_daily WHERE account_id = $1 AND day < $2 "
-        "AND model <> '' GROUP BY model ORDER BY requests DESC, model",
-        account_id, (now - timedelta(days=LOG_DAYS)).date())
+        "max(day) AS last FROM usage_daily WHERE account_id = $1 AND day < ("
+        "SELECT min(day) FROM usage_daily_providers WHERE account_id = $1) "
+        "AND model <> '' GROUP BY model ORDER BY requests DESC, model", account_id)
     return [ModelUse(r["model"], r["requests"], r["first"], r["last"]) for r in rows]

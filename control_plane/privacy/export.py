@@ -94,6 +94,9 @@ SECTIONS: tuple[tuple[str, str], ...] = (
      "SELECT day, key_id, model, requests, errors, prompt_tokens, completion_tokens, "
      "cached_tokens, reasoning_tokens, cache_write_tokens, cost_micros FROM usage_daily "
      "WHERE account_id = $1 ORDER BY day, key_id, model"),
+    ("usage_daily_providers",
+     "SELECT day, provider, requests, first_at, last_at FROM usage_daily_providers "
+     "WHERE account_id = $1 ORDER BY day, provider"),
     ("ledger",
      "SELECT id, kind, amount_micros, event_id, reference, created_at FROM credit_ledger "
      "WHERE account_id = $1 ORDER BY id"),

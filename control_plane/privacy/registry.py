@@ -98,6 +98,8 @@ TABLES: tuple[Table, ...] = (
           export=("usage_logs",)),
     Table("usage_daily", P, "account_id", "the account's usage per day and key",
           export=("usage_daily",)),
+    Table("usage_daily_providers", P, "account_id", "which providers got the account's "
+          "requests, per day", export=("usage_daily_providers",)),
     Table("api_keys", P, "account_id", "key names the person chose (revoked at request)",
           export=("keys",)),
     Table("privacy_request_details", P, "account_id", "the person's own words in a "

@@ -52,6 +52,10 @@ CATEGORIES: dict[str, tuple[str, str, str | None]] = {
                    "WHERE account_id = $1 AND day >= $2"),
     "usage_daily": ("Daily totals", "requests, tokens and cost per day, key and model",
                     "SELECT count(*) FROM usage_daily WHERE account_id = $1"),
+    "usage_daily_providers": ("Daily totals per provider", "which upstream provider "
+                              "received your requests, per day",
+                              "SELECT count(*) FROM usage_daily_providers "
+                              "WHERE account_id = $1"),
     "ledger": ("Credit ledger", "every top-up, refund, adjustment and debit (kept 7 years)",
                "SELECT count(*) FROM credit_ledger WHERE account_id = $1"),
     "billing_customers": ("Stripe customer", "the id of your customer record at Stripe",

@@ -94,14 +94,13 @@ async def _authority(request: web.Request, account_id: uuid.UUID) -> authorities
 
 async def sharing(request: web.Request) -> web.Response:
     session = session_of(request)
-    pool, now = request.app[STORES].pool, datetime.now(UTC)
+    pool = request.app[STORES].pool
     consent = await records.current(pool, account_id=session.account_id)
     return render(
         request, "privacy_sharing.html", session, processors=processors.PROCESSORS,
         analytics="analytics" in consent,
-        providers=await processors.providers_used(pool, session.account_id, now),
-        older_models=await processors.models_before(pool, session.account_id, now),
-        log_days=processors.LOG_DAYS,
+        providers=await processors.providers_used(pool, session.account_id),
+        older_models=await processors.models_before(pool, session.account_id),
         authority=await _authority(request, session.account_id))
 
 

@@ -216,3 +216,39 @@ async def test_another_account_sees_none_of_it(
     await Consumer(settings, pool, rclient, Metrics()).run_once()
     today = datetime.now(UTC).date()
     assert await rollups.totals(pool, uuid.uuid4(), today, today) == (0, 0)
+
+
+async def test_the_provider_rollup_counts_each_request_once_by_its_provider(
+    settings: Settings, pool: asyncpg.Pool, rclient: aioredis.Redis, account_id: str,
+) -> None:
+    """usage_daily_providers (the sharing page's source): per day and provider, the
+    requests that reached it, first and last; a redelivery adds nothing, a request that
+    reached no provider counts for none."""
+    consumer = Consumer(settings, pool, rclient, Metrics())
+    first, last = days_ago(0) - 5_000_000, days_ago(0) - 1_000_000
+    openai = [make_event(account_id, provider="openai", received_at_us=t)
+              for t in (first, last)]
+    anthropic = make_event(account_id, provider="anthropic")
+    refused = make_event(account_id, provider=None, outcome="rate_limited", status=429)
+    yesterday = make_event(account_id, provider="openai", received_at_us=days_ago(1))
+    await _xadd(rclient, settings, *openai, anthropic, refused, yesterday)
+    await consumer.run_once()
+    await _xadd(rclient, settings, *openai, anthropic)  # delivered again
+    await consumer.run_once()
+    rows = await pool.fetch(
+        "SELECT day, provider, requests, first_at, last_at FROM usage_daily_providers "
+        "WHERE account_id = $1 ORDER BY day, provider", uuid.UUID(account_id))
+    found = {(r["day"], r["provider"]): r["requests"] for r in rows}
+
+    def day(e: Event) -> object:  # from the event itself: right even across midnight
+        return datetime.fromtimestamp(e.received_at_us / 1e6, UTC).date()
+
+    expected: dict[tuple[object, str], int] = {}
+    for e in (*openai, anthropic, yesterday):
+        expected[(day(e), str(e.provider))] = expected.get((day(e), str(e.provider)), 0) + 1
+    assert found == expected and sum(found.values()) == 4
+    spans = {(r["day"], r["provider"]): (r["first_at"], r["last_at"]) for r in rows}
+    if day(openai[0]) == day(openai[1]):
+        got = spans[(day(openai[0]), "openai")]
+        assert (round(got[0].timestamp() * 1e6), round(got[1].timestamp() * 1e6)) == (
+            first, last)

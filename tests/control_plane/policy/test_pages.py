@@ -117,15 +117,16 @@ async def test_the_sharing_page_shows_the_accounts_own_providers_and_its_authori
     other, theirs = await _person(web)
     me_id, other_id = uuid.UUID(me["account_id"]), uuid.UUID(other["account_id"])
     now = datetime.now(UTC)
-    openai = await usage_rows(pool, me_id, "k1", 7, now)
-    anthropic = await usage_rows(pool, me_id, "k1", 3, now - timedelta(hours=2))
-    refused = await usage_rows(pool, me_id, "k1", 2, now)  # never reached a provider
-    hidden = await usage_rows(pool, other_id, "k2", 4, now)
-    for provider, ids in (("openai", openai), ("anthropic", anthropic),
-                          ("their-secret-provider", hidden)):
-        await pool.execute("UPDATE usage_logs SET provider = $1 WHERE id = ANY($2)",
-                           provider, ids)
-    assert refused
+    # The daily provider totals ingest keeps (tests/control_plane/test_rollups.py proves
+    # ingest writes them): two days of openai, one of anthropic; the other account's own.
+    yesterday = now - timedelta(days=1)
+    for account, day, provider, n in ((me_id, yesterday, "openai", 5),
+                                      (me_id, now, "openai", 2),
+                                      (me_id, now - timedelta(hours=2), "anthropic", 3),
+                                      (other_id, now, "their-secret-provider", 4)):
+        await pool.execute(
+            "INSERT INTO usage_daily_providers VALUES ($1, $2, $3, $4, $5, $5)",
+            account, day.date(), provider, n, day)
     old_day = (now - timedelta(days=60)).date()
     await pool.execute("INSERT INTO usage_daily VALUES ($1, $2, 'k1', 'old-model', 9, 0, "
                        "1, 1, 0, 0, 0, 1)", me_id, old_day)

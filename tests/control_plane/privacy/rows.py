@@ -32,6 +32,9 @@ async def billing_rows(pool: asyncpg.Pool, account_id: uuid.UUID, day: datetime,
         "INSERT INTO usage_daily VALUES ($1, $2, 'k', 'm', 3, 0, 30, 60, 0, 0, 0, 15)",
         account_id, day.date())
     await pool.execute(
+        "INSERT INTO usage_daily_providers VALUES ($1, $2, 'mock-provider', 3, $3, $3)",
+        account_id, day.date(), day)
+    await pool.execute(
         "INSERT INTO credit_ledger (account_id, kind, amount_micros, reference) "
         "VALUES ($1, 'topup', 5000000, $2)", account_id, reference)
     await pool.execute(

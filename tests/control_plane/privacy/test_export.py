@@ -29,7 +29,8 @@ from tests.control_plane.web.conftest import Web, sign_in_new_user
 COOKIE = "__Host-qnp_session"
 SECTIONS = ["account", "users", "identities", "acceptances", "staff_roles", "email_changes",
             "consents", "consent_history", "policy_notices", "sessions", "keys",
-            "usage_logs", "usage_daily", "ledger", "billing_customers", "billing_topups",
+            "usage_logs", "usage_daily", "usage_daily_providers", "ledger",
+            "billing_customers", "billing_topups",
             "billing_charges", "billing_refunds", "billing_disputes", "billing_events",
             "auto_topup_settings", "balance_triggers", "auto_topup_charges",
             "privacy_requests", "privacy_request_details", "privacy_objections", "emails",
@@ -109,6 +110,8 @@ async def test_the_export_holds_everything_of_the_account_and_nothing_of_another
     assert {a["what"] for a in doc["acceptances"]} == {"age_18", "terms", "privacy_policy"}
     assert len(doc["sessions"]) >= 1 and "id" not in doc["sessions"][0]
     assert [d["requests"] for d in doc["usage_daily"]] == [3]
+    assert [(d["provider"], d["requests"]) for d in doc["usage_daily_providers"]] == [
+        ("mock-provider", 3)]
     assert [row["reference"] for row in doc["ledger"]] == [f"pi_{me_id}"]
     assert [a["action"] for a in doc["audit"]] == ["credit.grant"]
     assert doc["audit"][0]["detail"] == {}
