@@ -19,6 +19,8 @@ import secrets
 import statistics
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -31,7 +33,7 @@ from control_plane import ledger
 from control_plane.auth.sessions import COOKIE
 from control_plane.migrate import migrate
 from control_plane.partitions import create_days
-from control_plane.runtime import open_stores
+from control_plane.runtime import Stores, open_stores
 from control_plane.settings import Settings
 from control_plane.web.app import make_web_app
 from control_plane.web.state import SESSIONS
@@ -87,19 +89,49 @@ async def _time_page(client: aiohttp.ClientSession, url: str, n: int) -> list[fl
     return times
 
 
-async def bench(database_url: str, redis_url: str, rows: int, requests: int) -> list[str]:
-    port = 18000 + secrets.randbelow(2000)
-    settings = Settings.from_env({
+def bench_settings(database_url: str, redis_url: str) -> Settings:
+    """The web service's settings for a benchmark: its own port, prefix and secret."""
+    return Settings.from_env({
         "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-        "QNP_REDIS_PREFIX": f"bench{secrets.token_hex(4)}", "QNP_WEB_PORT": str(port),
+        "QNP_REDIS_PREFIX": f"bench{secrets.token_hex(4)}",
+        "QNP_WEB_PORT": str(18000 + secrets.randbelow(2000)),
         "QNP_SESSION_SECRET": secrets.token_urlsafe(32)})
+
+
+async def seed_account(conn: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID]:
+    """(account, user): one account and its owner, for the pages to be signed in as."""
     account, user = uuid.uuid4(), uuid.uuid4()
+    await conn.execute("INSERT INTO accounts (id, name) VALUES ($1, 'bench')", account)
+    await conn.execute("INSERT INTO users (id, email, email_verified) VALUES "
+                       "($1, 'bench@example.test', true)", user)
+    await conn.execute("INSERT INTO memberships VALUES ($1, $2, 'owner')", account, user)
+    return account, user
+
+
+@asynccontextmanager
+async def signed_in(settings: Settings, account: uuid.UUID, user: uuid.UUID
+                    ) -> AsyncIterator[tuple[aiohttp.ClientSession, Stores]]:
+    """The web app served on 127.0.0.1 and a client signed in as ``user``."""
+    async with open_stores(settings) as stores:
+        app = make_web_app(settings, stores)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", settings.web_port).start()
+        try:
+            sid = await app[SESSIONS].create(stores.pool, user, account, "bench")
+            jar = aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=[settings.public_url])
+            async with aiohttp.ClientSession(settings.public_url, cookie_jar=jar) as client:
+                client.cookie_jar.update_cookies({COOKIE: app[SESSIONS].cookie_value(sid)})
+                yield client, stores
+        finally:
+            await runner.cleanup()
+
+
+async def bench(database_url: str, redis_url: str, rows: int, requests: int) -> list[str]:
+    settings = bench_settings(database_url, redis_url)
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("INSERT INTO accounts (id, name) VALUES ($1, 'bench')", account)
-        await conn.execute("INSERT INTO users (id, email, email_verified) VALUES "
-                           "($1, 'bench@example.test', true)", user)
-        await conn.execute("INSERT INTO memberships VALUES ($1, $2, 'owner')", account, user)
+        account, user = await seed_account(conn)
         started = time.perf_counter()
         await _fill(conn, account, rows)
         fill_s = time.perf_counter() - started
@@ -109,28 +141,17 @@ async def bench(database_url: str, redis_url: str, rows: int, requests: int) -> 
     finally:
         await conn.close()
     out = [f"filled {rows:,} usage rows over 30 days in {fill_s:.0f} s"]
-    async with open_stores(settings) as stores:
-        app = make_web_app(settings, stores)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            sid = await app[SESSIONS].create(stores.pool, user, account, "bench")
-            await ledger.credit(stores.pool, stores.redis, settings.names, str(account),
-                                "topup", 10**12, "bench")  # and the live balance in Redis
-            jar = aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=[settings.public_url])
-            async with aiohttp.ClientSession(settings.public_url, cookie_jar=jar) as client:
-                client.cookie_jar.update_cookies({COOKIE: app[SESSIONS].cookie_value(sid)})
-                for name, path in (("overview", "/"), ("usage (30 days)", "/usage"),
-                                   ("usage, one key and model", f"/usage?key={KEYS[1]}"
-                                    f"&model={MODELS[1]}")):
-                    await _time_page(client, path, 5)  # warm
-                    t = await _time_page(client, path, requests)
-                    out.append(f"{name}: p50 {statistics.median(t):.1f} ms, "
-                               f"p99 {_quantile(t, 0.99):.1f} ms ({requests} requests)")
-                out.append(await _export(client, busiest.isoformat()))
-        finally:
-            await runner.cleanup()
+    async with signed_in(settings, account, user) as (client, stores):
+        await ledger.credit(stores.pool, stores.redis, settings.names, str(account),
+                            "topup", 10**12, "bench")  # and the live balance in Redis
+        for name, path in (("overview", "/"), ("usage (30 days)", "/usage"),
+                           ("usage, one key and model", f"/usage?key={KEYS[1]}"
+                            f"&model={MODELS[1]}")):
+            await _time_page(client, path, 5)  # warm
+            t = await _time_page(client, path, requests)
+            out.append(f"{name}: p50 {statistics.median(t):.1f} ms, "
+                       f"p99 {_quantile(t, 0.99):.1f} ms ({requests} requests)")
+        out.append(await _export(client, busiest.isoformat()))
     return out
 
 

@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import statistics
 import time
-import uuid
 
 import aiohttp
 import asyncpg
 import psutil
-from aiohttp import web
 
-from benchmarks.dashboard import _fill, _time_page
+from benchmarks.dashboard import _fill, _time_page, bench_settings, seed_account, signed_in
 from benchmarks.databases import scratch_database
-from control_plane.auth.sessions import COOKIE
 from control_plane.migrate import migrate
-from control_plane.runtime import open_stores
-from control_plane.settings import Settings
-from control_plane.web.app import make_web_app
-from control_plane.web.state import SESSIONS
 from devstack.servers import dev_servers
 
 
@@ -59,43 +51,24 @@ async def _export(client: aiohttp.ClientSession) -> str:
 
 
 async def bench(database_url: str, redis_url: str, rows: int, requests: int) -> list[str]:
-    port = 18000 + secrets.randbelow(2000)
-    settings = Settings.from_env({
-        "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-        "QNP_REDIS_PREFIX": f"bench{secrets.token_hex(4)}", "QNP_WEB_PORT": str(port),
-        "QNP_SESSION_SECRET": secrets.token_urlsafe(32)})
-    account, user = uuid.uuid4(), uuid.uuid4()
+    settings = bench_settings(database_url, redis_url)
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("INSERT INTO accounts (id, name) VALUES ($1, 'bench')", account)
-        await conn.execute("INSERT INTO users (id, email, email_verified) VALUES "
-                           "($1, 'bench@example.test', true)", user)
-        await conn.execute("INSERT INTO memberships VALUES ($1, $2, 'owner')", account, user)
+        account, user = await seed_account(conn)
         started = time.perf_counter()
         await _fill(conn, account, rows)
         fill_s = time.perf_counter() - started
     finally:
         await conn.close()
     out = [f"filled {rows:,} usage rows and ledger debits over 30 days in {fill_s:.0f} s"]
-    async with open_stores(settings) as stores:
-        app = make_web_app(settings, stores)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            sid = await app[SESSIONS].create(stores.pool, user, account, "bench")
-            jar = aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=[settings.public_url])
-            async with aiohttp.ClientSession(settings.public_url, cookie_jar=jar) as client:
-                client.cookie_jar.update_cookies({COOKIE: app[SESSIONS].cookie_value(sid)})
-                out.append(await _export(client))
-                for name, path in (("summary page", "/settings/privacy/summary"),
-                                   ("sharing page", "/settings/privacy/sharing")):
-                    await _time_page(client, path, 2)  # warm
-                    t = await _time_page(client, path, requests)
-                    out.append(f"{name}: p50 {statistics.median(t):.1f} ms, "
-                               f"max {max(t):.1f} ms ({requests} requests)")
-        finally:
-            await runner.cleanup()
+    async with signed_in(settings, account, user) as (client, _):
+        out.append(await _export(client))
+        for name, path in (("summary page", "/settings/privacy/summary"),
+                           ("sharing page", "/settings/privacy/sharing")):
+            await _time_page(client, path, 2)  # warm
+            t = await _time_page(client, path, requests)
+            out.append(f"{name}: p50 {statistics.median(t):.1f} ms, "
+                       f"max {max(t):.1f} ms ({requests} requests)")
     return out
 
 
