@@ -19,7 +19,7 @@ import secrets
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -171,17 +171,25 @@ async def _export(client: aiohttp.ClientSession, day: str) -> str:
             f"memory grew {(peak - base) / 2**20:.1f} MiB while streaming")
 
 
-async def main(rows: int, requests: int) -> None:
+Bench = Callable[[str, str, int, int], Awaitable[list[str]]]
+
+
+async def _main(run: Bench, rows: int, requests: int) -> None:
     with dev_servers() as (server_url, redis_url):
         async with scratch_database(server_url) as database_url:
             await migrate(database_url)
-            lines = await bench(database_url, redis_url, rows, requests)
+            lines = await run(database_url, redis_url, rows, requests)
     print("\n".join(lines))
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+def cli(run: Bench, doc: str | None, requests: int) -> None:
+    """``--rows`` usage rows for one account on throwaway servers, then ``run``."""
+    parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=requests)
     args = parser.parse_args()
-    asyncio.run(main(args.rows, args.requests))
+    asyncio.run(_main(run, args.rows, args.requests))
+
+
+if __name__ == "__main__":
+    cli(bench, __doc__, requests=200)

@@ -14,8 +14,6 @@ server's). Then times ``/settings/privacy/summary`` and ``/settings/privacy/shar
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import statistics
 import time
 
@@ -23,10 +21,14 @@ import aiohttp
 import asyncpg
 import psutil
 
-from benchmarks.dashboard import _fill, _time_page, bench_settings, seed_account, signed_in
-from benchmarks.databases import scratch_database
-from control_plane.migrate import migrate
-from devstack.servers import dev_servers
+from benchmarks.dashboard import (
+    _fill,
+    _time_page,
+    bench_settings,
+    cli,
+    seed_account,
+    signed_in,
+)
 
 
 async def _export(client: aiohttp.ClientSession) -> str:
@@ -72,17 +74,5 @@ async def bench(database_url: str, redis_url: str, rows: int, requests: int) -> 
     return out
 
 
-async def main(rows: int, requests: int) -> None:
-    with dev_servers() as (server_url, redis_url):
-        async with scratch_database(server_url) as database_url:
-            await migrate(database_url)
-            lines = await bench(database_url, redis_url, rows, requests)
-    print("\n".join(lines))
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--requests", type=int, default=20)
-    args = parser.parse_args()
-    asyncio.run(main(args.rows, args.requests))
+    cli(bench, __doc__, requests=20)
